@@ -1,0 +1,26 @@
+"""anytime: anytime and budgeted inference with multi-exit image classifiers.
+
+Importing the package is cheap and never imports torch: the training stack
+(`anytime.models`, `anytime.training`, `anytime.export`) is imported on use,
+and the inference runtime (`anytime.load`) needs only onnxruntime, numpy and pillow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from anytime.errors import AnytimeError
+
+__version__ = "0.1.0"
+
+__all__ = ["AnytimeError", "__version__", "load"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anytime.runtime import AnytimeModel
+
+
+def load(bundle: Any = None, providers: Any = None, **kwargs: Any) -> "AnytimeModel":
+    """Load an exported bundle for budgeted early-exit inference (the embedded default when None)."""
+    from anytime.runtime import load as _load
+
+    return _load(bundle, providers=providers, **kwargs)

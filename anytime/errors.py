@@ -1,0 +1,55 @@
+"""One small error hierarchy so callers can catch everything this package raises on purpose.
+
+Every message names the problem, the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+
+class AnytimeError(Exception):
+    """Base class of all errors raised deliberately by anytime."""
+
+
+class ConfigError(AnytimeError, ValueError):
+    """An argument, option or preset is invalid (unknown name, out-of-range value)."""
+
+
+class DatasetError(AnytimeError, ValueError):
+    """A dataset spec, path or file is missing, malformed or inconsistent."""
+
+
+class TrainingError(AnytimeError, RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible resume, ...)."""
+
+
+class ExportError(AnytimeError, RuntimeError):
+    """Export failed a check; nothing was written."""
+
+
+class BundleError(AnytimeError, ValueError):
+    """A bundle is missing, damaged or of an unknown format version."""
+
+
+class BudgetError(AnytimeError, ValueError):
+    """A budget is malformed or outside the feasible range of the model."""
+
+
+class InputImageError(AnytimeError, ValueError):
+    """An input image cannot be read or has an unexpected mode or size."""
+
+
+class MissingDependencyError(AnytimeError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency or fail with the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs the Python package '{module}', which is not installed. "
+            f"Install it with: pip install 'anytime[{extra}]'"
+        ) from exc

@@ -1,0 +1,20 @@
+"""Multi-exit architectures (MSDNet, SDN), the model registry and cost accounting."""
+
+from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State
+from anytime.models.io import Preprocessing, load_model, read_model_meta, save_model
+from anytime.models.registry import create, is_model, list_models, register_model
+
+__all__ = [
+    "ModelSpec",
+    "MultiExitNetwork",
+    "Preprocessing",
+    "Stage",
+    "State",
+    "create",
+    "is_model",
+    "list_models",
+    "load_model",
+    "read_model_meta",
+    "register_model",
+    "save_model",
+]

@@ -1,0 +1,107 @@
+"""Saving and loading plain model weights with the spec and preprocessing that travel with them.
+
+A model directory (a run directory, or any folder) holds:
+- `model.safetensors`: the plain state dict (no importance variables, no optimiser state);
+- `model.json`: {"format": "anytime-model", "format_version": 1, "spec": ModelSpec,
+  "preprocessing": Preprocessing, "classes": [...], "info": {...free-form provenance...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anytime.errors import ConfigError
+from anytime.fileio import atomic_write_bytes, atomic_write_json
+from anytime.models.base import ModelSpec, MultiExitNetwork
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+
+
+@dataclass
+class Preprocessing:
+    """How raw pixels become the network's input; the bundle manifest copies this."""
+
+    mean: list[float]
+    std: list[float]
+    # Shorter side resized to `resize` (None: no resize), then a centre crop to the model's image_size.
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            mean=[float(v) for v in d["mean"]],
+            std=[float(v) for v in d["std"]],
+            resize=None if d.get("resize") is None else int(d["resize"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def save_model(
+    model: MultiExitNetwork,
+    directory: str | os.PathLike,
+    preprocessing: Preprocessing,
+    classes: list[str] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write plain weights (safetensors) and metadata atomically into `directory`."""
+    from safetensors.torch import save as st_save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / MODEL_WEIGHTS, st_save(state))
+    n = model.spec.num_classes
+    meta = {
+        "format": "anytime-model",
+        "format_version": 1,
+        "spec": model.spec.to_dict(),
+        "preprocessing": asdict(preprocessing),
+        "classes": list(classes) if classes is not None else [str(i) for i in range(n)],
+        "info": info or {},
+    }
+    atomic_write_json(directory / MODEL_META, meta)
+    return directory
+
+
+def read_model_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / MODEL_META
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found: '{directory}' is not a model or run directory with final weights. "
+            "Train one with `anytime train ... --out DIR` (a run stopped early has only checkpoints)."
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "anytime-model":
+        raise ConfigError(f"{path} is not an anytime model description (format={meta.get('format')!r})")
+    return meta
+
+
+def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> tuple[MultiExitNetwork, dict[str, Any]]:
+    """Rebuild the architecture from model.json and load the plain weights (eval mode)."""
+    from safetensors.torch import load_file
+
+    from anytime.models.registry import create
+
+    meta = read_model_meta(directory)
+    spec = ModelSpec.from_dict(meta["spec"])
+    model = create(
+        spec.arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+        **spec.overrides,
+    )
+    state = load_file(str(Path(directory) / MODEL_WEIGHTS), device=map_location)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, meta
+
+
