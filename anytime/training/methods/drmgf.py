@@ -1,0 +1,366 @@
+"""DR-MGF: dynamic routes + meta-weighted gradient fusion (docs/drmgf.md), and its two ablations.
+
+One epoch: for every exit t (deepest first) train one pass from the epoch's starting point θ0 (weights,
+BatchNorm buffers and optimiser momentum) with exit t's gated forward and loss ℓ_t + ρ Σ_{j≠t} ℓ_j,
+fold, record Δ_t on exit t's route, restore θ0; then fuse the Δ_t into the shared weights.
+
+Fusion rules (θ0 + ...):
+- a parameter on one route (head, deepest-only block): its owner's Δ;
+- a shared conv weight (meta fusion): per [o, i/groups] connection Σ_t Ω_t Δ_t / Σ_t Ω_t with
+  Ω_t = (|M_t| / Σ_i' |M_t|) · |s_t| on gated convs, Ω_t = |s_t| where there is no M (1x1 convs, and
+  every conv in Meta-GF: with a uniform importance the M factor is a constant that cancels);
+- shared BatchNorm γ and β (meta fusion): the same with per-channel scales, Ω_t = |s_t|;
+- every other shared parameter (biases, any shared linear weight), and everything under mean fusion:
+  the plain mean of the Δ_t.
+The scales s (init 1e-3) are meta-learned by one pass with Adam (lr 0.1) on the sum of all exits' losses
+of the fused network, BatchNorm in train mode so its running statistics are re-estimated on it.
+After the switch epoch the exits train with the plain forward, M is frozen, and s is smoothed by an EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from anytime.errors import ConfigError, TrainingError
+from anytime.models.base import MultiExitNetwork
+from anytime.training.base import MethodOptions, Routes, TrainingContext, TrainingMethod
+from anytime.training.reparam import RouteGates, conv_weights
+
+logger = logging.getLogger(__name__)
+
+FUSIONS = ("meta", "mean")
+EXIT_ORDERS = ("deepest-first", "shallowest-first")
+
+
+@dataclass(frozen=True)
+class DRMGFOptions(MethodOptions):
+    aux_weight: float = 0.4  # ρ, weight of the other exits' losses in exit t's pass
+    kappa: float = 10.0  # κ, how much more exit t's own importance counts in its gate
+    gate: bool = True  # dynamic routes (gated forward) in the exit passes
+    fusion: Literal["meta", "mean"] = "meta"  # "meta": meta-learned scales; "mean": plain mean of the Δ_t
+    switch_epoch: int | None = None  # first epoch without dynamic routes; None: half of training
+    ema: float = 0.9  # β of the moving average of s after the switch epoch
+    fusion_lr: float = 0.1  # Adam lr of the fusion scales
+    fusion_init: float = 1e-3  # initial value of every fusion scale
+    importance_momentum: float = 0.9
+    importance_weight_decay: float = 5e-5
+    exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid DR-MGF option: {what}")
+
+        need(self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight}")
+        need(self.kappa >= 1, f"kappa must be >= 1 (own importance weighs at least as much), got {self.kappa}")
+        need(self.fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
+        need(self.switch_epoch is None or self.switch_epoch >= 0, f"switch_epoch must be >= 0, got {self.switch_epoch}")
+        need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+        need(self.fusion_lr > 0, f"fusion_lr must be > 0, got {self.fusion_lr}")
+        need(self.fusion_init != 0, "fusion_init must be non-zero (the fusion weights are |s|)")
+        need(0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}")
+        need(self.importance_weight_decay >= 0, f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}")
+        need(self.exit_order in EXIT_ORDERS, f"exit_order must be one of {', '.join(EXIT_ORDERS)}, got '{self.exit_order}'")
+
+
+@dataclass(frozen=True)
+class MetaGFOptions(DRMGFOptions):
+    gate: bool = False  # Meta-GF: plain forward in the exit passes, meta fusion
+
+
+@dataclass(frozen=True)
+class DRAvgFOptions(DRMGFOptions):
+    fusion: Literal["meta", "mean"] = "mean"  # DR-avgF: dynamic routes, plain mean fusion
+
+
+def batchnorm_params(model: nn.Module) -> set[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            names.update({f"{prefix}.weight", f"{prefix}.bias"})
+    return names
+
+
+def scaled_params(model: nn.Module, routes: Routes) -> dict[str, tuple[int, ...]]:
+    """Shared params fused with learned scales -> the scale shape (per connection / per channel)."""
+    params = dict(model.named_parameters())
+    convs = set(conv_weights(model))
+    norms = batchnorm_params(model)
+    out = {}
+    for name in routes.shared:
+        if name in convs:
+            out[name] = tuple(params[name].shape[:2])
+        elif name in norms:
+            out[name] = tuple(params[name].shape)
+    return out
+
+
+def _expand(per_slice: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_slice.reshape(per_slice.shape + (1,) * (like.dim() - per_slice.dim()))
+
+
+class DRMGF(TrainingMethod):
+    """Dynamic routes + meta-weighted gradient fusion; `gate` and `fusion` switch the ablations."""
+
+    name = "drmgf"
+    Options = DRMGFOptions
+
+    def setup(self, ctx: TrainingContext) -> None:
+        opts: DRMGFOptions = self.options  # type: ignore[assignment]
+        model, routes = ctx.model, ctx.routes
+        self.routes = routes
+        self.num_exits = ctx.num_exits
+        self.switch_epoch = opts.switch_epoch if opts.switch_epoch is not None else (ctx.epochs + 1) // 2
+        self.gates: RouteGates | None = RouteGates.from_model(model, routes, opts.kappa) if opts.gate else None
+        self.importance_optimizer: torch.optim.SGD | None = None
+        if self.gates is not None and self.gates.layers:
+            self.importance_optimizer = torch.optim.SGD(
+                self.gates.parameters(),
+                lr=ctx.lr(0),
+                momentum=opts.importance_momentum,
+                weight_decay=opts.importance_weight_decay,
+            )
+        # Fusion scales s: one stacked leaf [R, *shape] per scaled parameter (rows in route order).
+        self.scales: dict[str, torch.Tensor] = {}
+        if opts.fusion == "meta":
+            for name, shape in scaled_params(model, routes).items():
+                rows = len(routes.owners(name))
+                self.scales[name] = torch.full((rows, *shape), opts.fusion_init, device=ctx.device, requires_grad=True)
+        self.fusion_optimizer = (
+            torch.optim.Adam(list(self.scales.values()), lr=opts.fusion_lr) if self.scales else None
+        )
+        self.scales_prev = {name: s.detach().clone() for name, s in self.scales.items()}
+        logger.info(
+            "%s: %d gated conv layers, %d meta-fused parameters, %d shared parameters, switch at epoch %d",
+            self.name,
+            len(self.gates.layers) if self.gates else 0,
+            len(self.scales),
+            len(routes.shared),
+            self.switch_epoch,
+        )
+
+    # ------------------------------------------------------------------ epoch
+    def exit_order(self) -> list[int]:
+        order = list(range(self.num_exits))
+        return order[::-1] if self.options.exit_order == "deepest-first" else order  # type: ignore[attr-defined]
+
+    def dynamic(self, epoch: int) -> bool:
+        return self.gates is not None and epoch < self.switch_epoch
+
+    def train_epoch(self, ctx: TrainingContext, epoch: int) -> dict[str, float]:
+        model = ctx.model
+        model.train()
+        dynamic = self.dynamic(epoch)
+        if self.importance_optimizer is not None:
+            for group in self.importance_optimizer.param_groups:
+                group["lr"] = ctx.lr(epoch)
+        start = snapshot(model)
+        optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
+        deltas: dict[int, dict[str, torch.Tensor]] = {}
+        metrics: dict[str, float] = {}
+        for t in self.exit_order():
+            restore(model, start)
+            # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
+            ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+            # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
+            metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
+            deltas[t] = self._deltas(model, start, t, dynamic)
+        restore(model, start)
+        ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+        # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
+        metrics["loss"] = self._fuse(ctx, epoch, start, deltas)
+        ctx.sync_buffers(model)
+        metrics["dynamic_routes"] = float(dynamic)
+        return metrics
+
+    def _exit_pass(self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool) -> float:
+        model, rho = ctx.model, self.options.aux_weight  # type: ignore[attr-defined]
+        params = [p for p in model.parameters() if p.requires_grad]
+        importance = self.gates.parameters(t) if dynamic and self.gates is not None else []
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=f"exit {t + 1}")):
+            outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
+            losses = ctx.exit_losses(outputs, y, epoch)
+            loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
+            ctx.check_finite(loss, epoch, step, t)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            for m in importance:
+                m.grad = None
+            loss.backward()
+            ctx.sync_gradients(params + importance)
+            ctx.optimizer.step()
+            if importance:
+                self.importance_optimizer.step()  # type: ignore[union-attr]  # only M_t has .grad
+            value = float(loss.detach())
+            ctx.log_step(value, int(x.shape[0]))
+            total, count = total + value * x.shape[0], count + int(x.shape[0])
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def _deltas(self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool) -> dict[str, torch.Tensor]:
+        """Δ_t = (parameters with exit t's gates folded in) − θ0, for exit t's route only."""
+        params = dict(model.named_parameters())
+        folded = self.gates.effective_weights(params, t) if dynamic and self.gates is not None else {}
+        return {name: folded.get(name, params[name]) - start.params[name] for name in self.routes.per_exit[t]}
+
+    # ----------------------------------------------------------------- fusion
+    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", deltas: dict[int, dict[str, torch.Tensor]]) -> float:
+        model = ctx.model
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in self.routes.names:
+                owners = self.routes.owners(name)
+                if not owners or name in self.scales:
+                    continue
+                update = sum(deltas[t][name] for t in owners) / len(owners)  # owner's Δ when there is one
+                params[name].copy_(start.params[name] + update)
+        if not self.scales:
+            return self._refresh_batchnorm(ctx, epoch)
+        ratios = self._importance_ratios()
+        loss_sum, count = 0.0, 0
+        scales = list(self.scales.values())
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
+            fused = {name: self._fused_value(name, start, deltas, ratios) for name in self.scales}
+            outputs = functional_call(model, fused, (x,), strict=False)
+            loss = sum(ctx.exit_losses(outputs, y, epoch))
+            ctx.check_finite(loss, epoch, step, None)
+            grads = torch.autograd.grad(loss, scales)  # Δ and θ0 are constants; only s learns
+            for s, g in zip(scales, grads):
+                s.grad = g
+            ctx.sync_gradients(scales)
+            self.fusion_optimizer.step()  # type: ignore[union-attr]
+            value = float(loss.detach())
+            ctx.log_step(value, int(x.shape[0]))
+            loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
+        with torch.no_grad():
+            if epoch >= self.switch_epoch:
+                beta = self.options.ema  # type: ignore[attr-defined]
+                for name, s in self.scales.items():
+                    s.mul_(1.0 - beta).add_(self.scales_prev[name], alpha=beta)  # in place: Adam keeps s
+            for name, s in self.scales.items():
+                self.scales_prev[name].copy_(s)
+                params[name].copy_(self._fused_value(name, start, deltas, ratios))
+        return loss_sum / max(count, 1)
+
+    def _importance_ratios(self) -> dict[str, torch.Tensor]:
+        """|M_t| / Σ_i' |M_t| per gated layer, stacked in route order (constants for the fusion)."""
+        if self.gates is None:
+            return {}
+        out = {}
+        for name, tensors in self.gates.importance.items():
+            m = torch.stack([t.detach().abs() for t in tensors])
+            out[name] = m / m.sum(dim=2, keepdim=True).clamp_min(1e-12)
+        return out
+
+    def _fused_value(self, name: str, start: "Snapshot", deltas: dict[int, dict[str, torch.Tensor]], ratios: dict[str, torch.Tensor]) -> torch.Tensor:
+        omega = self.scales[name].abs()
+        if name in ratios:
+            omega = omega * ratios[name]
+        numerator = sum(_expand(omega[r], deltas[t][name]) * deltas[t][name] for r, t in enumerate(self.routes.owners(name)))
+        denominator = _expand(omega.sum(dim=0).clamp_min(1e-12), start.params[name])
+        return start.params[name] + numerator / denominator
+
+    @torch.no_grad()
+    def _refresh_batchnorm(self, ctx: TrainingContext, epoch: int) -> float:
+        """Mean fusion has nothing to learn; one forward pass in train mode re-estimates BN statistics."""
+        loss_sum, count = 0.0, 0
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
+            loss = sum(ctx.exit_losses(ctx.model(x), y, epoch))
+            ctx.check_finite(loss, epoch, step, None)
+            ctx.log_step(float(loss), int(x.shape[0]))
+            loss_sum, count = loss_sum + float(loss) * x.shape[0], count + int(x.shape[0])
+        return loss_sum / max(count, 1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "options": asdict(self.options),
+            "switch_epoch": self.switch_epoch,
+            "importance": self.gates.state_dict() if self.gates is not None else {},
+            "importance_optimizer": self.importance_optimizer.state_dict() if self.importance_optimizer else None,
+            "scales": {name: s.detach().clone() for name, s in self.scales.items()},
+            "scales_prev": {name: s.clone() for name, s in self.scales_prev.items()},
+            "fusion_optimizer": self.fusion_optimizer.state_dict() if self.fusion_optimizer else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state.get("scales", {})) != set(self.scales):
+            raise TrainingError(
+                f"cannot resume {self.name}: the checkpoint's fusion scales do not match this model and "
+                "options; resume with the same --arch, --method and method options, or start a new run"
+            )
+        if self.gates is not None:
+            self.gates.load_state_dict(state["importance"])
+        elif state.get("importance"):
+            raise TrainingError(f"cannot resume {self.name} without dynamic routes from a checkpoint that has them")
+        with torch.no_grad():
+            for name, s in self.scales.items():
+                s.copy_(state["scales"][name])
+                self.scales_prev[name].copy_(state["scales_prev"][name])
+        if self.importance_optimizer is not None and state.get("importance_optimizer") is not None:
+            self.importance_optimizer.load_state_dict(state["importance_optimizer"])
+        if self.fusion_optimizer is not None and state.get("fusion_optimizer") is not None:
+            self.fusion_optimizer.load_state_dict(state["fusion_optimizer"])
+        self.switch_epoch = int(state.get("switch_epoch", self.switch_epoch))
+
+    def plain_model(self, model: MultiExitNetwork) -> MultiExitNetwork:
+        # Every epoch ends by writing the fused (already folded) values into the parameters, so the
+        # model holds plain weights between epochs; importance and scales live only in this object.
+        return model
+
+    def analysis(self) -> dict[str, Any]:
+        """Importance variables per gated layer (and the fusion scales), for `anytime routes`."""
+        return {
+            "method": self.name,
+            "num_exits": self.num_exits,
+            "kappa": float(self.options.kappa),  # type: ignore[attr-defined]
+            "importance": self.gates.analysis() if self.gates is not None else {},
+            "fusion_scales": {
+                name: {"exits": self.routes.owners(name), "values": s.detach().clone()} for name, s in self.scales.items()
+            },
+        }
+
+
+class MetaGF(DRMGF):
+    """Ablation: plain forward in the exit passes (no dynamic routes), meta-learned fusion."""
+
+    name = "meta-gf"
+    Options = MetaGFOptions
+
+
+class DRAvgF(DRMGF):
+    """Ablation: dynamic routes, plain mean fusion (plus a BatchNorm refresh pass)."""
+
+    name = "dr-avgf"
+    Options = DRAvgFOptions
+
+
+# ---------------------------------------------------------------- snapshot
+@dataclass
+class Snapshot:
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def snapshot(model: nn.Module) -> Snapshot:
+    return Snapshot(
+        params={n: p.detach().clone() for n, p in model.named_parameters()},
+        buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+    )
+
+
+@torch.no_grad()
+def restore(model: nn.Module, start: Snapshot) -> None:
+    for name, p in model.named_parameters():
+        p.copy_(start.params[name])
+    for name, b in model.named_buffers():
+        b.copy_(start.buffers[name])
+

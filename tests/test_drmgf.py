@@ -1,0 +1,417 @@
+"""DR-MGF: gated reparameterisation, folding, per-exit passes from θ0, fusion, resume, `anytime routes`."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from typing import Any, Callable, Iterable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from anytime.errors import ConfigError, TrainingError
+from anytime.models import create
+from anytime.training.base import compute_routes
+from anytime.training.folding import fold_model, folded_state_dict
+from anytime.training.methods.drmgf import DRAvgF, DRMGF, DRMGFOptions, MetaGF
+from anytime.training.reparam import RouteGates, lateral_normalise
+from anytime.training.routes_command import routes as routes_command
+
+IMAGE = 12
+
+
+def make_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create("test-convnet", num_classes=4, in_channels=3, image_size=IMAGE)
+
+
+class FakeContext:
+    """A minimal TrainingContext: tiny synthetic data, deterministic per (epoch, phase), hooks per pass."""
+
+    def __init__(self, model, epochs: int = 2, images: int = 24, batch: int = 8, lr: float = 0.05) -> None:
+        self.model = model
+        self.device = torch.device("cpu")
+        self.num_exits = model.num_exits
+        self.epochs = epochs
+        self.rank, self.world_size = 0, 1
+        self.base_lr = lr
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(images, 3, IMAGE, IMAGE, generator=g)
+        self.y = torch.randint(0, 4, (images,), generator=g)
+        self.batch = batch
+        self.routes = compute_routes(model, self.x[:4])
+        self.phases: list[tuple[int, str]] = []
+        self.on_start: Callable[[int, str], None] | None = None
+        self.on_end: Callable[[int, str], None] | None = None
+        self.steps = 0
+
+    def train_batches(self, epoch: int, phase: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A generator: this body runs when the method starts iterating, i.e. at the start of its pass.
+        self.phases.append((epoch, phase))
+        if self.on_start:
+            self.on_start(epoch, phase)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{epoch}/{phase}".encode()))
+        order = torch.randperm(len(self.y), generator=g)
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            yield self.x[idx], self.y[idx]
+        if self.on_end:  # runs after the last step of the pass
+            self.on_end(epoch, phase)
+
+    def exit_losses(self, outputs, targets, epoch):
+        return [F.cross_entropy(o, targets) for o in outputs]
+
+    def lr(self, epoch: int) -> float:
+        return self.base_lr
+
+    def sync_gradients(self, params: Iterable[torch.Tensor]) -> None:
+        list(params)
+
+    def sync_buffers(self, module) -> None:
+        pass
+
+    def check_finite(self, loss, epoch, step, exit_index) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss at epoch {epoch} step {step} exit {exit_index}")
+
+    def log_step(self, loss: float, batch_size: int) -> None:
+        self.steps += 1
+
+
+def setup_method(cls=DRMGF, epochs: int = 2, seed: int = 0, **options: Any):
+    model = make_model(seed)
+    ctx = FakeContext(model, epochs=epochs)
+    method = cls(cls.Options(**options))
+    method.setup(ctx)
+    return model, ctx, method
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def perturb_importance(gates: RouteGates, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in gates.parameters():
+            m.mul_(torch.rand(m.shape, generator=g) * 1.5 + 0.25)
+
+
+# ----------------------------------------------------------------- reparameterisation
+def test_gated_forward_at_init_equals_plain_forward_for_every_exit():
+    model = make_model().eval()
+    ctx = FakeContext(model)
+    gates = RouteGates.from_model(model, ctx.routes, kappa=10)
+    # test-convnet: the convs of stages 0 and 1 are shared (3x3), stage 2's conv belongs to the last exit.
+    assert [(layer.name, layer.exits) for layer in gates.layers] == [
+        ("stages.0.block.0.weight", (0, 1, 2)),
+        ("stages.1.block.0.weight", (1, 2)),
+    ]
+    x = torch.randn(5, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        plain = model(x)
+        for t in range(model.num_exits):
+            for a, b in zip(gates.forward(model, x, t), plain):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_formula_matches_direct_computation():
+    model = make_model()
+    ctx = FakeContext(model)
+    kappa = 10.0
+    gates = RouteGates.from_model(model, ctx.routes, kappa=kappa)
+    perturb_importance(gates)
+    layer = gates.layers[0]
+    v = dict(model.named_parameters())[layer.name].detach()
+    ms = [m.detach() for m in gates.importance[layer.name]]
+    out_ch, in_ch = layer.shape
+    r = len(layer.exits)
+    for position, t in enumerate(layer.exits):
+        gate = gates.gates(t)[layer.name]
+        weight = gates.effective_weights(dict(model.named_parameters()), t)[layer.name]
+        for o in range(out_ch):
+            for i in range(in_ch):
+                n = []
+                for m in ms:
+                    row = sum(abs(float(m[o, k])) for k in range(in_ch))
+                    n.append(abs(float(m[o, i])) / (1 + 1e-4 * row) ** 0.75)
+                expected = (kappa * n[position] + sum(n) - n[position]) / (kappa + r - 1)
+                assert abs(float(gate[o, i].detach()) - expected) < 1e-6
+                direction = v[o, i] / v[o, i].norm()
+                torch.testing.assert_close(weight[o, i], expected * direction, rtol=1e-5, atol=1e-7)
+
+
+def test_only_own_importance_gets_gradient_in_its_pass():
+    model = make_model()
+    ctx = FakeContext(model)
+    gates = RouteGates.from_model(model, ctx.routes, kappa=10)
+    outputs = gates.forward(model, ctx.x[:4], 1)
+    sum(o.sum() for o in outputs).backward()
+    for layer in gates.layers:
+        for t, m in zip(layer.exits, gates.importance[layer.name]):
+            assert (m.grad is not None) == (t == 1), (layer.name, t)
+
+
+# ----------------------------------------------------------------------------- folding
+def test_folded_weights_load_into_fresh_network_and_match_gated_outputs():
+    model, ctx, method = setup_method()
+    gates = method.gates
+    t = 1
+    opt = torch.optim.SGD(list(model.parameters()) + gates.parameters(t), lr=0.1, momentum=0.9)
+    model.train()
+    for x, y in ctx.train_batches(0, "steps"):
+        loss = sum(ctx.exit_losses(gates.forward(model, x, t), y, 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    start = RouteGates.from_model(make_model(), ctx.routes, kappa=10)
+    assert not torch.allclose(gates.importance_of(t)["stages.0.block.0.weight"], start.importance_of(t)["stages.0.block.0.weight"])
+
+    x = torch.randn(6, 3, IMAGE, IMAGE)
+    for exit_index in range(model.num_exits):
+        fresh = make_model(seed=99)
+        fresh.load_state_dict(folded_state_dict(model, gates, exit_index), strict=True)
+        fresh.eval()
+        with torch.no_grad():
+            expected = gates.forward(model, x, exit_index)
+            for a, b in zip(fresh(x), expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        # fold_model gives the same plain network and leaves the trained model as it was
+        with torch.no_grad():
+            for a, b in zip(fold_model(model, gates, exit_index).eval()(x), expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # the folded weights differ from the stored V, so the check above was not trivially true
+    assert not torch.allclose(folded_state_dict(model, gates, t)["stages.0.block.0.weight"], model.stages[0].block[0].weight)
+
+
+def test_model_after_an_epoch_is_plain_and_reloads_strictly():
+    model, ctx, method = setup_method()
+    method.train_epoch(ctx, 0)
+    plain = method.plain_model(model).eval()
+    fresh = make_model(seed=5)
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    fresh.eval()
+    x = torch.randn(3, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        for a, b in zip(fresh(x), plain(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- epoch structure
+def test_every_exit_pass_starts_from_identical_theta0_including_buffers_and_momentum():
+    model, ctx, method = setup_method()
+    method.train_epoch(ctx, 0)  # moves BN buffers and leaves momentum buffers in the optimiser
+    # give the optimiser a non-trivial momentum state at the epoch start
+    for x, y in ctx.train_batches(1, "warm"):
+        ctx.optimizer.zero_grad()
+        sum(ctx.exit_losses(model(x), y, 1)).backward()
+        ctx.optimizer.step()
+    theta0 = state_of(model)
+    momentum0 = {id(p): s["momentum_buffer"].clone() for p, s in ctx.optimizer.state.items()}
+    assert momentum0
+    seen: dict[str, tuple[dict, dict]] = {}
+
+    def record(epoch: int, phase: str) -> None:
+        seen[phase] = (
+            state_of(model),
+            {id(p): s["momentum_buffer"].clone() for p, s in ctx.optimizer.state.items()},
+        )
+
+    ctx.on_start = record
+    method.train_epoch(ctx, 1)
+    assert [p for e, p in ctx.phases if e == 1 and p != "warm"] == ["exit 3", "exit 2", "exit 1", "fusion"]
+    for phase in ("exit 3", "exit 2", "exit 1"):
+        state, momentum = seen[phase]
+        for key, value in theta0.items():
+            assert torch.equal(state[key], value), (phase, key)
+        assert momentum.keys() == momentum0.keys()
+        for key, value in momentum0.items():
+            assert torch.equal(momentum[key], value), phase
+    # the epoch did change the model
+    assert not torch.equal(state_of(model)["stages.0.block.0.weight"], theta0["stages.0.block.0.weight"])
+
+
+def capture_pass_ends(model, ctx, method) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """θ0 at the epoch start and each exit pass's folded parameters at its end."""
+    theta0: dict[str, torch.Tensor] = {}
+    ends: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start(epoch, phase):
+        if phase == "exit 3":
+            theta0.update(state_of(model))
+
+    def end(epoch, phase):
+        if phase.startswith("exit "):
+            t = int(phase.split()[1]) - 1
+            ends[t] = folded_state_dict(model, method.gates if method.dynamic(epoch) else None, t)
+
+    ctx.on_start, ctx.on_end = start, end
+    return theta0, ends
+
+
+def test_mean_fusion_equals_mean_of_deltas_and_refreshes_batchnorm():
+    model, ctx, method = setup_method(DRAvgF)
+    assert method.gates is not None and not method.scales
+    theta0, ends = capture_pass_ends(model, ctx, method)
+    method.train_epoch(ctx, 0)
+    after = state_of(model)
+    for name in ctx.routes.names:
+        owners = ctx.routes.owners(name)
+        expected = theta0[name] + sum(ends[t][name] - theta0[name] for t in owners) / len(owners)
+        torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-6)
+    # BN statistics were re-estimated on the fused network (not left at θ0's)
+    assert not torch.equal(after["stages.0.block.1.running_mean"], theta0["stages.0.block.1.running_mean"])
+
+
+def test_meta_fusion_learns_scales_and_applies_the_weighted_formula():
+    model, ctx, method = setup_method(DRMGF)
+    theta0, ends = capture_pass_ends(model, ctx, method)
+    metrics = method.train_epoch(ctx, 0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert set(method.scales) == {
+        "stages.0.block.0.weight", "stages.0.block.1.weight", "stages.0.block.1.bias",
+        "stages.1.block.0.weight", "stages.1.block.1.weight", "stages.1.block.1.bias",
+    }
+    after = state_of(model)
+    for name, s in method.scales.items():
+        assert torch.isfinite(s).all()
+        assert not torch.allclose(s, torch.full_like(s, 1e-3)), name
+        owners = ctx.routes.owners(name)
+        omega = s.detach().abs()
+        if name in method.gates.importance:
+            m = torch.stack([x.detach().abs() for x in method.gates.importance[name]])
+            omega = omega * m / m.sum(dim=2, keepdim=True)
+        expected = theta0[name].clone()
+        num = sum(omega[r].reshape(omega[r].shape + (1,) * (after[name].dim() - omega.dim() + 1)) * (ends[t][name] - theta0[name]) for r, t in enumerate(owners))
+        den = omega.sum(0).reshape(omega.shape[1:] + (1,) * (after[name].dim() - omega.dim() + 1))
+        torch.testing.assert_close(after[name], expected + num / den, rtol=1e-5, atol=1e-6)
+    # task-specific parameters take their owner's update
+    head = "stages.2.head.2.weight"
+    torch.testing.assert_close(after[head], ends[2][head], rtol=0, atol=1e-7)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_importance_frozen_after_switch_epoch_and_scales_smoothed():
+    model, ctx, method = setup_method(epochs=2)
+    assert method.switch_epoch == 1
+    before = method.gates.state_dict()
+    assert method.train_epoch(ctx, 0)["dynamic_routes"] == 1.0
+    mid = method.gates.state_dict()
+    assert any(not torch.equal(before[k], mid[k]) for k in before)
+    scales_mid = {k: v.detach().clone() for k, v in method.scales.items()}
+    raw: dict[str, torch.Tensor] = {}
+    ctx.on_end = lambda epoch, phase: raw.update({k: v.detach().clone() for k, v in method.scales.items()}) if phase == "fusion" else None
+    assert method.train_epoch(ctx, 1)["dynamic_routes"] == 0.0
+    after = method.gates.state_dict()
+    assert all(torch.equal(mid[k], after[k]) for k in mid)
+    for name, s in method.scales.items():  # EMA with β = 0.9 applied in place after the meta pass
+        torch.testing.assert_close(s.detach(), 0.9 * scales_mid[name] + 0.1 * raw[name], rtol=1e-6, atol=1e-8)
+    assert method.fusion_optimizer.param_groups[0]["params"][0] is next(iter(method.scales.values()))
+
+
+def test_meta_gf_variant_has_no_importance_and_fuses_with_scales_alone():
+    model, ctx, method = setup_method(MetaGF)
+    assert method.name == "meta-gf" and method.gates is None and method.scales
+    method.train_epoch(ctx, 0)
+    assert all(torch.isfinite(v).all() for v in state_of(model).values())
+    assert method.analysis()["importance"] == {}
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="fusion"):
+        DRMGFOptions(fusion="median")
+    with pytest.raises(ConfigError, match="kappa"):
+        DRMGFOptions(kappa=0.5)
+    assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
+    assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
+
+
+# ------------------------------------------------------------------------------ resume
+def test_state_dict_round_trip_continues_identically():
+    model_a, ctx_a, method_a = setup_method(epochs=2)
+    method_a.train_epoch(ctx_a, 0)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model_a.state_dict(), "optimizer": ctx_a.optimizer.state_dict(), "method": method_a.state_dict()},
+        buffer,
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    model_b, ctx_b, method_b = setup_method(epochs=2, seed=7)  # different init: everything must come from the file
+    model_b.load_state_dict(saved["model"])
+    ctx_b.optimizer.load_state_dict(saved["optimizer"])
+    method_b.load_state_dict(saved["method"])
+
+    method_a.train_epoch(ctx_a, 1)
+    method_b.train_epoch(ctx_b, 1)
+    for key, value in state_of(model_a).items():
+        assert torch.equal(value, state_of(model_b)[key]), key
+    sa, sb = method_a.state_dict(), method_b.state_dict()
+    for name in sa["scales"]:
+        assert torch.equal(sa["scales"][name], sb["scales"][name])
+    for name in sa["importance"]:
+        assert torch.equal(sa["importance"][name], sb["importance"][name])
+
+
+def test_resume_with_other_architecture_is_refused():
+    _, _, method = setup_method()
+    state = method.state_dict()
+    state["scales"].pop("stages.0.block.0.weight")
+    with pytest.raises(TrainingError, match="cannot resume"):
+        method.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ routes
+def write_run(tmp_path, method, epoch: int = 1):
+    from anytime.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": method.name}))
+    save_checkpoint(run / "checkpoints" / "last.pt", {"epoch": epoch, "method": method.state_dict(), "analysis": method.analysis()})
+    return run
+
+
+def test_routes_command_reports_cosine_similarity_of_importance(tmp_path):
+    _, ctx, method = setup_method()
+    perturb_importance(method.gates, seed=3)
+    run = write_run(tmp_path, method)
+    result = CliRunner().invoke(routes_command, [str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["method"] == "drmgf" and report["exits"] == [1, 2, 3]
+    m = method.gates.importance["stages.0.block.0.weight"]
+    expected = F.cosine_similarity(m[0].abs().flatten(), m[2].abs().flatten(), dim=0).item()
+    layer = next(entry for entry in report["layers"] if entry["name"] == "stages.0.block.0.weight")
+    assert abs(layer["pairs"]["1-3"] - expected) < 1e-6
+    assert expected < 0.999  # perturbed routes differ
+    # exits 1 and 2 share only stage 0's conv; exits 2 and 3 share both gated convs
+    assert abs(report["matrix"][0][1] - layer["pairs"]["1-2"]) < 1e-9
+    second = next(entry for entry in report["layers"] if entry["name"] == "stages.1.block.0.weight")
+    assert abs(report["matrix"][1][2] - (layer["pairs"]["2-3"] + second["pairs"]["2-3"]) / 2) < 1e-9
+
+    table = CliRunner().invoke(routes_command, [str(run)])
+    assert table.exit_code == 0, table.output
+    assert "stages.1.block.0.weight" in table.output and f"{expected:.4f}" in table.output
+
+
+def test_routes_command_errors_name_the_problem(tmp_path):
+    result = CliRunner().invoke(routes_command, [str(tmp_path / "missing")])
+    assert isinstance(result.exception, ConfigError) and "does not exist" in str(result.exception)
+    _, _, meta = setup_method(MetaGF)
+    run = write_run(tmp_path, meta)
+    result = CliRunner().invoke(routes_command, [str(run)])
+    assert isinstance(result.exception, ConfigError) and "meta-gf" in str(result.exception)
+
+
+def test_lateral_normalisation_is_per_filter():
+    m = torch.tensor([[1.0, 3.0], [-2.0, 0.0]])
+    n = lateral_normalise(m)
+    torch.testing.assert_close(n[0], torch.tensor([1.0, 3.0]) / (1 + 4e-4) ** 0.75)
+    torch.testing.assert_close(n[1], torch.tensor([2.0, 0.0]) / (1 + 2e-4) ** 0.75)
