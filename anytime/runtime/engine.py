@@ -1,0 +1,205 @@
+"""ONNX Runtime sessions for a bundle's stages, and the batched early-exit executor.
+
+A batch runs stage by stage. After each stage the samples whose confidence reaches that exit's threshold
+leave; the rest are compacted (one boolean-mask take per state tensor) into a smaller batch that goes on
+with its state tensors. Nothing is computed twice and no sample runs a stage it does not need.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from anytime.errors import ConfigError, MissingDependencyError, require
+from anytime.runtime.bundle import Bundle
+from anytime.runtime.calibration import softmax_confidence
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def import_onnxruntime(gpu: bool = False) -> Any:
+    return require("onnxruntime", "gpu" if gpu else "cpu", "Running a bundle")
+
+
+def resolve_providers(providers: Sequence[Any] | str | None, device: str | None = None) -> list[Any]:
+    """Explicit provider list: CUDA when onnxruntime-gpu and a GPU are present (or asked for), else CPU."""
+    ort = import_onnxruntime(gpu=device == "cuda")
+    available = ort.get_available_providers()
+    if providers is not None:
+        if isinstance(providers, str):
+            providers = [p.strip() for p in providers.split(",") if p.strip()]
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        unknown = [p for p in names if p not in available]
+        if unknown:
+            extra = " Install onnxruntime-gpu: pip install 'anytime[gpu]'." if CUDA in unknown else ""
+            raise ConfigError(f"execution provider(s) {unknown} are not available in this onnxruntime; available: {available}.{extra}")
+        return list(providers)
+    device = (device or "auto").lower()
+    if device not in DEVICES:
+        raise ConfigError(f"device {device!r} is unknown; use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda" and CUDA not in available:
+        raise MissingDependencyError(
+            f"device 'cuda' needs onnxruntime-gpu with CUDA (available providers: {available}). "
+            "Install it with: pip install 'anytime[gpu]' (and uninstall onnxruntime), or use --device cpu"
+        )
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+@dataclass
+class BatchTrace:
+    """What one early-exit batch did: rows entering each stage and seconds spent per stage."""
+
+    rows_per_stage: list[int] = field(default_factory=list)
+    stage_seconds: list[float] = field(default_factory=list)
+    overhead_seconds: float = 0.0  # host-side work between session runs (softmax, masks, compaction)
+    total_cost: float = 0.0
+
+
+class StageExecutor:
+    """One onnxruntime session per stage plus the early-exit loop over them."""
+
+    def __init__(self, bundle: Bundle, providers: Sequence[Any] | str | None = None, device: str | None = None, threads: int | None = None) -> None:
+        wanted = resolve_providers(providers, device)
+        ort = import_onnxruntime(gpu=CUDA in [p[0] if isinstance(p, tuple) else p for p in wanted])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads is not None:
+            if int(threads) < 0:
+                raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.bundle = bundle
+        self.sessions = []
+        for stage in bundle.stages:
+            try:
+                session = ort.InferenceSession(str(bundle.file(stage.file)), sess_options=options, providers=wanted)
+            except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
+                from anytime.errors import BundleError
+
+                raise BundleError(f"bundle {bundle.path}: onnxruntime cannot load {stage.file} ({exc}); re-export the bundle") from exc
+            self._check_io(session, stage)
+            self.sessions.append(session)
+        in_use = self.sessions[0].get_providers()
+        wanted_names = [p[0] if isinstance(p, tuple) else p for p in wanted]
+        missing = [p for p in wanted_names if p not in in_use]
+        if missing:
+            # A CUDA provider that fails to initialise falls back to CPU without an error; say so.
+            log.warning("execution provider(s) %s were requested but are not in use (onnxruntime uses %s)", missing, in_use)
+        self.providers = list(in_use)
+        self.on_gpu = CUDA in in_use
+        self.costs = bundle.exit_costs
+        self._out_names = [list(s.outputs) for s in bundle.stages]
+        self._logit_pos = [s.outputs.index(s.logits) for s in bundle.stages]
+        self._state_names = [list(s.state_outputs) for s in bundle.stages]
+
+    @staticmethod
+    def _check_io(session: Any, stage: Any) -> None:
+        from anytime.errors import BundleError
+
+        ins = {i.name for i in session.get_inputs()}
+        outs = {o.name for o in session.get_outputs()}
+        if ins != set(stage.inputs) or not set(stage.outputs) <= outs:
+            raise BundleError(
+                f"{stage.file}: graph inputs {sorted(ins)} / outputs {sorted(outs)} do not match the manifest "
+                f"({list(stage.inputs)} / {list(stage.outputs)}); re-export the bundle"
+            )
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.sessions)
+
+    def _run(self, k: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[k].run(self._out_names[k], feeds)
+
+    def run_all(self, x: np.ndarray) -> np.ndarray:
+        """Logits of every exit for the whole batch, (K, N, C): the reference that early exit must match."""
+        feeds = {self.bundle.input.name: x}
+        logits = []
+        for k in range(self.num_exits):
+            outs = self._run(k, feeds)
+            logits.append(outs[self._logit_pos[k]])
+            feeds = {name: outs[self._out_names[k].index(name)] for name in self._state_names[k]}
+        return np.stack(logits)
+
+    def run_early_exit(
+        self,
+        x: np.ndarray,
+        thresholds: np.ndarray,
+        cap_per_image: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchTrace]:
+        """Early exit over one batch: (labels, confidences, 0-based exits, trace).
+
+        `cap_per_image` (strict mode): the batch's total cost never exceeds n × cap. When the thresholds
+        would send more samples on than the remaining budget pays for, the least confident continue and
+        the rest answer at the exit they have reached.
+        """
+        n = x.shape[0]
+        k_exits = self.num_exits
+        thresholds = np.asarray(thresholds, dtype=np.float32)
+        labels = np.empty(n, dtype=np.int64)
+        confidence = np.empty(n, dtype=np.float32)
+        exits = np.empty(n, dtype=np.int64)
+        trace = BatchTrace()
+        active = np.arange(n)
+        feeds: dict[str, np.ndarray] = {self.bundle.input.name: x}
+        costs = self.costs
+        spent = n * float(costs[0])
+        cap_total = None if cap_per_image is None else n * float(cap_per_image)
+        for k in range(k_exits):
+            trace.rows_per_stage.append(int(active.size))
+            t0 = time.perf_counter()
+            outs = self._run(k, feeds)
+            t1 = time.perf_counter()
+            trace.stage_seconds.append(t1 - t0)
+            conf, pred = softmax_confidence(outs[self._logit_pos[k]])
+            if k == k_exits - 1:
+                leave = np.ones(active.size, dtype=bool)
+            else:
+                leave = conf >= thresholds[k]
+                if cap_total is not None:
+                    leave = self._apply_cap(leave, conf, cap_total - spent, float(costs[k + 1] - costs[k]))
+                    spent += float((~leave).sum()) * float(costs[k + 1] - costs[k])
+            if leave.all():
+                idx = active
+                labels[idx], confidence[idx], exits[idx] = pred, conf, k
+                trace.overhead_seconds += time.perf_counter() - t1
+                break
+            if leave.any():
+                idx = active[leave]
+                labels[idx], confidence[idx], exits[idx] = pred[leave], conf[leave], k
+                keep = ~leave
+                active = active[keep]
+                feeds = {name: outs[self._out_names[k].index(name)][keep] for name in self._state_names[k]}
+            else:
+                feeds = {name: outs[self._out_names[k].index(name)] for name in self._state_names[k]}
+            trace.overhead_seconds += time.perf_counter() - t1
+        trace.total_cost = float(costs[exits].sum())
+        return labels, confidence, exits, trace
+
+    @staticmethod
+    def _apply_cap(leave: np.ndarray, conf: np.ndarray, remaining: float, step_cost: float) -> np.ndarray:
+        """Let at most remaining/step_cost samples go on: the least confident of those that want to."""
+        want = np.flatnonzero(~leave)
+        if step_cost <= 0 or want.size == 0:
+            return leave
+        allowed = max(0, int(math.floor(remaining / step_cost + 1e-9)))
+        while allowed > 0 and allowed * step_cost > remaining:  # guard the epsilon above
+            allowed -= 1
+        if want.size <= allowed:
+            return leave
+        leave = leave.copy()
+        order = want[np.argsort(conf[want], kind="stable")]  # least confident first
+        leave[order[allowed:]] = True
+        return leave

@@ -1,0 +1,138 @@
+"""Turning what a user passes (paths, directories, globs, `-` for stdin, images, arrays) into a lazy
+stream of inputs, with true labels when files sit in class-named folders."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, TextIO
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: what to read (a path, PIL image or array), a name for rows, the true label if known."""
+
+    source: Any
+    name: str | None
+    true_label: int = -1
+
+
+class MissingInput:
+    """A command-line argument that matched nothing; it becomes an error row."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+
+def _normalise_class(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+class ClassFolders:
+    """Maps a file's parent folder name to a class index (exact, normalised, or the class number)."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.exact = {c: i for i, c in enumerate(classes)}
+        self.loose: dict[str, int] = {}
+        for i, c in enumerate(classes):
+            self.loose.setdefault(_normalise_class(c), i)
+        numeric_names = any(c.isdigit() for c in classes)
+        self.by_number = {} if numeric_names else {str(i): i for i in range(len(classes))}
+
+    def label(self, path: str | os.PathLike) -> int:
+        folder = Path(path).parent.name
+        if folder in self.exact:
+            return self.exact[folder]
+        if folder in self.by_number:
+            return self.by_number[folder]
+        loose = _normalise_class(folder)
+        return self.loose.get(loose, -1) if loose else -1
+
+
+def _walk_images(directory: Path) -> Iterator[Path]:
+    """Image files under a directory, recursively, in a stable (sorted) order, lazily."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for f in sorted(files):
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."):
+                yield Path(root) / f
+
+
+def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[Path | MissingInput]:
+    """Files as given; directories recursively (image suffixes only); globs; `-`: one path per stdin line."""
+    for arg in args:
+        if arg == "-":
+            stream = stdin if stdin is not None else sys.stdin
+            for line in stream:
+                line = line.strip()
+                if line:
+                    yield from expand_paths([line])
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            yield from _walk_images(path)
+        elif path.exists() or path.is_symlink():
+            yield path
+        elif _GLOB_CHARS.search(arg):
+            matches = sorted(glob.iglob(str(path), recursive=True))
+            if not matches:
+                yield MissingInput(arg, f"{arg}: no file matches this pattern")
+            for m in matches:
+                mp = Path(m)
+                if mp.is_dir():
+                    yield from _walk_images(mp)
+                else:
+                    yield mp
+        else:
+            yield MissingInput(arg, f"{arg}: file not found")
+
+
+def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Iterator[InputItem]:
+    """Normalise `predict`'s argument to a lazy stream of InputItems.
+
+    A path, PIL image, H×W[×C] array or N×H×W×C array, or any iterable of those (consumed lazily).
+    """
+    folders = ClassFolders(classes) if classes is not None else None
+
+    def from_path(p: str | os.PathLike) -> InputItem:
+        label = folders.label(p) if folders is not None else -1
+        return InputItem(os.fspath(p), os.fspath(p), label)
+
+    if isinstance(inputs, (str, os.PathLike)):
+        yield from_path(inputs)
+        return
+    if isinstance(inputs, Image.Image):
+        yield InputItem(inputs, None)
+        return
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 4:
+            for i in range(inputs.shape[0]):
+                yield InputItem(inputs[i], None)
+        else:
+            yield InputItem(inputs, None)
+        return
+    if isinstance(inputs, InputItem):
+        yield inputs
+        return
+    for item in inputs:
+        if isinstance(item, InputItem):
+            yield item
+        elif isinstance(item, MissingInput):
+            yield InputItem(item, item.name)
+        elif isinstance(item, (str, os.PathLike)):
+            yield from_path(item)
+        else:
+            yield InputItem(item, None)

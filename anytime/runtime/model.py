@@ -1,0 +1,318 @@
+"""`AnytimeModel`: a loaded bundle that calibrates exit policies and predicts with real early exit."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from anytime.errors import AnytimeError, ConfigError, InputImageError
+from anytime.runtime.budget import Budget, BudgetLike, check_exit, format_cost, parse_budget, resolve_budget_cost
+from anytime.runtime.bundle import Bundle, read_bundle
+from anytime.runtime.calibration import ExitPolicy, ValidationData, fit_geometric, fit_search, fixed_exit_policy
+from anytime.runtime.engine import StageExecutor
+from anytime.runtime.inputs import InputItem, MissingInput, iter_input_items
+from anytime.runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessor
+from anytime.runtime.results import Predictions, concat
+
+log = logging.getLogger(__name__)
+
+POLICY_CHOICES = ("best", "geometric", "search")
+
+
+class AnytimeModel:
+    """A multi-exit classifier bundle on ONNX Runtime.
+
+    `calibrate(budget)` fits an exit policy on the bundle's validation logits; `predict(inputs, budget=...)`
+    runs batched early exit and returns `Predictions`.
+    """
+
+    def __init__(self, bundle: Bundle, executor: StageExecutor, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> None:
+        self.bundle = bundle
+        self.executor = executor
+        self.preprocessor = Preprocessor(bundle.input, max_pixels=max_pixels)
+        self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+        self._validation: ValidationData | None = None
+        self._policies: dict[tuple[float, str], dict[str, ExitPolicy]] = {}
+
+    # --- description ---------------------------------------------------------------------------------
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.bundle.classes
+
+    @property
+    def num_exits(self) -> int:
+        return self.bundle.num_exits
+
+    @property
+    def exit_costs(self) -> np.ndarray:
+        return self.bundle.exit_costs
+
+    @property
+    def cost_convention(self) -> str:
+        return self.bundle.cost_convention
+
+    @property
+    def full_cost(self) -> float:
+        return float(self.exit_costs[-1])
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.executor.providers)
+
+    def __repr__(self) -> str:
+        b, spec = self.bundle, self.bundle.input
+        classes = ", ".join(self.classes[:10]) + (", ..." if len(self.classes) > 10 else "")
+        lines = [
+            f"AnytimeModel {b.arch} from {b.path}",
+            f"  input: {spec.channels}×{spec.height}×{spec.width} {spec.color}"
+            + (f", resize {spec.resize}" if spec.resize else ""),
+            f"  {len(self.classes)} classes: {classes}",
+            f"  providers: {', '.join(self.providers)}",
+            f"  exit  cost ({self.cost_convention})  of full  val accuracy",
+        ]
+        for i, s in enumerate(b.stages):
+            acc = "-" if s.val_accuracy is None else f"{100 * s.val_accuracy:.2f}%"
+            lines.append(f"  {i + 1:>4}  {format_cost(s.cost):>12}  {100 * s.cost / self.full_cost:>6.1f}%  {acc:>12}")
+        return "\n".join(lines)
+
+    # --- calibration ---------------------------------------------------------------------------------
+    def validation_data(self) -> ValidationData:
+        if self._validation is None:
+            logits, labels = self.bundle.load_calibration()
+            self._validation = ValidationData(logits, labels, self.exit_costs)
+        return self._validation
+
+    def budget_cost(self, budget: BudgetLike) -> float:
+        """A budget as an average cost per image; raises BudgetError with the feasible range."""
+        return resolve_budget_cost(parse_budget(budget), self.exit_costs, self.cost_convention)
+
+    def calibrate_all(self, budget: BudgetLike) -> dict[str, ExitPolicy]:
+        """Both policies for a budget: {"geometric", "search", "best"} (best: higher validation accuracy)."""
+        parsed = parse_budget(budget)
+        if parsed.kind == "exit":
+            p = self._exit_policy(int(parsed.value))
+            return {"geometric": p, "search": p, "best": p}
+        cost = resolve_budget_cost(parsed, self.exit_costs, self.cost_convention)
+        key = (cost, parsed.text)
+        if key not in self._policies:
+            data = self.validation_data()
+            t0 = time.perf_counter()
+            geo = fit_geometric(data, cost, self.cost_convention, parsed.text)
+            t1 = time.perf_counter()
+            search = fit_search(data, cost, self.cost_convention, start=geo, budget_text=parsed.text)
+            t2 = time.perf_counter()
+            log.debug("calibration for %s: geometric %.3fs, search %.3fs", parsed.text, t1 - t0, t2 - t1)
+            # The searched policy starts from the geometric one and never scores lower on validation;
+            # prefer geometric on a tie because it extrapolates more smoothly.
+            best = search if search.expected_accuracy > geo.expected_accuracy else geo
+            self._policies[key] = {"geometric": geo, "search": search, "best": best}
+        return self._policies[key]
+
+    def calibrate(self, budget: BudgetLike, method: str = "best") -> ExitPolicy:
+        """The exit policy for a budget, fitted on the bundle's validation data."""
+        if method not in POLICY_CHOICES:
+            raise ConfigError(f"policy method {method!r} is unknown; use one of {', '.join(POLICY_CHOICES)}")
+        return self.calibrate_all(budget)[method]
+
+    def _exit_policy(self, exit_number: int) -> ExitPolicy:
+        exit_number = check_exit(exit_number, self.num_exits)
+        try:
+            data = self.validation_data()
+        except AnytimeError:
+            data = None
+        return fixed_exit_policy(data, exit_number, self.exit_costs, self.cost_convention)
+
+    def resolve_policy(self, budget: BudgetLike | None = None, policy: ExitPolicy | str | None = None, exit: int | None = None, method: str = "best") -> ExitPolicy:
+        given = [name for name, v in (("budget", budget), ("policy", policy), ("exit", exit)) if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of budget, policy or exit (got {', '.join(given)})")
+        if exit is not None:
+            return self._exit_policy(exit)
+        if policy is not None:
+            if isinstance(policy, (str, os.PathLike)):
+                policy = ExitPolicy.load(policy)
+            if policy.num_exits != self.num_exits:
+                raise ConfigError(f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits")
+            return policy
+        if budget is not None:
+            return self.calibrate(budget, method)
+        return self._exit_policy(self.num_exits)  # nothing asked: the full network
+
+    # --- prediction ----------------------------------------------------------------------------------
+    def predict(
+        self,
+        inputs: Any,
+        budget: BudgetLike | None = None,
+        policy: ExitPolicy | str | None = None,
+        exit: int | None = None,
+        batch_size: int = 64,
+        strict: bool = False,
+        method: str = "best",
+        on_error: str = "raise",
+    ) -> Predictions:
+        """Classify inputs with real batched early exit under a budget, a policy or a fixed exit.
+
+        `inputs`: a path, PIL image, H×W×C uint8 array, N×H×W×C array, or an iterable of these (consumed
+        lazily, `batch_size` at a time). With none of budget/policy/exit the full network answers.
+        `strict`: each batch's total cost never exceeds images × budget. `on_error`: "raise" stops at
+        the first unreadable input; "record" gives it an error row and goes on.
+        """
+        t0 = time.perf_counter()
+        parts = list(self.predict_batches(inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, method=method, on_error=on_error))
+        seconds = time.perf_counter() - t0
+        if not parts:
+            raise ConfigError("predict() got no inputs; pass a path, an image, an array or a non-empty list of them")
+        result = concat(parts, seconds=seconds)
+        n = max(result.images, 1)
+        pre = sum(p.speed.get("preprocess_s", 0.0) for p in parts)
+        inf = sum(p.speed.get("inference_s", 0.0) for p in parts)
+        result.speed = {"preprocess": 1e3 * pre / n, "inference": 1e3 * inf / n, "total": 1e3 * seconds / n}
+        return result
+
+    def predict_batches(
+        self,
+        inputs: Any,
+        budget: BudgetLike | None = None,
+        policy: ExitPolicy | str | None = None,
+        exit: int | None = None,
+        batch_size: int = 64,
+        strict: bool = False,
+        method: str = "best",
+        on_error: str = "record",
+    ) -> Iterator[Predictions]:
+        """Like `predict`, but yields one `Predictions` per batch: memory stays bounded by two batches."""
+        if on_error not in ("raise", "record"):
+            raise ConfigError(f"on_error={on_error!r}: use 'raise' or 'record'")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        batch_size = int(batch_size)
+        chosen = self.resolve_policy(budget, policy, exit, method)
+        thresholds = chosen.threshold_array()
+        cap = chosen.budget if strict and chosen.budget is not None else None
+        items = iter_input_items(inputs, self.classes)
+        chunks = iter(lambda: list(itertools.islice(items, batch_size)), [])
+        with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=self.workers) as decode:
+            # Decode batch i+1 while batch i runs (onnxruntime releases the GIL): at most two in memory.
+            pending: Future | None = None
+            chunk = next(chunks, None)
+            if chunk is not None:
+                pending = prefetch.submit(self._load_batch, chunk, decode, on_error)
+            while pending is not None:
+                loaded = pending.result()
+                nxt = next(chunks, None)
+                pending = prefetch.submit(self._load_batch, nxt, decode, on_error) if nxt is not None else None
+                yield self._infer_batch(loaded, thresholds, cap, chosen)
+
+    def _load_batch(self, chunk: list[InputItem], pool: ThreadPoolExecutor, on_error: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        names = [it.name for it in chunk]
+        errors: list[str | None] = [None] * len(chunk)
+        arrays: list[np.ndarray | None] = [None] * len(chunk)
+
+        def load(i: int) -> None:
+            item = chunk[i]
+            if isinstance(item.source, MissingInput):
+                errors[i] = item.source.reason
+                return
+            try:
+                arrays[i] = self.preprocessor.to_array(item.source, item.name or f"<input {i}>")
+            except InputImageError as exc:
+                errors[i] = str(exc)
+
+        paths = sum(isinstance(it.source, str) for it in chunk)
+        if paths > 1 and self.workers > 1:
+            list(pool.map(load, range(len(chunk))))
+        else:
+            for i in range(len(chunk)):
+                load(i)
+        if on_error == "raise":
+            for e in errors:
+                if e is not None:
+                    raise InputImageError(e)
+        ok = [i for i, a in enumerate(arrays) if a is not None]
+        x = self.preprocessor.normalise(np.stack([arrays[i] for i in ok])) if ok else None
+        return {
+            "names": names,
+            "errors": errors,
+            "ok": np.asarray(ok, dtype=np.int64),
+            "x": x,
+            "true": np.asarray([it.true_label for it in chunk], dtype=np.int64),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def _infer_batch(self, loaded: dict[str, Any], thresholds: np.ndarray, cap: float | None, chosen: ExitPolicy) -> Predictions:
+        n = len(loaded["names"])
+        labels = np.full(n, -1, dtype=np.int64)
+        conf = np.zeros(n, dtype=np.float32)
+        exits = np.zeros(n, dtype=np.int64)
+        costs = np.full(n, math.nan)
+        rows = [0] * self.num_exits
+        t0 = time.perf_counter()
+        if loaded["x"] is not None:
+            ok = loaded["ok"]
+            lab, cf, ex, trace = self.executor.run_early_exit(loaded["x"], thresholds, cap)
+            labels[ok], conf[ok], exits[ok], costs[ok] = lab, cf, ex + 1, self.exit_costs[ex]
+            rows = trace.rows_per_stage + [0] * (self.num_exits - len(trace.rows_per_stage))
+        inference = time.perf_counter() - t0
+        return Predictions(
+            paths=loaded["names"],
+            label_array=labels,
+            confidence_array=conf,
+            exit_array=exits,
+            cost_array=costs,
+            error_list=loaded["errors"],
+            true_label_array=loaded["true"],
+            classes=self.classes,
+            num_exits=self.num_exits,
+            cost_convention=self.cost_convention,
+            budget=chosen.budget,
+            policy=chosen,
+            speed={"preprocess_s": loaded["seconds"], "inference_s": inference},
+            rows_per_stage=rows,
+        )
+
+    def run_all_exits(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
+        """Logits of every exit for every input, (K, N, C), computing all stages (no early exit)."""
+        out = []
+        for chunk in _chunks(iter_input_items(inputs, self.classes), batch_size):
+            arrays = [self.preprocessor.to_array(it.source, it.name or "<input>") for it in chunk]
+            out.append(self.executor.run_all(self.preprocessor.normalise(np.stack(arrays))))
+        if not out:
+            raise ConfigError("run_all_exits() got no inputs")
+        return np.concatenate(out, axis=1)
+
+
+def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def load(
+    bundle: str | os.PathLike | None = None,
+    providers: Sequence[Any] | str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    verify: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+) -> AnytimeModel:
+    """Load a bundle (the embedded default when None) on onnxruntime.
+
+    `providers`: explicit onnxruntime providers; else `device` ("auto" | "cpu" | "cuda"): CUDA when
+    onnxruntime-gpu and a GPU are present. `threads`: intra-op threads (None: onnxruntime's default).
+    `verify`: check every file's sha256 against the manifest.
+    """
+    b = read_bundle(bundle, verify=verify)
+    executor = StageExecutor(b, providers=providers, device=device, threads=threads)
+    return AnytimeModel(b, executor, max_pixels=max_pixels, workers=workers)
+
+
+__all__ = ["AnytimeModel", "load"]

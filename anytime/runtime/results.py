@@ -1,0 +1,311 @@
+"""Prediction results: per-input rows (label, class, confidence, exit, cost, error) and batch totals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from anytime.errors import ConfigError
+from anytime.fileio import atomic_write_text
+
+ROW_KEYS = ("path", "label", "class", "confidence", "exit", "cost", "error")
+
+
+@dataclass
+class Prediction:
+    """One input's answer. `exit` is 1-based; `cost` is the cumulative cost of that exit per image."""
+
+    path: str | None
+    label: int | None
+    class_name: str | None
+    confidence: float | None
+    exit: int | None
+    cost: float | None
+    error: str | None = None
+    true_label: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "label": self.label,
+            "class": self.class_name,
+            "confidence": None if self.confidence is None else round(float(self.confidence), 6),
+            "exit": self.exit,
+            "cost": self.cost,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Predictions:
+    """Answers for a sequence of inputs, in input order, with totals over the successful ones.
+
+    Stored as columns (numpy arrays) so that large runs cost no Python object per image; indexing gives
+    a `Prediction`. Failed inputs have label -1, exit 0 and an error message.
+    """
+
+    paths: list[str | None]
+    label_array: np.ndarray  # int64, -1 for failed inputs
+    confidence_array: np.ndarray  # float32
+    exit_array: np.ndarray  # int64, 1-based, 0 for failed inputs
+    cost_array: np.ndarray  # float64, nan for failed inputs
+    error_list: list[str | None]
+    true_label_array: np.ndarray  # int64, -1 when unknown
+    classes: Sequence[str]
+    num_exits: int
+    cost_convention: str
+    budget: float | None = None  # average cost per image asked for (None with a fixed exit)
+    policy: Any = None  # the ExitPolicy used
+    seconds: float = 0.0  # wall time of the whole call
+    speed: dict[str, float] = field(default_factory=dict)  # ms per image: preprocess, inference, total
+    rows_per_stage: list[int] = field(default_factory=list)  # samples that ran each stage
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> Prediction:
+        if self.error_list[i] is not None:
+            return Prediction(self.paths[i], None, None, None, None, None, self.error_list[i],
+                              None if self.true_label_array[i] < 0 else int(self.true_label_array[i]))
+        label = int(self.label_array[i])
+        return Prediction(
+            path=self.paths[i],
+            label=label,
+            class_name=self.classes[label],
+            confidence=float(self.confidence_array[i]),
+            exit=int(self.exit_array[i]),
+            cost=float(self.cost_array[i]),
+            error=None,
+            true_label=None if self.true_label_array[i] < 0 else int(self.true_label_array[i]),
+        )
+
+    # --- arrays over successful inputs ---------------------------------------------------------------
+    @property
+    def ok_mask(self) -> np.ndarray:
+        return self.exit_array > 0
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.label_array[self.ok_mask]
+
+    @property
+    def exits(self) -> np.ndarray:
+        """1-based exits of the successful inputs."""
+        return self.exit_array[self.ok_mask]
+
+    @property
+    def confidences(self) -> np.ndarray:
+        return self.confidence_array[self.ok_mask]
+
+    @property
+    def costs(self) -> np.ndarray:
+        return self.cost_array[self.ok_mask]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.classes[i] for i in self.labels]
+
+    @property
+    def errors(self) -> list[Prediction]:
+        return [self[i] for i, e in enumerate(self.error_list) if e is not None]
+
+    # --- totals -------------------------------------------------------------------------------------
+    @property
+    def images(self) -> int:
+        return int(self.ok_mask.sum())
+
+    @property
+    def failed(self) -> int:
+        return len(self) - self.images
+
+    @property
+    def average_cost(self) -> float:
+        c = self.costs
+        return float(c.mean()) if c.size else math.nan
+
+    @property
+    def exit_histogram(self) -> list[int]:
+        """Number of successful inputs answered at each exit (index 0 = exit 1)."""
+        return np.bincount(self.exits - 1, minlength=self.num_exits).tolist()
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def labelled(self) -> int:
+        return int((self.ok_mask & (self.true_label_array >= 0)).sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy over successful inputs with a known true label (class-named folders), else None."""
+        known = self.ok_mask & (self.true_label_array >= 0)
+        if not known.any():
+            return None
+        return float((self.label_array[known] == self.true_label_array[known]).mean())
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "failed": self.failed,
+            "average_cost": self.average_cost,
+            "budget": self.budget,
+            "cost_convention": self.cost_convention,
+            "exit_histogram": self.exit_histogram,
+            "images_per_second": self.images_per_second,
+            "accuracy": self.accuracy,
+            "speed_ms_per_image": dict(self.speed),
+        }
+
+    def summary(self) -> str:
+        return RunningTotals.of(self).summary()
+
+    def __repr__(self) -> str:
+        return f"Predictions({self.images} ok, {self.failed} failed, average cost {self.average_cost:.4g} {self.cost_convention})"
+
+    # --- export -------------------------------------------------------------------------------------
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [p.to_row() for p in self]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one row per input as JSONL (.jsonl/.json) or CSV (.csv), atomically."""
+        path = Path(path)
+        fmt = output_format(path)
+        buf = io.StringIO()
+        writer = RowWriter(buf, fmt)
+        writer.write(self.to_rows())
+        atomic_write_text(path, buf.getvalue())
+        return path
+
+
+@dataclass
+class RunningTotals:
+    """Totals accumulated batch by batch, so a stream of any length needs no per-image memory."""
+
+    num_exits: int
+    cost_convention: str
+    budget: float | None = None
+    images: int = 0
+    failed: int = 0
+    cost_sum: float = 0.0
+    labelled: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    exit_counts: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.exit_counts is None:
+            self.exit_counts = np.zeros(self.num_exits, dtype=np.int64)
+
+    @classmethod
+    def of(cls, preds: Predictions) -> "RunningTotals":
+        t = cls(preds.num_exits, preds.cost_convention, preds.budget)
+        t.add(preds)
+        t.seconds = preds.seconds
+        return t
+
+    def add(self, preds: Predictions) -> None:
+        ok = preds.ok_mask
+        self.images += int(ok.sum())
+        self.failed += int((~ok).sum())
+        self.cost_sum += float(preds.cost_array[ok].sum())
+        self.exit_counts += np.bincount(preds.exit_array[ok] - 1, minlength=self.num_exits)
+        known = ok & (preds.true_label_array >= 0)
+        self.labelled += int(known.sum())
+        self.correct += int((preds.label_array[known] == preds.true_label_array[known]).sum())
+
+    @property
+    def average_cost(self) -> float:
+        return self.cost_sum / self.images if self.images else math.nan
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    def summary(self) -> str:
+        from anytime.runtime.budget import format_cost
+
+        head = f"{self.images} image(s) predicted" + (f", {self.failed} failed" if self.failed else "")
+        if self.seconds > 0:
+            head += f" in {self.seconds:.2f} s ({self.images / self.seconds:.1f} images/s)"
+        lines = [head]
+        if self.images:
+            cost = f"average cost {format_cost(self.average_cost, self.cost_convention)} per image"
+            if self.budget is not None:
+                cost += (f" against a budget of {format_cost(self.budget, self.cost_convention)}"
+                         f" ({100 * self.average_cost / self.budget:.1f}% of it)")
+            lines.append(cost)
+            lines.append("exits: " + "  ".join(
+                f"{i + 1}: {c} ({100 * c / self.images:.1f}%)" for i, c in enumerate(self.exit_counts.tolist())))
+        if self.labelled:
+            lines.append(f"accuracy {100 * self.correct / self.labelled:.2f}% on {self.labelled} image(s) in class-named folders")
+        return "\n".join(lines)
+
+
+def output_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    raise ConfigError(f"cannot tell the output format of '{path}': use a .jsonl or .csv file name")
+
+
+class RowWriter:
+    """Writes prediction rows to an open text stream as JSONL or CSV (header first), flushing per call."""
+
+    def __init__(self, stream: Any, fmt: str) -> None:
+        self.stream = stream
+        self.fmt = fmt
+        self._csv = None
+        if fmt == "csv":
+            self._csv = csv.DictWriter(stream, fieldnames=list(ROW_KEYS), lineterminator="\n")
+            self._csv.writeheader()
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        if self._csv is not None:
+            for row in rows:
+                self._csv.writerow({k: ("" if row[k] is None else row[k]) for k in ROW_KEYS})
+        else:
+            for row in rows:
+                self.stream.write(json.dumps({k: row[k] for k in ROW_KEYS}, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+def concat(parts: Sequence[Predictions], **kw: Any) -> Predictions:
+    """Join per-batch results of one model into one."""
+    first = parts[0]
+    rows = [0] * first.num_exits
+    for p in parts:
+        rows = [a + b for a, b in zip(rows, p.rows_per_stage or [0] * first.num_exits)]
+    return Predictions(
+        paths=[x for p in parts for x in p.paths],
+        label_array=np.concatenate([p.label_array for p in parts]),
+        confidence_array=np.concatenate([p.confidence_array for p in parts]),
+        exit_array=np.concatenate([p.exit_array for p in parts]),
+        cost_array=np.concatenate([p.cost_array for p in parts]),
+        error_list=[x for p in parts for x in p.error_list],
+        true_label_array=np.concatenate([p.true_label_array for p in parts]),
+        classes=first.classes,
+        num_exits=first.num_exits,
+        cost_convention=first.cost_convention,
+        budget=first.budget,
+        policy=first.policy,
+        rows_per_stage=rows,
+        **kw,
+    )

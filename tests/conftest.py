@@ -1,0 +1,185 @@
+"""Shared fixtures: a small synthetic image task and bundles exported from a briefly trained model.
+
+The bundle follows docs/architecture.md exactly (manifest.json, stage_k.onnx, calibration.npz). Tests may
+use torch to build it; the runtime under test never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATTERN_CLASSES = ["horizontal", "vertical", "checker/board", "disc"]
+PATTERN_SIZE = 16
+PATTERN_MEAN, PATTERN_STD = 0.45, 0.30
+
+
+def make_pattern_images(n: int, seed: int = 0, size: int = PATTERN_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(N×size×size×1 uint8 images, labels) of 4 texture classes under noise of varying strength.
+
+    Noise strength is drawn per image, so some images are easy (early exits answer them confidently)
+    and some hard (only deeper exits, which average over larger areas, get them right).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    patterns = np.stack(
+        [
+            (yy // 2) % 2,
+            (xx // 2) % 2,
+            ((yy // 2) + (xx // 2)) % 2,
+            ((yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 3) ** 2),
+        ]
+    ).astype(np.float32)
+    labels = rng.integers(0, len(patterns), n)
+    noise = rng.uniform(0.2, 3.2, n).astype(np.float32)
+    images = patterns[labels] + noise[:, None, None] * rng.normal(size=(n, size, size)).astype(np.float32)
+    pixels = np.clip(images * 110 + 70, 0, 255).round().astype(np.uint8)
+    return pixels[..., None], labels.astype(np.int64)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _normalise(x_uint8: np.ndarray, mean: list[float], std: list[float]):
+    import torch
+
+    x = torch.from_numpy(x_uint8).float().div(255.0).permute(0, 3, 1, 2)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _cumulative_macs(model, x) -> list[int]:
+    """Cumulative conv+linear MACs per exit (stages 1..k including heads), via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    costs, total, state = [], 0, (x[:1],)
+    for stage in model.stages:
+        with FlopCounterMode(display=False) as counter:
+            state, _ = stage(state)
+        total += counter.get_total_flops() // 2
+        costs.append(int(total))
+    return costs
+
+
+def write_test_bundle(
+    model,
+    out_dir: Path,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    classes: list[str],
+    mean: list[float],
+    std: list[float],
+    color: str = "L",
+) -> Path:
+    """Export a MultiExitNetwork as an anytime bundle (one ONNX graph per stage) with calibration data."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    x = _normalise(x_val, mean, std)
+    costs = _cumulative_macs(model, x)
+    stages_meta = []
+    in_names = ["image"]
+    state = (x[:2],)
+
+    class StageGraph(torch.nn.Module):
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, *tensors):
+            next_state, logits = self.stage(tuple(tensors))
+            return (*next_state, logits)
+
+    with torch.no_grad():
+        for k, stage in enumerate(model.stages):
+            next_state, _ = stage(state)
+            out_names = [f"s{k}_{i}" for i in range(len(next_state))] + [f"logits_{k}"]
+            path = out_dir / f"stage_{k}.onnx"
+            torch.onnx.export(
+                StageGraph(stage),
+                tuple(state),
+                str(path),
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
+                opset_version=17,
+                dynamo=False,
+            )
+            stages_meta.append(
+                {"index": k, "file": path.name, "inputs": list(in_names), "outputs": out_names,
+                 "logits": out_names[-1], "cost": {"macs": costs[k], "msdnet": costs[k]},
+                 "params": None, "val_accuracy": None, "sha256": _sha256(path)}
+            )
+            state, in_names = next_state, out_names[:-1]
+        logits = torch.stack(model(x)).numpy().astype(np.float32)
+    for k, meta in enumerate(stages_meta):
+        meta["val_accuracy"] = float((logits[k].argmax(-1) == y_val).mean())
+    cal = out_dir / "calibration.npz"
+    np.savez(cal, logits=logits, labels=y_val.astype(np.int64), indices=np.arange(len(y_val), dtype=np.int64))
+    manifest = {
+        "format": "anytime-bundle",
+        "format_version": 1,
+        "arch": model.spec.arch,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "input": {"name": "image", "channels": x_val.shape[-1], "height": x_val.shape[1], "width": x_val.shape[2],
+                  "mean": list(mean), "std": list(std), "resize": None, "crop": "center",
+                  "interpolation": "bilinear", "layout": "NCHW", "dtype": "float32", "color": color},
+        "cost_convention": "macs",
+        "stages": stages_meta,
+        "full_exits": [],
+        "calibration": {"file": cal.name, "sha256": _sha256(cal), "split": "validation", "count": int(len(y_val))},
+        "provenance": {"run_dir": None, "method": "test-fixture", "epochs": 0, "anytime_version": "0.1.0",
+                       "date": "1970-01-01T00:00:00Z", "data": "synthetic:patterns"},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out_dir
+
+
+def train_pattern_convnet(steps: int = 80, seed: int = 0, widths=(8, 12, 16, 16)):
+    """test-convnet (4 exits) trained briefly on the pattern task with the summed loss of all exits."""
+    import torch
+
+    from anytime.models import create
+
+    torch.manual_seed(seed)
+    model = create("test-convnet", num_classes=len(PATTERN_CLASSES), in_channels=1, image_size=PATTERN_SIZE, widths=widths)
+    x_np, y_np = make_pattern_images(2048, seed=seed + 100)
+    x = _normalise(x_np, [PATTERN_MEAN], [PATTERN_STD])
+    y = torch.from_numpy(y_np)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        loss = sum(torch.nn.functional.cross_entropy(o, y[idx]) for o in model(x[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def pattern_bundle(tmp_path_factory) -> Path:
+    """A 4-exit, 1-channel 16×16, 4-class bundle with 600 validation samples for calibration."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = train_pattern_convnet()
+    x_val, y_val = make_pattern_images(600, seed=1)
+    return write_test_bundle(
+        model, tmp_path_factory.mktemp("bundles") / "patterns", x_val, y_val, PATTERN_CLASSES, [PATTERN_MEAN], [PATTERN_STD]
+    )
+
+
+@pytest.fixture(scope="session")
+def pattern_test_images() -> tuple[np.ndarray, np.ndarray]:
+    """300 held-out pattern images (N×16×16×1 uint8) and labels."""
+    return make_pattern_images(300, seed=2)
