@@ -374,7 +374,11 @@ def write_run(tmp_path, method, epoch: int = 1):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"method": method.name}))
-    save_checkpoint(run / "checkpoints" / "last.pt", {"epoch": epoch, "method": method.state_dict(), "analysis": method.analysis()})
+    # the trainer's layout (anytime.training.trainer): checkpoint["method"] = {"name", "state", "analysis"}
+    save_checkpoint(
+        run / "checkpoints" / "last.pt",
+        {"epoch": epoch, "method": {"name": method.name, "state": method.state_dict(), "analysis": method.analysis()}},
+    )
     return run
 
 
@@ -415,3 +419,54 @@ def test_lateral_normalisation_is_per_filter():
     n = lateral_normalise(m)
     torch.testing.assert_close(n[0], torch.tensor([1.0, 3.0]) / (1 + 4e-4) ** 0.75)
     torch.testing.assert_close(n[1], torch.tensor([2.0, 0.0]) / (1 + 2e-4) ** 0.75)
+
+
+def test_failed_epoch_leaves_the_model_of_the_epoch_start():
+    model, ctx, method = setup_method()
+    theta0 = state_of(model)
+    clean = ctx.exit_losses
+
+    def poisoned(outputs, targets, epoch):
+        losses = clean(outputs, targets, epoch)
+        if ctx.phases[-1][1] == "exit 2":
+            losses[0] = losses[0] * float("nan")
+        return losses
+
+    ctx.exit_losses = poisoned
+    with pytest.raises(TrainingError, match="exit 1"):
+        method.train_epoch(ctx, 0)
+    for key, value in state_of(model).items():
+        assert torch.equal(value, theta0[key]), key
+
+
+# ---------------------------------------------------------------- through the real trainer
+def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
+    import numpy as np
+
+    from anytime.models import load_model
+    from anytime.training.config import TrainConfig
+    from anytime.training.trainer import train
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    images = (rng.integers(0, 60, (120, 12, 12)) + labels[:, None, None] * 60).astype(np.uint8)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=images[:96], y_train=labels[:96], x_test=images[96:], y_test=labels[96:])
+    config = TrainConfig(
+        arch="test-convnet", data=f"npz:{data}", epochs=2, out=str(tmp_path / "run"), method="drmgf",
+        batch_size=16, val_size=32, device="cpu", lr=0.05,
+    )  # fmt: skip
+    result = train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [row["dynamic_routes"] for row in rows] == [1.0, 0.0]  # switch at half of training
+    assert all(np.isfinite(row["loss"]) for row in rows)
+    model, _ = load_model(tmp_path / "run")
+    assert not any("importance" in key for key in model.state_dict())
+    assert len(result.val_accuracy) == 3
+
+    report = CliRunner().invoke(routes_command, [str(tmp_path / "run"), "--json"])
+    assert report.exit_code == 0, report.output
+    parsed = json.loads(report.output)
+    assert parsed["method"] == "drmgf" and parsed["epoch"] == 2
+    assert [layer["name"] for layer in parsed["layers"]] == ["stages.0.block.0.weight", "stages.1.block.0.weight"]
+    assert all(0.0 < layer["mean"] <= 1.0 + 1e-9 for layer in parsed["layers"])

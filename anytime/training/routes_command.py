@@ -22,21 +22,15 @@ from anytime.errors import ConfigError
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
-def find_analysis(payload: Any, depth: int = 0) -> dict[str, Any] | None:
-    """The method analysis dict holding "importance" (top-level "analysis" key first, then nested)."""
-    if not isinstance(payload, dict) or depth > 3:
+def find_analysis(payload: Any) -> dict[str, Any] | None:
+    """The method's analysis dict: checkpoint["method"]["analysis"] as the trainer writes it."""
+    if not isinstance(payload, dict):
         return None
-    if isinstance(payload.get("analysis"), dict) and "importance" in payload["analysis"]:
-        return payload["analysis"]
-    if "importance" in payload and isinstance(payload["importance"], dict) and depth > 0:
-        first = next(iter(payload["importance"].values()), None)
-        if first is None or (isinstance(first, dict) and "values" in first):
-            return payload
-    for value in payload.values():
-        found = find_analysis(value, depth + 1)
-        if found is not None:
-            return found
-    return None
+    method = payload.get("method")
+    analysis = method.get("analysis") if isinstance(method, dict) else None
+    if analysis is None:
+        analysis = payload.get("analysis")  # a bare {"analysis": ...} file
+    return analysis if isinstance(analysis, dict) else None
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,7 +108,8 @@ def _method_name(run_dir: Path, payload: dict[str, Any], analysis: dict[str, Any
     try:
         return str(json.loads((run_dir / "config.json").read_text())["method"])
     except (OSError, ValueError, KeyError, TypeError):
-        return str(payload.get("method_name", "unknown"))
+        method = payload.get("method")
+        return str(method.get("name", "unknown")) if isinstance(method, dict) else "unknown"
 
 
 def _epoch(payload: dict[str, Any]) -> int | None:

@@ -165,17 +165,24 @@ class DRMGF(TrainingMethod):
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
         deltas: dict[int, dict[str, torch.Tensor]] = {}
         metrics: dict[str, float] = {}
-        for t in self.exit_order():
+        try:
+            for t in self.exit_order():
+                restore(model, start)
+                # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
+                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+                # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
+                metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
+                deltas[t] = self._deltas(model, start, t, dynamic)
             restore(model, start)
-            # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
             ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-            # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
-            metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
-            deltas[t] = self._deltas(model, start, t, dynamic)
-        restore(model, start)
-        ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-        # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
-        metrics["loss"] = self._fuse(ctx, epoch, start, deltas)
+            # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
+            metrics["loss"] = self._fuse(ctx, epoch, start, deltas)
+        except BaseException:
+            # An interrupted or failed epoch leaves the plain model of the epoch start, never a half-trained
+            # exit pass or a half-fused network (M and s may have moved; the next epoch re-derives all).
+            restore(model, start)
+            ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+            raise
         ctx.sync_buffers(model)
         metrics["dynamic_routes"] = float(dynamic)
         return metrics
