@@ -153,8 +153,9 @@ class ImageTransform:
                 image = image[:, ::-1]
         else:
             image = center_crop(image, self.image_size)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32)
-        return x.mul_(self.scale[:, None, None]).sub_(self.shift[:, None, None])
+        out = np.multiply(image.transpose(2, 0, 1), self.scale.numpy()[:, None, None], dtype=np.float32)
+        out -= self.shift.numpy()[:, None, None]
+        return torch.from_numpy(out)
 
     def _random_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.pad:
