@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,16 +103,18 @@ def write_test_bundle(
             next_state, _ = stage(state)
             out_names = [f"s{k}_{i}" for i in range(len(next_state))] + [f"logits_{k}"]
             path = out_dir / f"stage_{k}.onnx"
-            torch.onnx.export(
-                StageGraph(stage),
-                tuple(state),
-                str(path),
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
-                opset_version=17,
-                dynamo=False,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is fast
+                torch.onnx.export(
+                    StageGraph(stage),
+                    tuple(state),
+                    str(path),
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
+                    opset_version=17,
+                    dynamo=False,
+                )
             stages_meta.append(
                 {"index": k, "file": path.name, "inputs": list(in_names), "outputs": out_names,
                  "logits": out_names[-1], "cost": {"macs": costs[k], "msdnet": costs[k]},

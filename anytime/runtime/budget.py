@@ -35,7 +35,7 @@ def format_cost(cost: float, convention: str | None = None) -> str:
     c = float(cost)
     for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(c) >= scale:
-            s = f"{c / scale:.3g}{suffix}" if c / scale < 100 else f"{c / scale:.1f}{suffix}"
+            s = f"{c / scale:.4g}{suffix}"
             break
     else:
         s = f"{c:.4g}"

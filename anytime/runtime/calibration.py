@@ -170,8 +170,10 @@ def geometric_thresholds(data: ValidationData, r: float) -> np.ndarray:
     for k in range(k_exits - 1):
         conf = data.confidence[k]
         pool = np.sort(conf[remaining])[::-1]
-        if counts[k] > 0 and pool.size:
-            thresholds[k] = float(pool[min(counts[k], pool.size) - 1])
+        # As in the reference code: when fewer samples remain than the share asks for (ties at an
+        # earlier threshold let more leave), nobody leaves here.
+        if 0 < counts[k] <= pool.size:
+            thresholds[k] = float(pool[counts[k] - 1])
             remaining &= conf < np.float32(thresholds[k])
     thresholds[-1] = -math.inf
     return thresholds

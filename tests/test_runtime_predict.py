@@ -1,0 +1,296 @@
+"""The runtime on a real exported bundle: loading, early exit, strict caps, inputs, results."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import anytime
+from anytime.errors import BudgetError, BundleError, ConfigError, InputImageError, MissingDependencyError
+from anytime.runtime.calibration import first_exit, softmax_confidence
+from anytime.runtime.results import ROW_KEYS
+
+
+@pytest.fixture(scope="module")
+def model(pattern_bundle):
+    return anytime.load(pattern_bundle, device="cpu", threads=1)
+
+
+class CountingSession:
+    """Wraps an onnxruntime session and records the batch size of every run."""
+
+    def __init__(self, session, log):
+        self.session, self.log = session, log
+
+    def run(self, names, feeds):
+        self.log.append(next(iter(feeds.values())).shape[0])
+        return self.session.run(names, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_describes_itself(model):
+    text = repr(model)
+    assert "test-convnet" in text and "CPUExecutionProvider" in text
+    assert "horizontal, vertical, checker/board, disc" in text
+    rows = [line for line in text.splitlines() if line.split()[0].isdigit() and "classes" not in line]
+    assert len(rows) == model.num_exits == 4
+    for stage, row in zip(model.bundle.stages, rows):
+        assert f"{100 * stage.val_accuracy:.2f}%" in row  # validation accuracy of each exit
+    assert model.providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("budget", ["30%", "50%", "75%"])
+@pytest.mark.parametrize("method", ["geometric", "search"])
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_early_exit_equals_run_all_then_threshold(model, pattern_test_images, budget, method, batch_size):
+    x, _ = pattern_test_images
+    x = x[:100] if batch_size == 1 else x
+    preds = model.predict(x, budget=budget, method=method, batch_size=batch_size)
+    conf, labels = softmax_confidence(model.run_all_exits(x, batch_size=64))
+    exits = first_exit(conf, preds.policy.threshold_array())
+    np.testing.assert_array_equal(preds.exits, exits + 1)
+    np.testing.assert_array_equal(preds.labels, labels[exits, np.arange(len(x))])
+    np.testing.assert_allclose(preds.confidences, conf[exits, np.arange(len(x))], rtol=1e-5)
+    np.testing.assert_array_equal(preds.costs, model.exit_costs[exits])
+
+
+def test_no_sample_runs_a_stage_it_does_not_need(model, pattern_test_images, monkeypatch):
+    x, _ = pattern_test_images
+    logs = [[] for _ in range(model.num_exits)]
+    wrapped = [CountingSession(s, log) for s, log in zip(model.executor.sessions, logs)]
+    monkeypatch.setattr(model.executor, "sessions", wrapped)
+    preds = model.predict(x, budget="50%", batch_size=64)
+    exits = preds.exits
+    assert len(set(exits.tolist())) >= 3  # the budget really spreads samples over exits
+    for k in range(model.num_exits):
+        ran = sum(logs[k])
+        needed = int((exits >= k + 1).sum())
+        assert ran == needed, f"stage {k}: {ran} rows run, {needed} needed"
+        assert preds.rows_per_stage[k] == needed
+    assert sum(len(log) for log in logs) <= math.ceil(len(x) / 64) * model.num_exits
+
+
+def test_fixed_exit_runs_only_needed_stages(model, pattern_test_images, monkeypatch):
+    x, _ = pattern_test_images
+    logs = [[] for _ in range(model.num_exits)]
+    monkeypatch.setattr(model.executor, "sessions", [CountingSession(s, log) for s, log in zip(model.executor.sessions, logs)])
+    preds = model.predict(x[:50], exit=2)
+    assert set(preds.exits.tolist()) == {2}
+    assert [sum(log) for log in logs] == [50, 50, 0, 0]
+    assert preds.average_cost == pytest.approx(model.exit_costs[1])
+
+
+def test_calibrated_cost_within_budget_on_validation_and_reported_on_test(model, pattern_test_images):
+    x, y = pattern_test_images
+    data = model.validation_data()
+    for budget in ("25%", "50%", "75%"):
+        cost = model.budget_cost(budget)
+        policies = model.calibrate_all(budget)
+        for name in ("geometric", "search"):
+            val_cost, val_acc, _ = data.evaluate(policies[name].threshold_array())
+            assert val_cost <= cost
+            assert policies[name].expected_cost == pytest.approx(val_cost)
+        assert policies["search"].expected_accuracy >= policies["geometric"].expected_accuracy
+        best = model.calibrate(budget)
+        assert best.expected_accuracy == max(policies["geometric"].expected_accuracy, policies["search"].expected_accuracy)
+        preds = model.predict(x, budget=budget)
+        # Test data is not validation data: the realised cost is reported next to the budget, near it.
+        assert preds.budget == pytest.approx(cost)
+        assert abs(preds.average_cost - cost) < 0.25 * cost
+        assert "against a budget of" in preds.summary()
+
+
+def test_strict_cap_holds_on_every_batch(model, pattern_test_images):
+    x, _ = pattern_test_images
+    budget = model.budget_cost("40%")
+    loose = list(model.predict_batches(x, budget="40%", batch_size=16))
+    over = [p for p in loose if np.nansum(p.cost_array) > len(p) * budget]
+    assert over, "test needs batches that the thresholds alone send over the budget"
+    strict = list(model.predict_batches(x, budget="40%", batch_size=16, strict=True))
+    for p in strict:
+        assert np.nansum(p.cost_array) <= len(p) * budget
+    # Where the cap bites, the least confident samples are the ones that went on.
+    changed = sum(int((a.exit_array != b.exit_array).sum()) for a, b in zip(loose, strict))
+    assert changed > 0
+
+
+def test_strict_keeps_least_confident_going(model):
+    # Unit check of the cap rule on one stage: 4 samples want to go on, the budget pays for 2.
+    leave = np.array([True, False, False, False, False])
+    conf = np.array([0.9, 0.5, 0.2, 0.4, 0.3], dtype=np.float32)
+    out = model.executor._apply_cap(leave, conf, remaining=2.5, step_cost=1.0)
+    assert out.tolist() == [True, True, False, True, False]  # 0.2 and 0.3 continue
+
+
+def test_input_kinds_agree(model, pattern_test_images, tmp_path):
+    x, _ = pattern_test_images
+    x = x[:6]
+    reference = model.predict(x, exit=4)
+    paths = []
+    for i, img in enumerate(x):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(img[:, :, 0]).save(p)
+        paths.append(p)
+    pil_l = [Image.fromarray(img[:, :, 0]) for img in x]
+    pil_rgb = [Image.fromarray(np.repeat(img, 3, axis=2)) for img in x]  # converted to L for this model
+    variants = {
+        "paths": [str(p) for p in paths],
+        "pathlib": paths,
+        "pil_l": pil_l,
+        "pil_rgb": pil_rgb,
+        "hw": [img[:, :, 0] for img in x],
+        "hwc_list": list(x),
+        "nhwc": x,
+        "generator": (img for img in x),
+    }
+    for name, inputs in variants.items():
+        preds = model.predict(inputs, exit=4)
+        np.testing.assert_array_equal(preds.labels, reference.labels, err_msg=name)
+        np.testing.assert_allclose(preds.confidences, reference.confidences, rtol=1e-5, err_msg=name)
+    single = model.predict(x[0], exit=4)
+    assert len(single) == 1 and single[0].label == reference[0].label
+    one_path = model.predict(str(paths[0]), exit=4)
+    assert one_path[0].path == str(paths[0]) and one_path[0].class_name == model.classes[reference[0].label]
+
+
+def test_bad_inputs_raise_or_record(model, pattern_test_images):
+    x, _ = pattern_test_images
+    wrong_size = np.zeros((20, 20), dtype=np.uint8)
+    with pytest.raises(InputImageError, match=r"expected 16×16 .*got 20×20"):
+        model.predict([x[0], wrong_size], exit=1)
+    with pytest.raises(InputImageError, match="uint8"):
+        model.predict(x[0].astype(np.float32), exit=1)
+    with pytest.raises(InputImageError, match="file not found"):
+        model.predict("/nonexistent/image.png", exit=1)
+    preds = model.predict([x[0], wrong_size, x[1]], exit=1, on_error="record")
+    assert [p.error is None for p in preds] == [True, False, True]
+    assert preds.images == 2 and preds.failed == 1
+    row = preds.to_rows()[1]
+    assert row["label"] is None and row["exit"] is None and "expected 16×16" in row["error"]
+
+
+def test_inputs_are_consumed_lazily_in_batches(model, pattern_test_images):
+    x, _ = pattern_test_images
+    pulled = []
+
+    def source():
+        for i in range(len(x)):
+            pulled.append(i)
+            yield x[i]
+
+    stream = model.predict_batches(source(), budget="50%", batch_size=10)
+    first = next(stream)
+    assert len(first) == 10
+    # One batch being answered and at most one prefetched: never the whole input.
+    assert len(pulled) <= 20
+    rest = sum(len(p) for p in stream)
+    assert rest == len(x) - 10 and len(pulled) == len(x)
+
+
+def test_results_object_rows_and_save(model, pattern_test_images, tmp_path):
+    x, _ = pattern_test_images
+    preds = model.predict(x[:40], budget="60%", batch_size=16)
+    rows = preds.to_rows()
+    assert len(rows) == 40 and tuple(rows[0]) == ROW_KEYS
+    assert sum(preds.exit_histogram) == 40 and len(preds.exit_histogram) == model.num_exits
+    assert preds.images_per_second > 0 and set(preds.speed) == {"preprocess", "inference", "total"}
+    assert preds.average_cost == pytest.approx(np.mean([r["cost"] for r in rows]))
+    preds.save(tmp_path / "p.jsonl")
+    back = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert back == json.loads(json.dumps(rows))
+    preds.save(tmp_path / "p.csv")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == ",".join(ROW_KEYS) and len(lines) == 41
+    with pytest.raises(ConfigError, match=".jsonl or .csv"):
+        preds.save(tmp_path / "p.txt")
+
+
+def test_budget_errors_from_model(model):
+    with pytest.raises(BudgetError, match="feasible budgets are"):
+        model.calibrate("1%")
+    with pytest.raises(BudgetError, match="exits 1..4"):
+        model.predict(np.zeros((16, 16), np.uint8), exit=9)
+    with pytest.raises(ConfigError, match="only one of"):
+        model.predict(np.zeros((16, 16), np.uint8), budget="50%", exit=2)
+
+
+def test_bundle_validation(pattern_bundle, tmp_path):
+    import shutil
+
+    with pytest.raises(BundleError, match="no manifest.json"):
+        anytime.load(tmp_path)
+    with pytest.raises(BundleError, match="does not exist"):
+        anytime.load(tmp_path / "nope")
+    broken = tmp_path / "b"
+    shutil.copytree(pattern_bundle, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version 99"):
+        anytime.load(broken)
+    manifest["format_version"] = 1
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "stage_2.onnx").unlink()
+    with pytest.raises(BundleError, match="stage_2.onnx"):
+        anytime.load(broken)
+    shutil.copy(pattern_bundle / "stage_2.onnx", broken / "stage_2.onnx")
+    anytime.load(broken, verify=True, device="cpu")
+    with open(broken / "stage_1.onnx", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(BundleError, match="stage_1.onnx is damaged"):
+        anytime.load(broken, verify=True)
+
+
+def test_providers(pattern_bundle):
+    with pytest.raises(ConfigError, match="not available"):
+        anytime.load(pattern_bundle, providers=["NoSuchExecutionProvider"])
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(MissingDependencyError, match=r"anytime\[gpu\]"):
+            anytime.load(pattern_bundle, device="cuda")
+    m = anytime.load(pattern_bundle, providers="CPUExecutionProvider", threads=2)
+    assert m.providers == ["CPUExecutionProvider"]
+
+
+def test_default_bundle_missing_is_clear(monkeypatch, tmp_path):
+    import anytime.runtime.bundle as bundle_mod
+
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE_DIR", tmp_path / "default")
+    with pytest.raises(BundleError, match="embedded default model is not installed"):
+        anytime.load()
+
+
+def test_runtime_never_imports_torch(pattern_bundle, tmp_path):
+    Image.fromarray(np.full((16, 16), 128, np.uint8)).save(tmp_path / "a.png")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import anytime, anytime.runtime
+        from anytime.cli import main
+        model = anytime.load({str(pattern_bundle)!r})
+        print(model)
+        model.calibrate("50%")
+        preds = model.predict([np.zeros((16, 16), np.uint8), {str(tmp_path / 'a.png')!r}], budget="50%")
+        preds.save({str(tmp_path / 'p.csv')!r})
+        try:
+            main(["serve", {str(pattern_bundle)!r}, {str(tmp_path)!r}, "--budget", "50%", "-q"])
+        except SystemExit as exc:
+            assert exc.code in (None, 0), exc.code
+        assert "torch" not in sys.modules, "the runtime imported torch"
+        print("TORCH-FREE")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH-FREE" in out.stdout

@@ -1,0 +1,169 @@
+"""`anytime serve` and `anytime calibrate` end to end on folders of real and broken image files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anytime.cli import main
+
+FOLDERS = ["horizontal", "vertical", "checker_board", "disc"]  # "checker/board" cannot be a folder name
+
+
+def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def decompression_bomb(width: int = 8000, height: int = 8000) -> bytes:
+    """A small PNG whose header claims 64 MP (a few rows of zeros follow): pixels are never decoded."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    rows = zlib.compress(b"\x00" * ((width + 1) * 4), 9)
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+
+
+@pytest.fixture()
+def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dict[str, str]]:
+    """Class-named folders with 24 good images (one RGB) and one broken file of each kind."""
+    x, y = pattern_test_images
+    root = tmp_path / "images"
+    truth = {}
+    for i in range(24):
+        folder = root / FOLDERS[y[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img_{i:02d}.png"
+        img = Image.fromarray(x[i, :, :, 0])
+        (img.convert("RGB") if i == 0 else img).save(path)
+        truth[str(path)] = int(y[i])
+    broken_dir = root / "disc"
+    broken_dir.mkdir(exist_ok=True)
+    good_png = io.BytesIO()
+    Image.fromarray(x[30, :, :, 0]).save(good_png, format="PNG")
+    broken = {
+        "truncated.png": good_png.getvalue()[: len(good_png.getvalue()) // 2],
+        "empty.png": b"",
+        "notes.png": b"this is a text file, not an image\n",
+        "bomb.png": decompression_bomb(),
+    }
+    for name, data in broken.items():
+        (broken_dir / name).write_bytes(data)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken_dir / "wrong_size.png")
+    Image.fromarray(np.zeros((16, 16), np.uint16)).save(broken_dir / "sixteen_bit.png")  # mode I;16
+    (root / "README.txt").write_text("not an image suffix: skipped when walking a directory")
+    reasons = {
+        "truncated.png": "damaged",
+        "empty.png": "empty file",
+        "notes.png": "not an image",
+        "bomb.png": "decompression bomb",
+        "wrong_size.png": "expected 16×16",
+        "sixteen_bit.png": "mode",
+    }
+    return root, truth, {str(broken_dir / k): v for k, v in reasons.items()}
+
+
+def test_serve_folder_with_broken_files(pattern_bundle, image_tree, tmp_path, capsys):
+    root, truth, broken = image_tree
+    out_path = tmp_path / "preds.jsonl"
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root), "--budget", "50%", "-o", str(out_path), "--batch-size", "8"], capsys)
+    assert code == 1, (out, err)  # some inputs failed
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert len(rows) == len(truth) + len(broken)
+    assert all(list(r) == ["path", "label", "class", "confidence", "exit", "cost", "error"] for r in rows)
+    by_path = {r["path"]: r for r in rows}
+    for path, reason in broken.items():
+        row = by_path[path]
+        assert row["error"] is not None and reason in row["error"], (path, row["error"])
+        assert row["label"] is None and row["exit"] is None
+    correct = 0
+    for path, label in truth.items():
+        row = by_path[path]
+        assert row["error"] is None, row
+        assert 1 <= row["exit"] <= 4 and 0 < row["confidence"] <= 1 and row["cost"] > 0
+        correct += row["label"] == label
+    assert f"{len(truth)} image(s) predicted, {len(broken)} failed" in out
+    assert f"accuracy {100 * correct / len(truth):.2f}% on {len(truth)} image(s) in class-named folders" in out
+    assert "images/s" in out and "against a budget of" in out and "exits: 1:" in out
+    assert "failed" in err
+
+
+def test_serve_csv_stdin_and_exit_code_zero(pattern_bundle, image_tree, tmp_path, capsys, monkeypatch):
+    root, truth, _ = image_tree
+    paths = sorted(truth)[:10]
+    out_path = tmp_path / "preds.csv"
+    code, out, err = run_cli(["serve", str(pattern_bundle), "-", "--budget", "60%", "-o", str(out_path), "-q"], capsys,
+                             stdin="\n".join(paths) + "\n", monkeypatch=monkeypatch)
+    assert code == 0, (out, err)
+    with open(out_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == paths  # input order is kept
+    assert all(r["error"] == "" and r["class"] for r in rows)
+    assert "10 image(s) predicted" in out
+
+
+def test_serve_glob_exit_and_strict(pattern_bundle, image_tree, capsys):
+    root, truth, _ = image_tree
+    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "h*" / "*.png"), "--exit", "1", "-q"], capsys)
+    assert code == 0
+    n = sum(1 for p in truth if "/horizontal/" in p)
+    assert f"{n} image(s) predicted" in out and f"1: {n} (100.0%)" in out
+    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--budget", "30%", "--strict", "--policy", "geometric"], capsys)
+    assert code == 0
+    assert "\texit " in out  # per-image lines without -o
+
+
+def test_serve_missing_input_is_an_error_row(pattern_bundle, image_tree, capsys):
+    root, truth, _ = image_tree
+    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), str(root / "nope.png"), "--budget", "50%", "-q"], capsys)
+    assert code == 1
+    assert "1 failed" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "1%"], "feasible budgets are"),
+        (["--budget", "fast"], "cannot read budget"),
+        ([], "give a compute budget"),
+        (["--budget", "50%", "--exit", "2"], "either --budget or --exit"),
+        (["--budget", "50%", "-o", "preds.txt"], ".jsonl or .csv"),
+    ],
+)
+def test_serve_usage_errors_exit_2(pattern_bundle, image_tree, capsys, argv, message):
+    root, _, _ = image_tree
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root / "disc"), *argv], capsys)
+    assert code == 2
+    assert message in out + err
+    assert "Traceback" not in out + err
+
+
+def test_calibrate_command(pattern_bundle, tmp_path, capsys, image_tree):
+    policy_path = tmp_path / "policy.json"
+    code, out, _ = run_cli(["calibrate", str(pattern_bundle), "--budget", "45%", "-o", str(policy_path)], capsys)
+    assert code == 0
+    assert "geometric policy for budget 45%" in out and "search policy for budget 45%" in out
+    assert "<- default (best on validation)" in out
+    assert "expected accuracy" in out
+    saved = json.loads(policy_path.read_text())
+    assert saved["method"] in ("geometric", "search") and len(saved["thresholds"]) == 4
+    root, _, _ = image_tree
+    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy_path), "-q"], capsys)
+    assert code == 0 and "against a budget of" in out
