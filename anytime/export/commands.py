@@ -1,0 +1,107 @@
+"""`anytime export`: write a validated bundle, or `--check` an existing one.
+
+Options map one-for-one to `anytime.export.export_bundle` keyword arguments. torch is imported only
+when exporting, so `anytime export --check` runs on a machine with the runtime alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from anytime.errors import BundleError, ConfigError
+
+EXPORTERS = ("torchscript", "dynamo")  # as anytime.export.onnx_stages.EXPORTERS, without importing torch
+
+EPILOG = """\b
+Examples:
+  anytime export runs/fm --out bundles/fm
+  anytime export runs/fm --out bundles/fm --full-exits --force
+  anytime export runs/fm --out bundles/fm --data npz:/new/place/fashion-mnist.npz
+  anytime export --check bundles/fm
+"""
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _print_check(check) -> None:
+    click.secho("  " + check.line(), fg=None if check.ok else "red")
+
+
+def _run_check(bundle: Path) -> None:
+    from anytime.export.manifest import check_bundle, read_manifest
+
+    problems = check_bundle(bundle)
+    if problems:
+        for p in problems:
+            click.secho(f"  ✗ {p}", fg="red")
+        raise BundleError(
+            f"bundle {bundle} has {len(problems)} problem(s) (listed above); re-export it with "
+            f"`anytime export RUN_DIR --out {bundle} --force`"
+        )
+    manifest = read_manifest(bundle)
+    files = [s["file"] for s in manifest["stages"]] + [e["file"] for e in manifest.get("full_exits", [])]
+    click.echo(f"  ✓ manifest: format {manifest['format']} v{manifest['format_version']}, {manifest['arch']}, "
+               f"{len(manifest['stages'])} stages")
+    click.echo(f"  ✓ {len(files)} graph(s) match their sha256 and pass the checker")
+    click.echo(f"  ✓ {manifest['calibration']['file']}: {manifest['calibration']['count']} validation images")
+    click.echo(f"Bundle {bundle} is sound.")
+
+
+@click.command("export", epilog=EPILOG)
+@click.argument("path", type=click.Path(path_type=Path), metavar="RUN_DIR")
+@click.option("--out", "-o", type=click.Path(path_type=Path), metavar="BUNDLE_DIR",
+              help="Directory to write the bundle to (written atomically).")
+@click.option("--check", is_flag=True,
+              help="Re-verify the bundle at RUN_DIR (manifest schema, file hashes, graphs) instead of exporting.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
+@click.option("--full-exits", is_flag=True, help="Also write exit_k.onnx: image -> logits of exit k, per exit.")
+@click.option("--data", metavar="KIND:PATH", default=None,
+              help="Dataset to take the validation images from (default: the run's config.json).")
+@click.option("--split", type=click.Path(path_type=Path), default=None,
+              help="Validation split record (default: the run's split.json).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Largest allowed |ONNX Runtime - PyTorch| difference of any logit.")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="torchscript", show_default=True,
+              help="torch.onnx exporter.")
+@click.option("--cost-convention", type=click.Choice(["macs", "msdnet"]), default="macs", show_default=True,
+              help="Convention the bundle's budgets are expressed in.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+def export(path: Path, out: Path | None, check: bool, opset: int | None, full_exits: bool, data: str | None,
+           split: Path | None, force: bool, atol: float, exporter: str, cost_convention: str, quiet: bool) -> None:
+    """Export RUN_DIR as an ONNX bundle for `anytime serve` (or --check a bundle)."""
+    if check:
+        if out is not None:
+            raise ConfigError("--check verifies an existing bundle and takes no --out; run `anytime export --check BUNDLE_DIR`")
+        _run_check(path)
+        return
+    if out is None:
+        raise ConfigError(f"missing --out BUNDLE_DIR: where to write the bundle of {path} (e.g. --out bundles/{path.name})")
+    from anytime.export.bundle import export_bundle
+
+    if not quiet:
+        click.echo(f"Exporting {path} -> {out} (validating every exit against PyTorch)")
+    result = export_bundle(
+        path, out, opset=opset, full_exits=full_exits, data=data, split=split, force=force, atol=atol,
+        exporter=exporter, cost_convention=cost_convention, report=None if quiet else _print_check,
+        progress=False if quiet else None,
+    )
+    m = result.manifest
+    conv = m["cost_convention"]
+    click.echo(f"Export complete ({result.seconds:.1f} s)")
+    click.echo(f"Bundle:  {result.bundle_dir} ({_size(result.size_bytes)}: {len(m['stages'])} stage graphs"
+               + (f", {len(m['full_exits'])} full-exit graphs" if m["full_exits"] else "")
+               + f", calibration on {m['calibration']['count']} validation images)")
+    click.echo(f"Weights: {_size(result.weight_bytes)} in the stage graphs = {result.weight_ratio:.2f} x "
+               f"{result.param_count:,} parameters x 4 bytes")
+    if not quiet:
+        click.echo(f"  exit  cost ({conv}, cumulative)  val acc")
+        for st in m["stages"]:
+            click.echo(f"  {st['index']:>4}  {st['cost'][conv]:>24,}  {st['val_accuracy']:7.2%}")
+    click.echo("Next:")
+    click.echo(f"  anytime calibrate {result.bundle_dir} --budget 50%")
+    click.echo(f"  anytime serve {result.bundle_dir} IMAGES --budget 50% -o predictions.jsonl")

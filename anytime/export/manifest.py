@@ -1,0 +1,380 @@
+"""The bundle manifest: constants, schema checks and integrity checks (`anytime export --check`).
+
+Torch-free on purpose (json, hashlib, numpy; onnx or onnxruntime only if installed), so the runtime can
+import it to validate a bundle before loading it. The format itself is documented in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from anytime.errors import BundleError
+
+FORMAT = "anytime-bundle"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+CALIBRATION_FILE = "calibration.npz"
+IMAGE_INPUT = "image"
+BATCH_AXIS = "batch"
+COST_CONVENTIONS = ("macs", "msdnet")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def stage_file(k: int) -> str:
+    return f"stage_{k}.onnx"
+
+
+def exit_file(k: int) -> str:
+    return f"exit_{k}.onnx"
+
+
+def state_name(stage: int, i: int) -> str:
+    return f"s{stage}_{i}"
+
+
+def logits_name(stage: int) -> str:
+    return f"logits_{stage}"
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _plain_file_name(v: Any) -> bool:
+    # Bundle files live next to the manifest; a name with a separator or '..' could point anywhere.
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v
+
+
+def format_problems(manifest: Any) -> list[str]:
+    """Problems with `format` / `format_version` alone (checked first: other keys may mean other things)."""
+    if not isinstance(manifest, dict):
+        return [f"manifest is a JSON {type(manifest).__name__}, expected an object"]
+    problems = []
+    if manifest.get("format") != FORMAT:
+        problems.append(f"format is {manifest.get('format')!r}, expected {FORMAT!r}: this is not an anytime bundle")
+    version = manifest.get("format_version")
+    if not _is_int(version):
+        problems.append(f"format_version is {version!r}, expected an integer")
+    elif version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+        hint = (
+            "upgrade anytime to read it" if version > max(SUPPORTED_FORMAT_VERSIONS) else "re-export the bundle"
+        )
+        problems.append(
+            f"unknown format_version {version} (this anytime reads version {supported}); {hint}"
+        )
+    return problems
+
+
+def _input_problems(block: Any) -> list[str]:
+    if not isinstance(block, dict):
+        return ["input: missing or not an object"]
+    problems = []
+    for key in ("channels", "height", "width"):
+        if not _is_int(block.get(key)) or block.get(key) <= 0:
+            problems.append(f"input.{key} is {block.get(key)!r}, expected a positive integer")
+    channels = block.get("channels")
+    for key in ("mean", "std"):
+        v = block.get(key)
+        if not (isinstance(v, list) and all(_is_number(x) for x in v)):
+            problems.append(f"input.{key} is {v!r}, expected a list of numbers")
+        elif _is_int(channels) and len(v) != channels:
+            problems.append(f"input.{key} has {len(v)} values for {channels} channels")
+    std = block.get("std")
+    if isinstance(std, list) and any(_is_number(s) and s <= 0 for s in std):
+        problems.append(f"input.std {std} has a value <= 0")
+    if not isinstance(block.get("name"), str):
+        problems.append("input.name is missing")
+    resize = block.get("resize")
+    if resize is not None and (not _is_int(resize) or resize <= 0):
+        problems.append(f"input.resize is {resize!r}, expected null or a positive integer")
+    if block.get("crop") not in ("center",):
+        problems.append(f"input.crop is {block.get('crop')!r}, expected 'center'")
+    if block.get("layout") != "NCHW":
+        problems.append(f"input.layout is {block.get('layout')!r}, expected 'NCHW'")
+    if block.get("dtype") != "float32":
+        problems.append(f"input.dtype is {block.get('dtype')!r}, expected 'float32'")
+    if block.get("color") not in ("L", "RGB"):
+        problems.append(f"input.color is {block.get('color')!r}, expected 'L' or 'RGB'")
+    return problems
+
+
+def _stage_problems(stages: Any, manifest: dict[str, Any]) -> list[str]:
+    if not isinstance(stages, list) or not stages:
+        return ["stages: missing or empty list"]
+    problems: list[str] = []
+    input_name = manifest.get("input", {}).get("name", IMAGE_INPUT) if isinstance(manifest.get("input"), dict) else IMAGE_INPUT
+    convention = manifest.get("cost_convention")
+    expected_inputs: list[str] = [input_name]
+    previous_cost: float | None = None
+    for k, st in enumerate(stages):
+        where = f"stages[{k}]"
+        if not isinstance(st, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        if st.get("index") != k:
+            problems.append(f"{where}.index is {st.get('index')!r}, expected {k}")
+        if not _plain_file_name(st.get("file")):
+            problems.append(f"{where}.file is {st.get('file')!r}, expected a file name inside the bundle")
+        if not isinstance(st.get("sha256"), str) or not _SHA256.match(st["sha256"]):
+            problems.append(f"{where}.sha256 is {st.get('sha256')!r}, expected 64 lowercase hex digits")
+        inputs, outputs, logits = st.get("inputs"), st.get("outputs"), st.get("logits")
+        if not _is_str_list(inputs) or not _is_str_list(outputs):
+            problems.append(f"{where}: inputs/outputs must be lists of names")
+            expected_inputs = []
+            continue
+        if inputs != expected_inputs:
+            problems.append(
+                f"{where}.inputs {inputs} differ from the state the previous stage outputs {expected_inputs}"
+            )
+        if logits not in outputs:
+            problems.append(f"{where}.logits {logits!r} is not one of its outputs {outputs}")
+        expected_inputs = [o for o in outputs if o != logits]
+        cost = st.get("cost")
+        if not isinstance(cost, dict) or not all(_is_number(v) for v in cost.values()):
+            problems.append(f"{where}.cost is {cost!r}, expected an object of numbers per convention")
+        elif convention not in cost:
+            problems.append(f"{where}.cost has no value for the cost_convention {convention!r}")
+        else:
+            if previous_cost is not None and cost[convention] < previous_cost:
+                problems.append(f"{where}.cost.{convention} {cost[convention]} is lower than the previous exit's")
+            previous_cost = cost[convention]
+    if expected_inputs and isinstance(stages[-1], dict):
+        problems.append(f"the last stage hands over state {expected_inputs} that no stage consumes")
+    return problems
+
+
+def schema_problems(manifest: Any) -> list[str]:
+    """Everything wrong with a manifest's structure (no file access); empty when it is valid."""
+    problems = format_problems(manifest)
+    if problems:
+        return problems
+    if not isinstance(manifest.get("arch"), str):
+        problems.append("arch is missing")
+    n = manifest.get("num_classes")
+    if not _is_int(n) or n <= 0:
+        problems.append(f"num_classes is {n!r}, expected a positive integer")
+    classes = manifest.get("classes")
+    if not _is_str_list(classes):
+        problems.append("classes must be a list of names")
+    elif _is_int(n) and len(classes) != n:
+        problems.append(f"classes has {len(classes)} names for num_classes={n}")
+    problems += _input_problems(manifest.get("input"))
+    if manifest.get("cost_convention") not in COST_CONVENTIONS:
+        problems.append(
+            f"cost_convention is {manifest.get('cost_convention')!r}, expected one of {list(COST_CONVENTIONS)}"
+        )
+    problems += _stage_problems(manifest.get("stages"), manifest)
+    full = manifest.get("full_exits", [])
+    if not isinstance(full, list):
+        problems.append("full_exits must be a list")
+    else:
+        n_stages = len(manifest["stages"]) if isinstance(manifest.get("stages"), list) else 0
+        for i, entry in enumerate(full):
+            ok = (
+                isinstance(entry, dict)
+                and _is_int(entry.get("exit"))
+                and 0 <= entry["exit"] < n_stages
+                and _plain_file_name(entry.get("file"))
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256.match(entry["sha256"]) is not None
+            )
+            if not ok:
+                problems.append(f"full_exits[{i}] is {entry!r}, expected {{exit, file, sha256}} of an existing exit")
+    cal = manifest.get("calibration")
+    if not isinstance(cal, dict) or not _plain_file_name(cal.get("file")):
+        problems.append("calibration is missing or has no file name")
+    else:
+        if not isinstance(cal.get("sha256"), str) or not _SHA256.match(cal["sha256"]):
+            problems.append(f"calibration.sha256 is {cal.get('sha256')!r}, expected 64 lowercase hex digits")
+        if not _is_int(cal.get("count")) or cal["count"] <= 0:
+            problems.append(f"calibration.count is {cal.get('count')!r}, expected a positive integer")
+    if not isinstance(manifest.get("provenance"), dict):
+        problems.append("provenance is missing")
+    return problems
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and schema-check `manifest.json`; raise BundleError naming every problem (files are not read)."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_FILE
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist; export one with `anytime export RUN_DIR --out {bundle_dir}`")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {bundle_dir} is not an anytime bundle (or its export was interrupted)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
+    problems = schema_problems(manifest)
+    if problems:
+        raise BundleError(f"{path}: " + "; ".join(problems))
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------- file checks
+
+
+def _graph_problems(path: Path, inputs: list[str], outputs: list[str]) -> list[str]:
+    """Can the graph be parsed, does it pass onnx's checker, and are its names the manifest's?"""
+    name = path.name
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model)
+        except Exception as exc:  # DecodeError, ValidationError, ...: any is a damaged graph
+            return [f"{name}: not a valid ONNX graph (truncated or corrupt?): {type(exc).__name__}: {exc}".strip()]
+        graph_inputs = [i.name for i in model.graph.input]
+        graph_outputs = [o.name for o in model.graph.output]
+        batch_dims = [
+            v.type.tensor_type.shape.dim[0] for v in list(model.graph.input) + list(model.graph.output)
+            if v.type.tensor_type.shape.dim
+        ]
+        fixed = [d.dim_value for d in batch_dims if d.HasField("dim_value")]
+        problems = []
+        if fixed:
+            problems.append(f"{name}: batch axis is fixed to {fixed[0]} instead of dynamic '{BATCH_AXIS}'")
+    else:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return []  # neither onnx nor onnxruntime: the hash check is all we can do
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            return [f"{name}: ONNX Runtime cannot load it (truncated or corrupt?): {exc}"]
+        graph_inputs = [i.name for i in session.get_inputs()]
+        graph_outputs = [o.name for o in session.get_outputs()]
+        problems = []
+    if graph_inputs != inputs:
+        problems.append(f"{name}: graph inputs {graph_inputs} differ from the manifest's {inputs}")
+    if graph_outputs != outputs:
+        problems.append(f"{name}: graph outputs {graph_outputs} differ from the manifest's {outputs}")
+    return problems
+
+
+def _file_problems(bundle_dir: Path, file: str, sha256: str, what: str) -> tuple[list[str], bool]:
+    """(problems, hash_ok) for one file named by the manifest."""
+    path = bundle_dir / file
+    if not path.is_file():
+        return [f"{file}: missing ({what} listed in the manifest)"], False
+    actual = sha256_file(path)
+    if actual != sha256:
+        return [
+            f"{file}: sha256 mismatch (manifest {sha256[:12]}..., file {actual[:12]}..., "
+            f"{path.stat().st_size} bytes): the file was modified or damaged; re-export the bundle"
+        ], False
+    return [], True
+
+
+def _calibration_problems(path: Path, manifest: dict[str, Any]) -> list[str]:
+    import numpy as np
+
+    name = path.name
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("logits", "labels", "indices") if k in data.files}
+    except Exception as exc:
+        return [f"{name}: cannot be read as an npz archive: {exc}"]
+    missing = [k for k in ("logits", "labels", "indices") if k not in arrays]
+    if missing:
+        return [f"{name}: arrays {missing} are missing"]
+    logits, labels, indices = arrays["logits"], arrays["labels"], arrays["indices"]
+    k, c, count = len(manifest["stages"]), manifest["num_classes"], manifest["calibration"]["count"]
+    problems = []
+    if logits.shape != (k, count, c):
+        problems.append(f"{name}: logits have shape {logits.shape}, expected (exits, count, classes) = {(k, count, c)}")
+    if labels.shape != (count,) or indices.shape != (count,):
+        problems.append(f"{name}: labels {labels.shape} / indices {indices.shape}, expected ({count},) each")
+    elif labels.size and (labels.min() < 0 or labels.max() >= c):
+        problems.append(f"{name}: labels outside [0, {c})")
+    return problems
+
+
+def check_bundle(bundle_dir: str | os.PathLike, raise_on_problem: bool = False) -> list[str]:
+    """Re-verify a bundle: manifest schema, every file's presence and sha256, graphs, calibration data.
+
+    Returns the list of problems (empty: the bundle is sound). With `raise_on_problem`, raises BundleError
+    naming them all instead.
+    """
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = read_manifest(bundle_dir)
+    except BundleError as exc:
+        if raise_on_problem:
+            raise
+        return [str(exc)]
+    problems: list[str] = []
+    for st in manifest["stages"]:
+        file_problems, ok = _file_problems(bundle_dir, st["file"], st["sha256"], f"stage {st['index']}")
+        problems += file_problems
+        if bundle_dir.joinpath(st["file"]).is_file():
+            # Even with a hash mismatch, say whether the graph itself is damaged (truncated, renamed outputs).
+            problems += _graph_problems(bundle_dir / st["file"], st["inputs"], st["outputs"])
+    for entry in manifest.get("full_exits", []):
+        file_problems, ok = _file_problems(bundle_dir, entry["file"], entry["sha256"], f"full exit {entry['exit']}")
+        problems += file_problems
+        if bundle_dir.joinpath(entry["file"]).is_file():
+            input_name = manifest["input"]["name"]
+            problems += _graph_problems(
+                bundle_dir / entry["file"], [input_name], [manifest["stages"][entry["exit"]]["logits"]]
+            )
+    cal = manifest["calibration"]
+    file_problems, ok = _file_problems(bundle_dir, cal["file"], cal["sha256"], "calibration data")
+    problems += file_problems
+    if bundle_dir.joinpath(cal["file"]).is_file():
+        problems += _calibration_problems(bundle_dir / cal["file"], manifest)
+    if problems and raise_on_problem:
+        raise BundleError(f"bundle {bundle_dir} is damaged: " + "; ".join(problems))
+    return problems
+
+
+__all__ = [
+    "BATCH_AXIS",
+    "CALIBRATION_FILE",
+    "COST_CONVENTIONS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "IMAGE_INPUT",
+    "MANIFEST_FILE",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "check_bundle",
+    "exit_file",
+    "format_problems",
+    "logits_name",
+    "read_manifest",
+    "schema_problems",
+    "sha256_file",
+    "stage_file",
+    "state_name",
+]

@@ -1,0 +1,141 @@
+"""Export a multi-exit network as one ONNX graph per stage (and optionally one per full exit).
+
+Stage k's graph takes the state tensors of stage k-1 (the image for stage 0) as named inputs and
+returns its own state tensors `s{k}_{i}` and the logits `logits_{k}`; batch is the only dynamic axis.
+Each stage module holds only its own block and head, so every weight lands in exactly one stage file.
+
+Exporter choice: the TorchScript exporter (`dynamo=False`) by default. Measured on this project's
+models (torch 2.13, CPU): test-convnet's 3 stages take 0.3 s with it against 8.7 s with the dynamo
+exporter, whose graphs were also 2.2x larger (BatchNorm not folded into the convolutions, extra
+metadata) and which needs onnxscript (a test-only dependency here) and cannot target opset 17 without
+a failing version conversion. The TorchScript exporter folds eval-mode BatchNorm into the preceding
+convolution and its constant folding keeps weights as plain initializers. It is deprecated upstream,
+so `exporter="dynamo"` stays available, and every graph is validated against PyTorch either way.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from anytime.export.manifest import BATCH_AXIS, IMAGE_INPUT, logits_name, state_name
+from anytime.export.ort_chain import StageIO
+from anytime.models.base import MultiExitNetwork, State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+
+
+class FlatStage(nn.Module):
+    """A stage with its state tuple flattened into positional tensors: (*state) -> (*next_state, logits)."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        next_state, logits = self.stage(tuple(state))
+        return (*next_state, logits)
+
+
+class FullExit(nn.Module):
+    """Stages 0..k chained: image -> logits of exit k."""
+
+    def __init__(self, model: MultiExitNetwork, exit_index: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(model.stages[: exit_index + 1])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        state: State = (image,)
+        logits = image
+        for stage in self.stages:
+            state, logits = stage(state)
+        return logits
+
+
+@dataclass
+class StagePlan:
+    """Names and example inputs of one stage graph."""
+
+    io: StageIO
+    example: tuple[torch.Tensor, ...]
+
+
+def plan_stages(model: MultiExitNetwork, example_image: torch.Tensor) -> list[StagePlan]:
+    """Run the model once to learn each stage's state arity and record names and example inputs."""
+    plans: list[StagePlan] = []
+    state: State = (example_image,)
+    inputs = [IMAGE_INPUT]
+    with torch.no_grad():
+        for k, stage in enumerate(model.stages):
+            next_state, _ = stage(state)
+            outputs = [state_name(k, i) for i in range(len(next_state))] + [logits_name(k)]
+            plans.append(StagePlan(StageIO(inputs, outputs, logits_name(k)), tuple(state)))
+            inputs = outputs[:-1]
+            state = next_state
+    return plans
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
+            output_names: list[str], opset: int, exporter: str) -> bytes:
+    module.eval()
+    if exporter == "torchscript":
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated upstream (see the module docstring for why we use it).
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            torch.onnx.export(
+                module, args, buffer,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes={name: {0: BATCH_AXIS} for name in input_names + output_names},
+                opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        return buffer.getvalue()
+    if exporter == "dynamo":
+        batch = torch.export.Dim(BATCH_AXIS)
+        # *state is one var-positional argument: its dynamic shapes are one tuple, one dict per tensor.
+        shapes = (tuple({0: batch} for _ in args),) if isinstance(module, FlatStage) else ({0: batch},)
+        program = torch.onnx.export(
+            module, args, input_names=input_names, output_names=output_names,
+            dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
+        )
+        return program.model_proto.SerializeToString()
+    raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+
+
+def export_stage(stage: nn.Module, plan: StagePlan, opset: int = DEFAULT_OPSET,
+                 exporter: str = "torchscript") -> bytes:
+    """Serialised ONNX graph of one stage."""
+    with torch.no_grad():
+        return _export(FlatStage(stage), plan.example, plan.io.inputs, plan.io.outputs, opset, exporter)
+
+
+def export_full_exit(model: MultiExitNetwork, exit_index: int, example_image: torch.Tensor,
+                     opset: int = DEFAULT_OPSET, exporter: str = "torchscript") -> bytes:
+    """Serialised ONNX graph image -> logits of exit `exit_index` (holds the weights of stages 0..k)."""
+    with torch.no_grad():
+        return _export(FullExit(model, exit_index), (example_image,), [IMAGE_INPUT],
+                       [logits_name(exit_index)], opset, exporter)
+
+
+def initializer_bytes(onnx_bytes: bytes) -> int:
+    """Bytes of weights (initializers and large constants) stored in a serialised graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    total = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    total += numpy_helper.to_array(attr.t).nbytes
+    return total

@@ -1,0 +1,188 @@
+"""Validate exported graphs against the PyTorch model, optimum style, failing by default.
+
+Per graph: onnx's checker, then input/output names, then output shapes at batch 1 and 3 (a batch size
+baked into a graph shows up there), then the logits of every exit from the chained stages against
+PyTorch in eval mode (max absolute difference within `atol`) and argmax agreement. Each check is one
+`Check` (a ✓/✗ line with the max difference); the first failing kind raises its typed ExportError.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from anytime.errors import ExportError
+from anytime.export.errors import ArgmaxError, AtolError, OnnxCheckError, OutputNamesError, ShapeError
+from anytime.export.ort_chain import OrtChain, StageIO, make_session
+from anytime.models.base import MultiExitNetwork, State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-4
+SHAPE_BATCHES = (1, 3)
+
+
+@dataclass
+class Check:
+    subject: str  # "stage_1.onnx", "exit 2"
+    what: str  # "onnx checker", "names", "shapes", "values", "argmax"
+    ok: bool
+    detail: str = ""
+    max_diff: float | None = None
+    error: type[ExportError] | None = None
+
+    def line(self) -> str:
+        mark = "✓" if self.ok else "✗"
+        return f"{mark} {self.subject}: {self.what}" + (f" ({self.detail})" if self.detail else "")
+
+
+Report = Callable[[Check], None]
+
+
+class Validator:
+    def __init__(self, report: Report | None = None) -> None:
+        self.checks: list[Check] = []
+        self._report = report
+
+    def add(self, check: Check) -> Check:
+        self.checks.append(check)
+        (log.info if check.ok else log.error)(check.line())
+        if self._report is not None:
+            self._report(check)
+        return check
+
+    def raise_failures(self) -> None:
+        """Raise the typed error of the first failing check, naming every failure."""
+        failed = [c for c in self.checks if not c.ok]
+        if failed:
+            error = failed[0].error or ExportError
+            raise error("export validation failed, nothing was written: " + "; ".join(c.line()[2:] for c in failed))
+
+
+def _torch_chain(model: MultiExitNetwork, images: np.ndarray) -> list[tuple[State, State, torch.Tensor]]:
+    """(input state, output state, logits) of every stage in PyTorch eval mode."""
+    out = []
+    state: State = (torch.from_numpy(images),)
+    with torch.no_grad():
+        for stage in model.stages:
+            next_state, logits = stage(state)
+            out.append((state, next_state, logits))
+            state = next_state
+    return out
+
+
+def _batch_of(images: np.ndarray, n: int) -> np.ndarray:
+    # Real images when there are enough; repeated ones otherwise (shapes are all this is used for).
+    return np.ascontiguousarray(np.resize(images, (n, *images.shape[1:])), dtype=np.float32)
+
+
+def _check_graph(v: Validator, path: Path, subject: str) -> bool:
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(str(path)))
+    except Exception as exc:
+        v.add(Check(subject, "onnx checker", False, f"{type(exc).__name__}: {exc}", error=OnnxCheckError))
+        return False
+    v.add(Check(subject, "onnx checker", True))
+    return True
+
+
+def _check_names(v: Validator, session, subject: str, inputs: list[str], outputs: list[str]) -> bool:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    ok = got_in == inputs and got_out == outputs
+    detail = f"{got_in} -> {got_out}" if ok else f"expected {inputs} -> {outputs}, got {got_in} -> {got_out}"
+    v.add(Check(subject, "names", ok, detail, error=None if ok else OutputNamesError))
+    return ok
+
+
+def _check_shapes(v: Validator, session, subject: str, feeds_by_batch: dict[int, dict[str, np.ndarray]],
+                  expected_by_batch: dict[int, list[tuple[int, ...]]]) -> bool:
+    mismatches = []
+    for b, feeds in feeds_by_batch.items():
+        try:
+            got = [tuple(o.shape) for o in session.run(None, feeds)]
+        except Exception as exc:  # a baked-in batch size usually fails inside ORT's shape checks
+            mismatches.append(f"batch {b}: ONNX Runtime failed: {exc}".splitlines()[0])
+            continue
+        if got != expected_by_batch[b]:
+            mismatches.append(f"batch {b}: got {got}, PyTorch {expected_by_batch[b]}")
+    ok = not mismatches
+    detail = (
+        "batch " + ", ".join(str(b) for b in feeds_by_batch) + " match PyTorch" if ok else "; ".join(mismatches)
+    )
+    v.add(Check(subject, "shapes", ok, detail, error=None if ok else ShapeError))
+    return ok
+
+
+def _check_values(v: Validator, subject: str, got: np.ndarray, ref: np.ndarray, atol: float) -> None:
+    diff = float(np.max(np.abs(got - ref))) if got.size else 0.0
+    finite = bool(np.isfinite(got).all())
+    ok = finite and diff <= atol
+    detail = f"max |diff| {diff:.2e} {'<=' if ok else '>'} atol {atol:.0e}" + ("" if finite else ", non-finite values")
+    v.add(Check(subject, "values", ok, detail, max_diff=diff, error=None if ok else AtolError))
+    # Argmax: a disagreement only counts where PyTorch's top two logits are more than 2*atol apart;
+    # closer than that, the prediction is a tie that a tolerance-level difference may flip either way.
+    top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.concatenate([ref, ref - np.inf], axis=1)
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * atol
+    disagree = got.argmax(axis=1) != ref.argmax(axis=1)
+    real = int((disagree & decided).sum())
+    n = len(ref)
+    detail = f"agrees on {n - int(disagree.sum())}/{n} images" + (f", {real} not ties" if real else "")
+    v.add(Check(subject, "argmax", real == 0, detail, error=None if real == 0 else ArgmaxError))
+
+
+def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence[StageIO], images: np.ndarray,
+                    atol: float = DEFAULT_ATOL, report: Report | None = None) -> list[Check]:
+    """Check the stage graphs against `model` on `images` (float32 NCHW, real validation images)."""
+    v = Validator(report)
+    model.eval()
+    for path in paths:
+        _check_graph(v, path, path.name)
+    v.raise_failures()
+    sessions = [make_session(p) for p in paths]
+    for session, path, stage_io in zip(sessions, paths, io):
+        _check_names(v, session, path.name, stage_io.inputs, stage_io.outputs)
+    v.raise_failures()
+    refs = {b: _torch_chain(model, _batch_of(images, b)) for b in SHAPE_BATCHES}
+    for k, (session, path, stage_io) in enumerate(zip(sessions, paths, io)):
+        feeds = {b: {n: t.numpy() for n, t in zip(stage_io.inputs, refs[b][k][0])} for b in SHAPE_BATCHES}
+        expected = {b: [tuple(t.shape) for t in (*refs[b][k][1], refs[b][k][2])] for b in SHAPE_BATCHES}
+        _check_shapes(v, session, path.name, feeds, expected)
+    v.raise_failures()
+    chain = OrtChain(paths, io)
+    got = chain.run(images)
+    ref = [logits.numpy() for _, _, logits in _torch_chain(model, images)]
+    for k in range(len(io)):
+        _check_values(v, f"exit {k}", got[k], ref[k], atol)
+    v.raise_failures()
+    return v.checks
+
+
+def validate_full_exits(model: MultiExitNetwork, paths: dict[int, Path], images: np.ndarray,
+                        atol: float = DEFAULT_ATOL, report: Report | None = None) -> list[Check]:
+    """Check the image -> logits graphs of single exits against `model`."""
+    from anytime.export.manifest import IMAGE_INPUT, logits_name
+
+    v = Validator(report)
+    for path in paths.values():
+        _check_graph(v, path, path.name)
+    v.raise_failures()
+    ref = [logits.numpy() for _, _, logits in _torch_chain(model, images)]
+    shape_refs = {b: _torch_chain(model, _batch_of(images, b)) for b in SHAPE_BATCHES}
+    for k, path in paths.items():
+        session = make_session(path)
+        if not _check_names(v, session, path.name, [IMAGE_INPUT], [logits_name(k)]):
+            continue
+        feeds = {b: {IMAGE_INPUT: _batch_of(images, b)} for b in SHAPE_BATCHES}
+        expected = {b: [tuple(shape_refs[b][k][2].shape)] for b in SHAPE_BATCHES}
+        if _check_shapes(v, session, path.name, feeds, expected):
+            _check_values(v, path.name, session.run(None, {IMAGE_INPUT: images})[0], ref[k], atol)
+    v.raise_failures()
+    return v.checks
