@@ -18,6 +18,8 @@ METHOD_MODULES: dict[str, str] = {
     "joint": "anytime.training.methods.joint",
     "ge": "anytime.training.methods.ge",
     "drmgf": "anytime.training.methods.drmgf",
+    "meta-gf": "anytime.training.methods.drmgf",  # DR-MGF ablation: no dynamic routes
+    "dr-avgf": "anytime.training.methods.drmgf",  # DR-MGF ablation: mean fusion
     "pcgrad": "anytime.training.methods.jd",
     "cagrad": "anytime.training.methods.jd",
     "upgrad": "anytime.training.methods.jd",

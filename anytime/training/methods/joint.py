@@ -2,7 +2,8 @@
 
 With `schedule="sdn"` the internal exits' weights ramp up as in SDN (Kaya et al., ICML 2019):
 w_t(epoch) = min(C_t, 0.01 + epoch * C_t / E) with C_t spread evenly from 0.15 to 0.90 over the
-internal exits, and weight 1 for the final exit.
+internal exits, and weight 1 for the final exit. `epoch` counts from 1 as in the SDN code, so the last
+epoch trains with the full C_t.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class JointTraining(StepwiseMethod):
         T = self.num_exits
         if self.options.schedule == "sdn":
             caps = np.linspace(self.options.sdn_min, self.options.sdn_max, T - 1) if T > 1 else []
-            ramp = [min(float(c), 0.01 + epoch * float(c) / self.epochs) for c in caps]
+            ramp = [min(float(c), 0.01 + (epoch + 1) * float(c) / self.epochs) for c in caps]  # 1-based epoch
             return ramp + [1.0]
         if self.options.weights is not None:
             return [float(v) for v in self.options.weights]
