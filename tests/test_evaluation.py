@@ -1,0 +1,94 @@
+"""`anytime eval`: anytime table, budget curves fitted on validation and measured on a split, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from anytime.cli import cli
+from anytime.errors import DatasetError
+from anytime.runtime.evaluation import budget_grid, evaluate
+
+from conftest import PATTERN_CLASSES, make_pattern_images
+
+
+@pytest.fixture(scope="module")
+def pattern_npz(tmp_path_factory, pattern_test_images) -> str:
+    x_test, y_test = pattern_test_images
+    x_train, y_train = make_pattern_images(64, seed=7)
+    path = tmp_path_factory.mktemp("data") / "patterns.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=np.array(PATTERN_CLASSES))
+    return f"npz:{path}"
+
+
+def test_anytime_table_matches_every_exit_run_directly(pattern_bundle, pattern_npz, pattern_test_images):
+    import anytime
+
+    report = evaluate(pattern_bundle, pattern_npz, split="test", points=6)
+    m = report.models[0]
+    x, y = pattern_test_images
+    logits = anytime.load(pattern_bundle).run_all_exits(x)
+    expected = (logits.argmax(axis=2) == y[None]).mean(axis=1)
+    assert [e.exit for e in m.exits] == [1, 2, 3, 4]
+    np.testing.assert_allclose([e.top1 for e in m.exits], expected, atol=1e-12)
+    assert all(e.top5 is None for e in m.exits)  # 4 classes: no top-5
+    costs = [e.cost for e in m.exits]
+    assert costs == sorted(costs) and m.exits[-1].fraction == pytest.approx(1.0)
+    assert m.count == len(y)
+
+
+def test_budget_curve_spans_first_exit_to_full_and_tracks_the_budget(pattern_bundle, pattern_npz):
+    m = evaluate(pattern_bundle, pattern_npz, points=8).models[0]
+    for policy in ("geometric", "search"):
+        pts = m.points(policy)
+        budgets = [p.budget for p in pts]
+        assert budgets[0] == pytest.approx(m.exits[0].cost) and budgets[-1] == pytest.approx(m.exits[-1].cost)
+        for p in pts:
+            # fitted on validation: the expected cost respects the budget there
+            assert p.val_cost <= p.budget * (1 + 1e-9)
+            assert sum(p.exit_fractions) == pytest.approx(1.0)
+            # measured on test: realised cost is the exit mix priced by the exit costs
+            assert p.cost == pytest.approx(sum(f * e.cost for f, e in zip(p.exit_fractions, m.exits)))
+        assert pts[-1].accuracy >= pts[0].accuracy
+    assert {round(p.budget_fraction, 6) for p in m.points("search")} >= {0.5, 0.75}
+
+
+def test_budget_grid_includes_summary_fractions():
+    grid = budget_grid(np.array([10.0, 40.0, 100.0]), 3)
+    assert grid[0] == 10 and grid[-1] == 100 and 25.0 in grid and 50.0 in grid and 75.0 in grid
+
+
+def test_cli_writes_tables_curves_and_plots_and_overlays_models(pattern_bundle, pattern_npz, tmp_path):
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), str(pattern_bundle), "--data", pattern_npz,
+                                   "--points", "5", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "budgeted" in res.output and "top-1" in res.output
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert len(names) == 2 and len(set(names)) == 2  # same bundle twice still gets two labelled curves
+    rows = list(csv.DictReader((out / "budget_curve.csv").open()))
+    assert {r["policy"] for r in rows} == {"geometric", "search"}
+    assert len(list(csv.DictReader((out / "anytime.csv").open()))) == 8
+    for png in ("accuracy_vs_cost.png", "exit_histogram.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_count_mismatch_is_a_clear_error(pattern_bundle, tmp_path):
+    path = tmp_path / "ten.npz"
+    x = np.zeros((20, 16, 16, 1), np.uint8)
+    y = np.arange(20) % 10
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(DatasetError, match="10 classes"):
+        evaluate(pattern_bundle, f"npz:{path}")
+
+
+def test_not_a_model_directory_is_a_clear_error(tmp_path, pattern_npz):
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path), "--data", pattern_npz])
+    assert res.exit_code != 0
+    assert "neither a bundle" in (res.output + str(res.exception))
