@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from anytime.data.base import FASHION_MNIST_CLASSES, OFFICIAL_STATS, ArraySplit, Dataset, DatasetInfo, IndexedSplit, Split
+from anytime.data.base import (
+    FASHION_MNIST_CLASSES,
+    OFFICIAL_STATS,
+    ArraySplit,
+    Dataset,
+    DatasetInfo,
+    IndexedSplit,
+    Split,
+)
 from anytime.data.defaults import channel_stats, default_augmentation
 from anytime.data.preprocess import eval_preprocess
 from anytime.data.sources import KINDS, open_dataset, parse_spec

@@ -82,7 +82,10 @@ class _BaseLoader:
             raise ConfigError(f"pad={pad} must be >= 0")
         self.split = split
         n_split = len(split)
-        self.indices = np.arange(n_split, dtype=np.int64) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+        if indices is None:
+            self.indices = np.arange(n_split, dtype=np.int64)
+        else:
+            self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n_split):
             raise ConfigError(f"loader index {int(self.indices.max())} is out of range for a split of {n_split} images")
         self.batch_size, self.train, self.image_size, self.channels = batch_size, train, image_size, channels

@@ -71,8 +71,9 @@ def _open(directory: Path, kind: str, classes: list[str]) -> Dataset:
         images = read_idx(paths[f"{split}_images"], 3)
         labels = read_idx(paths[f"{split}_labels"], 1).astype(np.int64)
         if len(images) != len(labels):
+            label_file = paths[f"{split}_labels"].name
             raise DatasetError(
-                f"{paths[f'{split}_images']}: {len(images)} images but {paths[f'{split}_labels'].name} has {len(labels)} labels"
+                f"{paths[f'{split}_images']}: {len(images)} images but {label_file} has {len(labels)} labels"
             )
         if labels.size and labels.max() >= len(classes):
             raise DatasetError(f"{paths[f'{split}_labels']}: label {int(labels.max())}; expected 0..{len(classes) - 1}")

@@ -76,7 +76,8 @@ def open_npz(path: Path) -> Dataset:
         raise DatasetError(f"{where}: not a readable .npz file ({exc}); {LAYOUT}") from exc
     for key in REQUIRED:
         if key not in arrays:
-            raise DatasetError(f"{where}: missing array '{key}'; {LAYOUT} (found: {', '.join(sorted(arrays)) or 'none'})")
+            found = ", ".join(sorted(arrays)) or "none"
+            raise DatasetError(f"{where}: missing array '{key}'; {LAYOUT} (found: {found})")
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise DatasetError(f"{where}: has only one of x_val / y_val; a validation split needs both")
 

@@ -72,14 +72,18 @@ def resize_target(image_hw: tuple[int, int], image_size: tuple[int, int], resize
     """
     if resize is not None:
         if resize < max(image_size):
-            raise ConfigError(f"resize={resize} is smaller than the crop {image_size}; give resize >= {max(image_size)}")
+            raise ConfigError(
+                f"resize={resize} is smaller than the crop {image_size}; give resize >= {max(image_size)}"
+            )
         return resize
     if tuple(image_hw) == tuple(image_size):
         return None
     return max(image_size)
 
 
-def eval_preprocess(image: np.ndarray, channels: int, image_size: tuple[int, int], resize: int | None = None) -> np.ndarray:
+def eval_preprocess(
+    image: np.ndarray, channels: int, image_size: tuple[int, int], resize: int | None = None
+) -> np.ndarray:
     """uint8 H×W×C -> uint8 image_size×channels: channel conversion, shorter-side resize, centre crop."""
     image = to_channels(image, channels)
     short = resize_target(image.shape[:2], image_size, resize)

@@ -16,7 +16,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "mnist": ("anytime.data.mnist", "open_mnist", "directory with train-images-idx3-ubyte[.gz] etc."),
     "fashion-mnist": ("anytime.data.mnist", "open_fashion_mnist", "directory with train-images-idx3-ubyte[.gz] etc."),
     "npz": ("anytime.data.npz", "open_npz", "file with x_train, y_train, x_test, y_test"),
-    "imagefolder": ("anytime.data.imagefolder", "open_imagefolder", "one sub-directory per class, optional train/val/test"),
+    "imagefolder": (
+        "anytime.data.imagefolder", "open_imagefolder", "one sub-directory per class, optional train/val/test"
+    ),
 }
 
 ALIASES = {
@@ -42,7 +44,9 @@ def parse_spec(spec: str) -> tuple[str, Path]:
         hint = ""
         if spec.endswith(".npz"):
             hint = f" (did you mean 'npz:{spec}'?)"
-        raise DatasetError(f"dataset spec {spec!r} has no KIND: prefix{hint}; expected KIND:PATH, one of: {kinds_help()}")
+        raise DatasetError(
+            f"dataset spec {spec!r} has no KIND: prefix{hint}; expected KIND:PATH, one of: {kinds_help()}"
+        )
     kind = ALIASES.get(kind.lower(), kind.lower())
     if kind not in KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r} in {spec!r}; known kinds: {', '.join(KINDS)}")

@@ -115,7 +115,9 @@ def restore_split(dataset: Dataset, record: dict[str, Any]) -> tuple[np.ndarray,
         val_idx = np.asarray(record["val_indices"], dtype=np.int64)
         n_train_then = int(record["train_size"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(f"split record is incomplete or malformed ({exc!r}); re-create it with split_train_val") from exc
+        raise DatasetError(
+            f"split record is incomplete or malformed ({exc!r}); re-create it with split_train_val"
+        ) from exc
 
     made_from = record.get("dataset", "?")
     n_train = len(dataset.train)

@@ -27,7 +27,9 @@ from anytime.data.preprocess import (
 from anytime.errors import ConfigError
 
 
-def normalization_constants(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def normalization_constants(
+    mean: Sequence[float], std: Sequence[float], channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) so that x_uint8 * scale - shift == (x / 255 - mean) / std."""
     mean_t = torch.as_tensor([float(m) for m in mean], dtype=torch.float32)
     std_t = torch.as_tensor([float(s) for s in std], dtype=torch.float32)
@@ -57,32 +59,38 @@ def batch_resize_shorter(x: np.ndarray, short: int) -> np.ndarray:
     return np.stack([resize_shorter(image, short) for image in x])
 
 
-def batch_crop_nchw(x: np.ndarray, crop: tuple[int, int], pad: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Crop uint8 N×H×W×C to N×C×crop: at random offsets of the zero-padded images (rng given), else centred."""
+def batch_crop_nchw(
+    x: np.ndarray, crop: tuple[int, int], pad: int, rng: np.random.Generator | None, flip: bool = False
+) -> np.ndarray:
+    """Crop uint8 N×H×W×C to uint8 N×C×crop.
+
+    With `rng`: at random offsets of the images zero-padded by `pad`, each mirrored left-right with
+    probability 1/2 when `flip`; without: centred, never mirrored.
+    """
     n, h, w, c = x.shape
     ch, cw = crop
     if rng is None:
         top, left = center_crop_offsets(h, w, crop)
-        return x[:, top : top + ch, left : left + cw].transpose(0, 3, 1, 2)
-    if pad:
-        padded = np.zeros((n, h + 2 * pad, w + 2 * pad, c), np.uint8)
-        padded[:, pad : pad + h, pad : pad + w] = x
-        x = padded
-    span_h, span_w = x.shape[1] - ch, x.shape[2] - cw
+        return np.ascontiguousarray(x[:, top : top + ch, left : left + cw].transpose(0, 3, 1, 2))
+    # Channels-first before cropping, so that every copy below moves whole rows of pixels.
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), np.uint8)
+    padded[:, :, pad : pad + h, pad : pad + w] = x.transpose(0, 3, 1, 2)
+    span_h, span_w = padded.shape[2] - ch, padded.shape[3] - cw
     if span_h < 0 or span_w < 0:
-        raise ConfigError(f"cannot crop {ch}×{cw} from {x.shape[1]}×{x.shape[2]} images; resize them first")
+        raise ConfigError(f"cannot crop {ch}×{cw} from {h + 2 * pad}×{w + 2 * pad} images; resize them first")
     top = rng.integers(0, span_h + 1, n)
     left = rng.integers(0, span_w + 1, n)
-    # A strided view of every crop position, then one gather: N×C×ch×cw without a Python loop.
-    windows = np.lib.stride_tricks.sliding_window_view(x, (ch, cw), axis=(1, 2))
-    return windows[np.arange(n), top, left]
-
-
-def batch_flip_nchw(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Flip each uint8 N×C×H×W image left-right with probability 1/2."""
-    mask = rng.random(x.shape[0]) < 0.5
-    out = np.array(x, copy=True)
-    out[mask] = out[mask][..., ::-1]
+    mirror = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    # Strided views of every crop position (of the images and of their mirrors), then one gather each.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (ch, cw), axis=(2, 3))
+    out = np.empty((n, c, ch, cw), np.uint8)
+    keep = np.flatnonzero(~mirror)
+    out[keep] = windows[keep, :, top[keep], left[keep]]
+    if mirror.any():
+        mirrored = np.lib.stride_tricks.sliding_window_view(padded[..., ::-1], (ch, cw), axis=(2, 3))
+        turn = np.flatnonzero(mirror)
+        # The mirror of the crop at `left` is the crop at `span_w - left` of the mirrored image.
+        out[turn] = mirrored[turn, :, top[turn], span_w - left[turn]]
     return out
 
 
@@ -113,9 +121,7 @@ def batch_transform(
     short = resize_target(tuple(x.shape[1:3]), image_size, resize)
     if short is not None:
         x = batch_resize_shorter(x, short)
-    x = batch_crop_nchw(x, image_size, pad, rng) if train else batch_crop_nchw(x, image_size, 0, None)
-    if train and flip:
-        x = batch_flip_nchw(x, rng)
+    x = batch_crop_nchw(x, image_size, pad, rng, flip) if train else batch_crop_nchw(x, image_size, 0, None)
     # Broadcasting a 1-channel batch against 3-channel scale/shift replicates grey into RGB.
     out = np.multiply(x, scale.numpy()[:, None, None], dtype=np.float32)
     out -= shift.numpy()[:, None, None]
