@@ -45,16 +45,19 @@ def slice_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 def lateral_normalise(importance: torch.Tensor) -> torch.Tensor:
-    """N[o,i] = |M[o,i]| / (1 + 1e-4 * sum_i' |M[o,i']|) ** 0.75 (across a filter's input channels)."""
+    """N[o,i] = |M[o,i]| / (1 + 1e-4 * sum_i' |M[o,i']|) ** 0.75 over the last (input-channel) axis.
+
+    Works on one exit's [O, I/groups] or on all exits' stacked [R, O, I/groups] at once.
+    """
     magnitude = importance.abs()
-    return magnitude / (1.0 + LATERAL_ALPHA * magnitude.sum(dim=1, keepdim=True)) ** LATERAL_BETA
+    return magnitude / (1.0 + LATERAL_ALPHA * magnitude.sum(dim=-1, keepdim=True)) ** LATERAL_BETA
 
 
-def combine_gate(normalised: list[torch.Tensor], position: int, kappa: float) -> torch.Tensor:
-    """G = (kappa * N[position] + sum of the others) / (kappa + R - 1)."""
-    total = torch.stack(normalised).sum(dim=0)
+def combine_gate(normalised: torch.Tensor, position: int, kappa: float) -> torch.Tensor:
+    """G = (kappa * N[position] + sum of the other rows) / (kappa + R - 1), N stacked as [R, ...]."""
     # kappa*N_t + sum_{j!=t} N_j == (kappa-1)*N_t + sum_j N_j
-    return ((kappa - 1.0) * normalised[position] + total) / (kappa + len(normalised) - 1.0)
+    total = normalised.sum(dim=0)
+    return ((kappa - 1.0) * normalised[position] + total) / (kappa + normalised.shape[0] - 1.0)
 
 
 def _expand_like(per_slice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -63,8 +66,8 @@ def _expand_like(per_slice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def gated_weight(weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """W = G * V / ||V|| per kernel slice (eps 1e-12 guards all-zero slices)."""
-    direction = weight / _expand_like(slice_norms(weight).clamp_min(NORM_EPS), weight)
-    return _expand_like(gate, weight) * direction
+    scale = gate / slice_norms(weight).clamp_min(NORM_EPS)
+    return weight * _expand_like(scale, weight)
 
 
 def identity_importance(weight: torch.Tensor) -> torch.Tensor:
@@ -154,11 +157,11 @@ class RouteGates:
             if exit_index not in layer.exits:
                 continue
             position = layer.exits.index(exit_index)
-            normalised = [
-                lateral_normalise(m if j == position else m.detach())
-                for j, m in enumerate(self.importance[layer.name])
-            ]
-            out[layer.name] = combine_gate(normalised, position, self.kappa)
+            stacked = torch.stack(
+                [m if j == position else m.detach() for j, m in enumerate(self.importance[layer.name])]
+            )
+            # lateral normalisation of all exits at once: [R, O, I] -> sums over I
+            out[layer.name] = combine_gate(lateral_normalise(stacked), position, self.kappa)
         return out
 
     def effective_weights(self, params: Mapping[str, torch.Tensor], exit_index: int) -> dict[str, torch.Tensor]:

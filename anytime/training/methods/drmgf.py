@@ -117,6 +117,8 @@ class DRMGF(TrainingMethod):
         model, routes = ctx.model, ctx.routes
         self.routes = routes
         self.num_exits = ctx.num_exits
+        # exits on each parameter's route (ascending); Δ and s rows follow this order
+        self.owners = {name: routes.owners(name) for name in routes.names}
         self.switch_epoch = opts.switch_epoch if opts.switch_epoch is not None else (ctx.epochs + 1) // 2
         self.gates: RouteGates | None = RouteGates.from_model(model, routes, opts.kappa) if opts.gate else None
         self.importance_optimizer: torch.optim.SGD | None = None
@@ -131,7 +133,7 @@ class DRMGF(TrainingMethod):
         self.scales: dict[str, torch.Tensor] = {}
         if opts.fusion == "meta":
             for name, shape in scaled_params(model, routes).items():
-                rows = len(routes.owners(name))
+                rows = len(self.owners[name])
                 self.scales[name] = torch.full((rows, *shape), opts.fusion_init, device=ctx.device, requires_grad=True)
         self.fusion_optimizer = (
             torch.optim.Adam(list(self.scales.values()), lr=opts.fusion_lr) if self.scales else None
@@ -163,7 +165,12 @@ class DRMGF(TrainingMethod):
                 group["lr"] = ctx.lr(epoch)
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
-        deltas: dict[int, dict[str, torch.Tensor]] = {}
+        # Δ_t of every parameter, stacked [owners, *shape]: T deltas of route parameters, no more
+        deltas = {
+            name: torch.empty((len(owners), *start.params[name].shape), dtype=start.params[name].dtype, device=start.params[name].device)
+            for name, owners in self.owners.items()
+            if owners
+        }
         metrics: dict[str, float] = {}
         try:
             for t in self.exit_order():
@@ -172,7 +179,7 @@ class DRMGF(TrainingMethod):
                 ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
                 # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
                 metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
-                deltas[t] = self._deltas(model, start, t, dynamic)
+                self._record_deltas(model, start, t, dynamic, deltas)
             restore(model, start)
             ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
             # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
@@ -211,23 +218,24 @@ class DRMGF(TrainingMethod):
         return total / max(count, 1)
 
     @torch.no_grad()
-    def _deltas(self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool) -> dict[str, torch.Tensor]:
+    def _record_deltas(
+        self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool, deltas: dict[str, torch.Tensor]
+    ) -> None:
         """Δ_t = (parameters with exit t's gates folded in) − θ0, for exit t's route only."""
         params = dict(model.named_parameters())
         folded = self.gates.effective_weights(params, t) if dynamic and self.gates is not None else {}
-        return {name: folded.get(name, params[name]) - start.params[name] for name in self.routes.per_exit[t]}
+        for name in self.routes.per_exit[t]:
+            row = deltas[name][self.owners[name].index(t)]
+            torch.sub(folded.get(name, params[name]), start.params[name], out=row)
 
     # ----------------------------------------------------------------- fusion
-    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", deltas: dict[int, dict[str, torch.Tensor]]) -> float:
+    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", deltas: dict[str, torch.Tensor]) -> float:
         model = ctx.model
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name in self.routes.names:
-                owners = self.routes.owners(name)
-                if not owners or name in self.scales:
-                    continue
-                update = sum(deltas[t][name] for t in owners) / len(owners)  # owner's Δ when there is one
-                params[name].copy_(start.params[name] + update)
+            for name, stacked in deltas.items():
+                if name not in self.scales:  # the owner's Δ when there is one owner, else the plain mean
+                    params[name].copy_(start.params[name] + stacked.mean(dim=0))
         if not self.scales:
             return self._refresh_batchnorm(ctx, epoch)
         ratios = self._importance_ratios()
@@ -266,12 +274,16 @@ class DRMGF(TrainingMethod):
             out[name] = m / m.sum(dim=2, keepdim=True).clamp_min(1e-12)
         return out
 
-    def _fused_value(self, name: str, start: "Snapshot", deltas: dict[int, dict[str, torch.Tensor]], ratios: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _fused_value(
+        self, name: str, start: "Snapshot", deltas: dict[str, torch.Tensor], ratios: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """θ0 + Σ_t Ω_t ⊙ Δ_t / Σ_t Ω_t, differentiable in s (rows of Ω and Δ in route order)."""
         omega = self.scales[name].abs()
         if name in ratios:
             omega = omega * ratios[name]
-        numerator = sum(_expand(omega[r], deltas[t][name]) * deltas[t][name] for r, t in enumerate(self.routes.owners(name)))
-        denominator = _expand(omega.sum(dim=0).clamp_min(1e-12), start.params[name])
+        stacked = deltas[name]
+        numerator = (_expand(omega, stacked) * stacked).sum(dim=0)
+        denominator = _expand(omega.sum(dim=0).clamp_min(1e-12), numerator)
         return start.params[name] + numerator / denominator
 
     @torch.no_grad()
@@ -330,7 +342,7 @@ class DRMGF(TrainingMethod):
             "kappa": float(self.options.kappa),  # type: ignore[attr-defined]
             "importance": self.gates.analysis() if self.gates is not None else {},
             "fusion_scales": {
-                name: {"exits": self.routes.owners(name), "values": s.detach().clone()} for name, s in self.scales.items()
+                name: {"exits": list(self.owners[name]), "values": s.detach().clone()} for name, s in self.scales.items()
             },
         }
 
