@@ -77,8 +77,13 @@ def write_test_bundle(
     mean: list[float],
     std: list[float],
     color: str = "L",
+    full_exits: tuple[int, ...] = (),
+    logits_batch: int = 512,
 ) -> Path:
-    """Export a MultiExitNetwork as an anytime bundle (one ONNX graph per stage) with calibration data."""
+    """Export a MultiExitNetwork as an anytime bundle (one ONNX graph per stage) with calibration data.
+
+    `full_exits`: 1-based exits that also get a single graph image -> logits (exit_k.onnx).
+    """
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,26 @@ def write_test_bundle(
                  "params": None, "val_accuracy": None, "sha256": _sha256(path)}
             )
             state, in_names = next_state, out_names[:-1]
-        logits = torch.stack(model(x)).numpy().astype(np.float32)
+        logits = torch.cat([torch.stack(model(x[i : i + logits_batch])) for i in range(0, len(x), logits_batch)], dim=1)
+        logits = logits.numpy().astype(np.float32)
+        full_meta = []
+        for e in full_exits:
+
+            class ExitGraph(torch.nn.Module):
+                def __init__(self, net, index):
+                    super().__init__()
+                    self.net, self.index = net, index
+
+                def forward(self, image):
+                    return self.net.forward_until(image, self.index)[-1]
+
+            path = out_dir / f"exit_{e}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(ExitGraph(model, e - 1), (x[:2],), str(path), input_names=["image"],
+                                  output_names=[f"logits_{e - 1}"], dynamic_axes={"image": {0: "batch"}, f"logits_{e - 1}": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+            full_meta.append({"exit": e, "file": path.name, "sha256": _sha256(path)})
     for k, meta in enumerate(stages_meta):
         meta["val_accuracy"] = float((logits[k].argmax(-1) == y_val).mean())
     cal = out_dir / "calibration.npz"
@@ -137,7 +161,7 @@ def write_test_bundle(
                   "interpolation": "bilinear", "layout": "NCHW", "dtype": "float32", "color": color},
         "cost_convention": "macs",
         "stages": stages_meta,
-        "full_exits": [],
+        "full_exits": full_meta,
         "calibration": {"file": cal.name, "sha256": _sha256(cal), "split": "validation", "count": int(len(y_val))},
         "provenance": {"run_dir": None, "method": "test-fixture", "epochs": 0, "anytime_version": "0.1.0",
                        "date": "1970-01-01T00:00:00Z", "data": "synthetic:patterns"},
