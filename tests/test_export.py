@@ -319,6 +319,27 @@ def test_a_run_whose_dataset_moved_names_the_path_and_the_data_fix(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "src" / "data.npz") in message and "--data KIND:PATH" in message
     assert not (tmp_path / "bundle").exists()
+    # The fix the message names works: same split record, dataset at its new place.
+    result = export_bundle(run, tmp_path / "bundle", data=f"npz:{moved}")
+    assert result.manifest["provenance"]["data"] == f"npz:{moved}"
+    with np.load(tmp_path / "bundle" / "calibration.npz") as cal:
+        assert cal["indices"].tolist() == json.loads((run / "split.json").read_text())["val_indices"]
+
+
+def test_large_logits_fail_atol_with_an_rtol_hint_and_pass_with_rtol():
+    from anytime.export.validate import Validator, _check_values
+
+    ref = np.random.default_rng(0).normal(scale=100.0, size=(4, 10)).astype(np.float32)
+    got = ref + np.float32(1.5e-4)  # float32 rounding at |logit| ~ 200 is ~1e-5; 1.5e-4 is ~1e-6 relative
+    strict = Validator()
+    _check_values(strict, "exit 6", got, ref, atol=1e-4)
+    values = strict.checks[0]
+    assert not values.ok and values.error is AtolError and "--rtol 1e-5" in values.detail
+    with pytest.raises(AtolError, match="exit 6: values"):
+        strict.raise_failures()
+    relaxed = Validator()
+    _check_values(relaxed, "exit 6", got, ref, atol=1e-4, rtol=1e-5)
+    assert all(c.ok for c in relaxed.checks)
 
 
 def _damage_missing(bundle: Path) -> str:
@@ -377,10 +398,11 @@ def test_unknown_format_version_is_refused_by_read_manifest(convnet, tmp_path):
         read_manifest(copy)
 
 
-def test_manifest_module_imports_without_torch():
+def test_manifest_module_and_check_command_run_without_torch(convnet):
     code = (
-        "import sys, anytime.export, anytime.export.manifest; "
+        "import sys, anytime.export, anytime.export.manifest; from anytime.cli import main; "
+        f"main(['export', '--check', {str(convnet[1])!r}]); "
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert done.returncode == 0 and done.stdout.strip().endswith("is sound.\nok"), done.stdout + done.stderr

@@ -110,6 +110,15 @@ def _prepare_out(out: Path, force: bool) -> None:
         )
 
 
+def _publishable_modes(tmp: Path) -> None:
+    """Give the bundle the permissions of a normally created directory (mkdtemp/mkstemp make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -159,6 +168,7 @@ def export_bundle(
     split: str | os.PathLike | None = None,
     force: bool = False,
     atol: float = DEFAULT_ATOL,
+    rtol: float = 0.0,
     exporter: str = "torchscript",
     cost_convention: str = "macs",
     validation_images: int = 32,
@@ -180,8 +190,8 @@ def export_bundle(
         raise ConfigError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     if cost_convention not in mf.COST_CONVENTIONS:
         raise ConfigError(f"unknown cost convention {cost_convention!r}; expected one of {mf.COST_CONVENTIONS}")
-    if not atol > 0:
-        raise ConfigError(f"atol must be positive, got {atol}")
+    if not atol > 0 or not rtol >= 0:
+        raise ConfigError(f"atol must be positive and rtol >= 0, got atol={atol}, rtol={rtol}")
     out = Path(out)
     _prepare_out(out, force)  # fail before the slow work
     src = load_source(run_dir, data=data, split=split)
@@ -229,7 +239,8 @@ def export_bundle(
                 "x 4 bytes: weights are duplicated across stages or constant folding inflated them"
             )
         ios = [p.io for p in plans]
-        checks = [weight_check] + validate_stages(model, stage_paths, ios, val_images, atol=atol, report=report)
+        checks = [weight_check] + validate_stages(model, stage_paths, ios, val_images, atol=atol, rtol=rtol,
+                                                  report=report)
         full_entries = []
         if full_exits:
             example = torch.from_numpy(val_images[np.arange(2) % len(val_images)])
@@ -238,7 +249,7 @@ def export_bundle(
                 path = tmp / mf.exit_file(k)
                 atomic_write_bytes(path, export_full_exit(model, k, example, opset=opset, exporter=exporter))
                 exit_paths[k] = path
-            checks += validate_full_exits(model, exit_paths, val_images, atol=atol, report=report)
+            checks += validate_full_exits(model, exit_paths, val_images, atol=atol, rtol=rtol, report=report)
             full_entries = [{"exit": k, "file": p.name, "sha256": mf.sha256_file(p)} for k, p in exit_paths.items()]
 
         chain = OrtChain(stage_paths, ios)
@@ -278,7 +289,7 @@ def export_bundle(
             },
             "provenance": _provenance(src),
             "export": {
-                "exporter": exporter, "opset": opset, "atol": atol, "max_abs_diff": max_diff,
+                "exporter": exporter, "opset": opset, "atol": atol, "rtol": rtol, "max_abs_diff": max_diff,
                 "validation_images": int(len(val_images)), "param_count": int(param_count),
                 "weight_bytes": int(weight_bytes), "torch": torch.__version__,
             },
@@ -290,6 +301,7 @@ def export_bundle(
         files = sorted(p.name for p in tmp.iterdir())
         size = sum(p.stat().st_size for p in tmp.iterdir())
         _prepare_out(out, force)  # the output may have appeared meanwhile
+        _publishable_modes(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -66,13 +66,15 @@ def _run_check(bundle: Path) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Largest allowed |ONNX Runtime - PyTorch| difference of any logit.")
+@click.option("--rtol", type=float, default=0.0, show_default=True,
+              help="Also allow rtol x the largest |logit| of the image, for models with very large logits.")
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="torchscript", show_default=True,
               help="torch.onnx exporter.")
 @click.option("--cost-convention", type=click.Choice(["macs", "msdnet"]), default="macs", show_default=True,
               help="Convention the bundle's budgets are expressed in.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 def export(path: Path, out: Path | None, check: bool, opset: int | None, full_exits: bool, data: str | None,
-           split: Path | None, force: bool, atol: float, exporter: str, cost_convention: str, quiet: bool) -> None:
+           split: Path | None, force: bool, atol: float, rtol: float, exporter: str, cost_convention: str, quiet: bool) -> None:
     """Export RUN_DIR as an ONNX bundle for `anytime serve` (or --check a bundle)."""
     if check:
         if out is not None:
@@ -86,7 +88,7 @@ def export(path: Path, out: Path | None, check: bool, opset: int | None, full_ex
     if not quiet:
         click.echo(f"Exporting {path} -> {out} (validating every exit against PyTorch)")
     result = export_bundle(
-        path, out, opset=opset, full_exits=full_exits, data=data, split=split, force=force, atol=atol,
+        path, out, opset=opset, full_exits=full_exits, data=data, split=split, force=force, atol=atol, rtol=rtol,
         exporter=exporter, cost_convention=cost_convention, report=None if quiet else _print_check,
         progress=False if quiet else None,
     )
