@@ -311,7 +311,7 @@ def test_importance_frozen_after_switch_epoch_and_scales_smoothed():
     assert all(torch.equal(mid[k], after[k]) for k in mid)
     for name, s in method.scales.items():  # EMA with β = 0.9 applied in place after the meta pass
         torch.testing.assert_close(s.detach(), 0.9 * scales_mid[name] + 0.1 * raw[name], rtol=1e-6, atol=1e-8)
-    assert method.fusion_optimizer.param_groups[0]["params"][0] is next(iter(method.scales.values()))
+    assert method.fusion_optimizer.param_groups[0]["params"][0] is method.fusion.groups[0].scale
 
 
 def test_meta_gf_variant_has_no_importance_and_fuses_with_scales_alone():
@@ -353,8 +353,9 @@ def test_state_dict_round_trip_continues_identically():
     for key, value in state_of(model_a).items():
         assert torch.equal(value, state_of(model_b)[key]), key
     sa, sb = method_a.state_dict(), method_b.state_dict()
-    for name in sa["scales"]:
-        assert torch.equal(sa["scales"][name], sb["scales"][name])
+    assert sa["fusion"]["scales"].keys() == sb["fusion"]["scales"].keys()
+    for name in sa["fusion"]["scales"]:
+        assert torch.equal(sa["fusion"]["scales"][name], sb["fusion"]["scales"][name])
     for name in sa["importance"]:
         assert torch.equal(sa["importance"][name], sb["importance"][name])
 
@@ -362,7 +363,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_resume_with_other_architecture_is_refused():
     _, _, method = setup_method()
     state = method.state_dict()
-    state["scales"].pop("stages.0.block.0.weight")
+    state["fusion"]["scales"].pop("stages.0.block.0.weight")
     with pytest.raises(TrainingError, match="cannot resume"):
         method.load_state_dict(state)
 

@@ -31,7 +31,8 @@ from torch.func import functional_call
 from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
 from anytime.training.base import MethodOptions, Routes, TrainingContext, TrainingMethod
-from anytime.training.reparam import RouteGates, conv_weights
+from anytime.training.fusion import FusionScales
+from anytime.training.reparam import RouteGates
 
 logger = logging.getLogger(__name__)
 
@@ -80,32 +81,6 @@ class DRAvgFOptions(DRMGFOptions):
     fusion: Literal["meta", "mean"] = "mean"  # DR-avgF: dynamic routes, plain mean fusion
 
 
-def batchnorm_params(model: nn.Module) -> set[str]:
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            names.update({f"{prefix}.weight", f"{prefix}.bias"})
-    return names
-
-
-def scaled_params(model: nn.Module, routes: Routes) -> dict[str, tuple[int, ...]]:
-    """Shared params fused with learned scales -> the scale shape (per connection / per channel)."""
-    params = dict(model.named_parameters())
-    convs = set(conv_weights(model))
-    norms = batchnorm_params(model)
-    out = {}
-    for name in routes.shared:
-        if name in convs:
-            out[name] = tuple(params[name].shape[:2])
-        elif name in norms:
-            out[name] = tuple(params[name].shape)
-    return out
-
-
-def _expand(per_slice: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_slice.reshape(per_slice.shape + (1,) * (like.dim() - per_slice.dim()))
-
-
 class DRMGF(TrainingMethod):
     """Dynamic routes + meta-weighted gradient fusion; `gate` and `fusion` switch the ablations."""
 
@@ -129,16 +104,24 @@ class DRMGF(TrainingMethod):
                 momentum=opts.importance_momentum,
                 weight_decay=opts.importance_weight_decay,
             )
-        # Fusion scales s: one stacked leaf [R, *shape] per scaled parameter (rows in route order).
-        self.scales: dict[str, torch.Tensor] = {}
+        # Fusion scales s, grouped into flat buffers (anytime.training.fusion); none under mean fusion.
+        self.fusion: FusionScales | None = None
+        self.fusion_optimizer: torch.optim.Adam | None = None
         if opts.fusion == "meta":
-            for name, shape in scaled_params(model, routes).items():
-                rows = len(self.owners[name])
-                self.scales[name] = torch.full((rows, *shape), opts.fusion_init, device=ctx.device, requires_grad=True)
-        self.fusion_optimizer = (
-            torch.optim.Adam(list(self.scales.values()), lr=opts.fusion_lr) if self.scales else None
-        )
-        self.scales_prev = {name: s.detach().clone() for name, s in self.scales.items()}
+            self.fusion = FusionScales(model, routes, opts.fusion_init, ctx.device)
+            if self.fusion:
+                self.fusion_optimizer = torch.optim.Adam(self.fusion.parameters(), lr=opts.fusion_lr)
+        # Δ_t of every route parameter, stacked [owners, *shape] (views into the fusion buffers for the
+        # meta-fused ones): T deltas of route parameters, allocated once.
+        in_fusion = self.fusion.delta_views() if self.fusion is not None else {}
+        params = dict(model.named_parameters())
+        self.deltas = {
+            name: in_fusion.get(name)
+            if name in in_fusion
+            else torch.zeros((len(owners), *params[name].shape), dtype=params[name].dtype, device=params[name].device)
+            for name, owners in self.owners.items()
+            if owners
+        }
         logger.info(
             "%s: %d gated conv layers, %d meta-fused parameters, %d shared parameters, switch at epoch %d",
             self.name,
@@ -165,12 +148,6 @@ class DRMGF(TrainingMethod):
                 group["lr"] = ctx.lr(epoch)
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
-        # Δ_t of every parameter, stacked [owners, *shape]: T deltas of route parameters, no more
-        deltas = {
-            name: torch.empty((len(owners), *start.params[name].shape), dtype=start.params[name].dtype, device=start.params[name].device)
-            for name, owners in self.owners.items()
-            if owners
-        }
         metrics: dict[str, float] = {}
         try:
             for t in self.exit_order():
@@ -179,11 +156,11 @@ class DRMGF(TrainingMethod):
                 ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
                 # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
                 metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
-                self._record_deltas(model, start, t, dynamic, deltas)
+                self._record_deltas(model, start, t, dynamic)
             restore(model, start)
             ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
             # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
-            metrics["loss"] = self._fuse(ctx, epoch, start, deltas)
+            metrics["loss"] = self._fuse(ctx, epoch, start)
         except BaseException:
             # An interrupted or failed epoch leaves the plain model of the epoch start, never a half-trained
             # exit pass or a half-fused network (M and s may have moved; the next epoch re-derives all).
@@ -218,32 +195,30 @@ class DRMGF(TrainingMethod):
         return total / max(count, 1)
 
     @torch.no_grad()
-    def _record_deltas(
-        self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool, deltas: dict[str, torch.Tensor]
-    ) -> None:
+    def _record_deltas(self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool) -> None:
         """Δ_t = (parameters with exit t's gates folded in) − θ0, for exit t's route only."""
         params = dict(model.named_parameters())
         folded = self.gates.effective_weights(params, t) if dynamic and self.gates is not None else {}
         for name in self.routes.per_exit[t]:
-            row = deltas[name][self.owners[name].index(t)]
+            row = self.deltas[name][self.owners[name].index(t)]
             torch.sub(folded.get(name, params[name]), start.params[name], out=row)
 
     # ----------------------------------------------------------------- fusion
-    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", deltas: dict[str, torch.Tensor]) -> float:
+    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot") -> float:
         model = ctx.model
         params = dict(model.named_parameters())
+        fusion = self.fusion
         with torch.no_grad():
-            for name, stacked in deltas.items():
-                if name not in self.scales:  # the owner's Δ when there is one owner, else the plain mean
+            for name, stacked in self.deltas.items():
+                if fusion is None or name not in fusion:  # one owner: its Δ; shared: the plain mean
                     params[name].copy_(start.params[name] + stacked.mean(dim=0))
-        if not self.scales:
+        if fusion is None or not fusion:
             return self._refresh_batchnorm(ctx, epoch)
-        ratios = self._importance_ratios()
+        fusion.begin(start.params, self.gates)
+        scales = fusion.parameters()
         loss_sum, count = 0.0, 0
-        scales = list(self.scales.values())
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
-            fused = {name: self._fused_value(name, start, deltas, ratios) for name in self.scales}
-            outputs = functional_call(model, fused, (x,), strict=False)
+            outputs = functional_call(model, fusion.fused(), (x,), strict=False)
             loss = sum(ctx.exit_losses(outputs, y, epoch))
             ctx.check_finite(loss, epoch, step, None)
             grads = torch.autograd.grad(loss, scales)  # Δ and θ0 are constants; only s learns
@@ -254,37 +229,18 @@ class DRMGF(TrainingMethod):
             value = float(loss.detach())
             ctx.log_step(value, int(x.shape[0]))
             loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
+        if epoch >= self.switch_epoch:
+            fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
+        fusion.remember()
         with torch.no_grad():
-            if epoch >= self.switch_epoch:
-                beta = self.options.ema  # type: ignore[attr-defined]
-                for name, s in self.scales.items():
-                    s.mul_(1.0 - beta).add_(self.scales_prev[name], alpha=beta)  # in place: Adam keeps s
-            for name, s in self.scales.items():
-                self.scales_prev[name].copy_(s)
-                params[name].copy_(self._fused_value(name, start, deltas, ratios))
+            for name, value in fusion.fused().items():
+                params[name].copy_(value)
         return loss_sum / max(count, 1)
 
-    def _importance_ratios(self) -> dict[str, torch.Tensor]:
-        """|M_t| / Σ_i' |M_t| per gated layer, stacked in route order (constants for the fusion)."""
-        if self.gates is None:
-            return {}
-        out = {}
-        for name, tensors in self.gates.importance.items():
-            m = torch.stack([t.detach().abs() for t in tensors])
-            out[name] = m / m.sum(dim=2, keepdim=True).clamp_min(1e-12)
-        return out
-
-    def _fused_value(
-        self, name: str, start: "Snapshot", deltas: dict[str, torch.Tensor], ratios: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """θ0 + Σ_t Ω_t ⊙ Δ_t / Σ_t Ω_t, differentiable in s (rows of Ω and Δ in route order)."""
-        omega = self.scales[name].abs()
-        if name in ratios:
-            omega = omega * ratios[name]
-        stacked = deltas[name]
-        numerator = (_expand(omega, stacked) * stacked).sum(dim=0)
-        denominator = _expand(omega.sum(dim=0).clamp_min(1e-12), numerator)
-        return start.params[name] + numerator / denominator
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        """Fusion scales per meta-fused parameter, [R, *scale shape] (detached views; {} for mean fusion)."""
+        return self.fusion.views() if self.fusion is not None else {}
 
     @torch.no_grad()
     def _refresh_batchnorm(self, ctx: TrainingContext, epoch: int) -> float:
@@ -304,25 +260,25 @@ class DRMGF(TrainingMethod):
             "switch_epoch": self.switch_epoch,
             "importance": self.gates.state_dict() if self.gates is not None else {},
             "importance_optimizer": self.importance_optimizer.state_dict() if self.importance_optimizer else None,
-            "scales": {name: s.detach().clone() for name, s in self.scales.items()},
-            "scales_prev": {name: s.clone() for name, s in self.scales_prev.items()},
+            "fusion": self.fusion.state_dict() if self.fusion is not None else {},
             "fusion_optimizer": self.fusion_optimizer.state_dict() if self.fusion_optimizer else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state.get("scales", {})) != set(self.scales):
-            raise TrainingError(
-                f"cannot resume {self.name}: the checkpoint's fusion scales do not match this model and "
-                "options; resume with the same --arch, --method and method options, or start a new run"
-            )
         if self.gates is not None:
-            self.gates.load_state_dict(state["importance"])
+            self.gates.load_state_dict(state.get("importance", {}))
         elif state.get("importance"):
-            raise TrainingError(f"cannot resume {self.name} without dynamic routes from a checkpoint that has them")
-        with torch.no_grad():
-            for name, s in self.scales.items():
-                s.copy_(state["scales"][name])
-                self.scales_prev[name].copy_(state["scales_prev"][name])
+            raise TrainingError(
+                f"cannot resume {self.name} (no dynamic routes) from a checkpoint that has importance variables; "
+                "resume with the same --method and method options"
+            )
+        if self.fusion is not None:
+            self.fusion.load_state_dict(state.get("fusion", {}))
+        elif state.get("fusion"):
+            raise TrainingError(
+                f"cannot resume {self.name} (mean fusion) from a checkpoint with fusion scales; resume with the "
+                "same --method and method options"
+            )
         if self.importance_optimizer is not None and state.get("importance_optimizer") is not None:
             self.importance_optimizer.load_state_dict(state["importance_optimizer"])
         if self.fusion_optimizer is not None and state.get("fusion_optimizer") is not None:
@@ -342,7 +298,7 @@ class DRMGF(TrainingMethod):
             "kappa": float(self.options.kappa),  # type: ignore[attr-defined]
             "importance": self.gates.analysis() if self.gates is not None else {},
             "fusion_scales": {
-                name: {"exits": list(self.owners[name]), "values": s.detach().clone()} for name, s in self.scales.items()
+                name: {"exits": list(self.owners[name]), "values": s.clone()} for name, s in self.scales.items()
             },
         }
 
