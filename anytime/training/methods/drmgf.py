@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from torch.func import functional_call
 
 from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
-from anytime.training.base import MethodOptions, Routes, TrainingContext, TrainingMethod
+from anytime.training.base import MethodOptions, TrainingContext, TrainingMethod
 from anytime.training.fusion import FusionScales
 from anytime.training.reparam import RouteGates
 
@@ -180,7 +181,9 @@ class DRMGF(TrainingMethod):
             outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
             losses = ctx.exit_losses(outputs, y, epoch)
             loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
-            ctx.check_finite(loss, epoch, step, t)
+            value = float(loss.detach())  # the one host sync of the step
+            if not math.isfinite(value):
+                ctx.check_finite(loss, epoch, step, t)  # raises TrainingError naming epoch, step and exit
             ctx.optimizer.zero_grad(set_to_none=True)
             for m in importance:
                 m.grad = None
@@ -189,7 +192,6 @@ class DRMGF(TrainingMethod):
             ctx.optimizer.step()
             if importance:
                 self.importance_optimizer.step()  # type: ignore[union-attr]  # only M_t has .grad
-            value = float(loss.detach())
             ctx.log_step(value, int(x.shape[0]))
             total, count = total + value * x.shape[0], count + int(x.shape[0])
         return total / max(count, 1)
@@ -220,13 +222,14 @@ class DRMGF(TrainingMethod):
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
             outputs = functional_call(model, fusion.fused(), (x,), strict=False)
             loss = sum(ctx.exit_losses(outputs, y, epoch))
-            ctx.check_finite(loss, epoch, step, None)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                ctx.check_finite(loss, epoch, step, None)
             grads = torch.autograd.grad(loss, scales)  # Δ and θ0 are constants; only s learns
             for s, g in zip(scales, grads):
                 s.grad = g
             ctx.sync_gradients(scales)
             self.fusion_optimizer.step()  # type: ignore[union-attr]
-            value = float(loss.detach())
             ctx.log_step(value, int(x.shape[0]))
             loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
         if epoch >= self.switch_epoch:
@@ -248,9 +251,11 @@ class DRMGF(TrainingMethod):
         loss_sum, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
             loss = sum(ctx.exit_losses(ctx.model(x), y, epoch))
-            ctx.check_finite(loss, epoch, step, None)
-            ctx.log_step(float(loss), int(x.shape[0]))
-            loss_sum, count = loss_sum + float(loss) * x.shape[0], count + int(x.shape[0])
+            value = float(loss)
+            if not math.isfinite(value):
+                ctx.check_finite(loss, epoch, step, None)
+            ctx.log_step(value, int(x.shape[0]))
+            loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
         return loss_sum / max(count, 1)
 
     # ------------------------------------------------------------------ state
