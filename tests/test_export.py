@@ -160,7 +160,9 @@ def test_manifest_follows_the_contract(convnet):
     assert [s["cost"]["msdnet"] for s in stages] == exit_costs(model, "msdnet")
     assert [s["params"] for s in stages] == exit_params(model)
     assert manifest["cost_convention"] == "macs"
-    assert [e["exit"] for e in manifest["full_exits"]] == [0, 1, 2]
+    assert [(e["exit"], e["file"], e["logits"]) for e in manifest["full_exits"]] == [
+        (k, f"exit_{k}.onnx", f"logits_{k}") for k in range(3)
+    ]
     prov = manifest["provenance"]
     assert prov["run_dir"] == str(run.resolve()) and prov["method"] == "joint" and prov["epochs"] == 3
     assert prov["date"].endswith("Z") and prov["anytime_version"]

@@ -32,6 +32,7 @@ from anytime.export.preprocess import input_steps, preprocess_images
 from anytime.export.source import ExportSource, load_source
 from anytime.export.validate import DEFAULT_ATOL, Check, Report, validate_full_exits, validate_stages
 from anytime.fileio import atomic_write_bytes, atomic_write_json
+from anytime.models.costs import exit_costs, exit_params
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ def export_bundle(
     `report` receives each validation check as it completes (the CLI prints them).
     """
     started = time.perf_counter()
+    if validation_images < 1 or batch_size < 1:
+        raise ConfigError(
+            f"validation_images and batch_size must be at least 1, got {validation_images} and {batch_size}"
+        )
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is too old for the stage graphs; use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
@@ -236,7 +241,7 @@ def export_bundle(
         if not weights_ok:
             raise WeightSizeError(
                 f"the stage graphs hold {weight_bytes} bytes of weights, {ratio:.2f}x the {param_count} parameters "
-                "x 4 bytes: weights are duplicated across stages or constant folding inflated them"
+                "x 4 bytes: weights are duplicated across stages or constant folding inflated them; nothing was written"
             )
         ios = [p.io for p in plans]
         checks = [weight_check] + validate_stages(model, stage_paths, ios, val_images, atol=atol, rtol=rtol,
@@ -250,7 +255,12 @@ def export_bundle(
                 atomic_write_bytes(path, export_full_exit(model, k, example, opset=opset, exporter=exporter))
                 exit_paths[k] = path
             checks += validate_full_exits(model, exit_paths, val_images, atol=atol, rtol=rtol, report=report)
-            full_entries = [{"exit": k, "file": p.name, "sha256": mf.sha256_file(p)} for k, p in exit_paths.items()]
+            # "exit" is 0-based like the stage index: exit_k.onnx answers what stage_k's logits_k answer.
+            full_entries = [
+                {"exit": k, "file": p.name, "inputs": [mf.IMAGE_INPUT], "logits": mf.logits_name(k),
+                 "sha256": mf.sha256_file(p)}
+                for k, p in exit_paths.items()
+            ]
 
         chain = OrtChain(stage_paths, ios)
         logits, cal_labels = _calibration(chain, src, block, batch_size, progress)
@@ -258,8 +268,6 @@ def export_bundle(
         with open(cal_path, "wb") as fh:
             np.savez(fh, logits=logits, labels=cal_labels, indices=src.val_indices)
         accuracy = [float((logits[e].argmax(axis=1) == cal_labels).mean()) for e in range(len(ios))]
-
-        from anytime.models.costs import exit_costs, exit_params
 
         costs = {conv: exit_costs(model, conv) for conv in mf.COST_CONVENTIONS}
         params = exit_params(model)

@@ -34,6 +34,8 @@ def _print_check(check) -> None:
 def _run_check(bundle: Path) -> None:
     from anytime.export.manifest import check_bundle, read_manifest
 
+    if not bundle.is_dir():
+        raise BundleError(f"bundle directory {bundle} does not exist; give the --out directory of `anytime export`")
     problems = check_bundle(bundle)
     if problems:
         for p in problems:
@@ -56,7 +58,8 @@ def _run_check(bundle: Path) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path), metavar="BUNDLE_DIR",
               help="Directory to write the bundle to (written atomically).")
 @click.option("--check", is_flag=True,
-              help="Re-verify the bundle at RUN_DIR (manifest schema, file hashes, graphs) instead of exporting.")
+              help="Re-verify the bundle given in place of RUN_DIR (manifest schema, file hashes, graphs) "
+                   "instead of exporting.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
 @click.option("--full-exits", is_flag=True, help="Also write exit_k.onnx: image -> logits of exit k, per exit.")
 @click.option("--data", metavar="KIND:PATH", default=None,
@@ -85,8 +88,6 @@ def export(path: Path, out: Path | None, check: bool, opset: int | None, full_ex
         raise ConfigError(f"missing --out BUNDLE_DIR: where to write the bundle of {path} (e.g. --out bundles/{path.name})")
     from anytime.export.bundle import export_bundle
 
-    if not quiet:
-        click.echo(f"Exporting {path} -> {out} (validating every exit against PyTorch)")
     result = export_bundle(
         path, out, opset=opset, full_exits=full_exits, data=data, split=split, force=force, atol=atol, rtol=rtol,
         exporter=exporter, cost_convention=cost_convention, report=None if quiet else _print_check,

@@ -206,7 +206,15 @@ def schema_problems(manifest: Any) -> list[str]:
                 and _SHA256.match(entry["sha256"]) is not None
             )
             if not ok:
-                problems.append(f"full_exits[{i}] is {entry!r}, expected {{exit, file, sha256}} of an existing exit")
+                problems.append(
+                    f"full_exits[{i}] is {entry!r}, expected {{exit (0-based, < {n_stages}), file, sha256}}"
+                )
+            elif "logits" in entry and isinstance(manifest["stages"][entry["exit"]], dict):
+                expected = manifest["stages"][entry["exit"]].get("logits")
+                if entry["logits"] != expected:
+                    problems.append(
+                        f"full_exits[{i}].logits is {entry['logits']!r} but exit {entry['exit']}'s logits are {expected!r}"
+                    )
     cal = manifest.get("calibration")
     if not isinstance(cal, dict) or not _plain_file_name(cal.get("file")):
         problems.append("calibration is missing or has no file name")
@@ -346,9 +354,8 @@ def check_bundle(bundle_dir: str | os.PathLike, raise_on_problem: bool = False) 
         problems += file_problems
         if bundle_dir.joinpath(entry["file"]).is_file():
             input_name = manifest["input"]["name"]
-            problems += _graph_problems(
-                bundle_dir / entry["file"], [input_name], [manifest["stages"][entry["exit"]]["logits"]]
-            )
+            logits = entry.get("logits", manifest["stages"][entry["exit"]]["logits"])
+            problems += _graph_problems(bundle_dir / entry["file"], [input_name], [logits])
     cal = manifest["calibration"]
     file_problems, ok = _file_problems(bundle_dir, cal["file"], cal["sha256"], "calibration data")
     problems += file_problems
