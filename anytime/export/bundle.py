@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from anytime.errors import BundleError, ConfigError, DatasetError
 from anytime.export import manifest as mf
 from anytime.export.errors import OutputExistsError, WeightSizeError
 from anytime.export.onnx_stages import (
-    DEFAULT_OPSET, EXPORTERS, export_full_exit, export_stage, initializer_bytes, plan_stages,
+    DEFAULT_OPSET, EXPORTERS, export_full_exit, export_stage, initializer_bytes, max_opset, plan_stages,
 )
 from anytime.export.ort_chain import OrtChain
 from anytime.export.preprocess import input_steps, preprocess_images
@@ -189,10 +189,13 @@ def export_bundle(
             f"validation_images and batch_size must be at least 1, got {validation_images} and {batch_size}"
         )
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    if opset < MIN_OPSET:
-        raise ConfigError(f"opset {opset} is too old for the stage graphs; use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    if not MIN_OPSET <= opset <= max_opset(exporter):
+        raise ConfigError(
+            f"opset {opset} is not supported for the stage graphs with the {exporter} exporter; use "
+            f"{MIN_OPSET}..{max_opset(exporter)} (default {DEFAULT_OPSET})"
+        )
     if cost_convention not in mf.COST_CONVENTIONS:
         raise ConfigError(f"unknown cost convention {cost_convention!r}; expected one of {mf.COST_CONVENTIONS}")
     if not atol > 0 or not rtol >= 0:

@@ -129,7 +129,8 @@ def _stage_problems(stages: Any, manifest: dict[str, Any]) -> list[str]:
     if not isinstance(stages, list) or not stages:
         return ["stages: missing or empty list"]
     problems: list[str] = []
-    input_name = manifest.get("input", {}).get("name", IMAGE_INPUT) if isinstance(manifest.get("input"), dict) else IMAGE_INPUT
+    block = manifest.get("input")
+    input_name = block.get("name", IMAGE_INPUT) if isinstance(block, dict) else IMAGE_INPUT
     convention = manifest.get("cost_convention")
     expected_inputs: list[str] = [input_name]
     previous_cost: float | None = None
@@ -233,7 +234,9 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_FILE
     if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist; export one with `anytime export RUN_DIR --out {bundle_dir}`")
+        raise BundleError(
+            f"bundle directory {bundle_dir} does not exist; export one with `anytime export RUN_DIR --out {bundle_dir}`"
+        )
     if not path.is_file():
         raise BundleError(f"{path} is missing: {bundle_dir} is not an anytime bundle (or its export was interrupted)")
     try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from anytime.errors import ExportError
 from anytime.export.manifest import BATCH_AXIS, IMAGE_INPUT, logits_name, state_name
 from anytime.export.ort_chain import StageIO
 from anytime.models.base import MultiExitNetwork, State
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
+
+
+def max_opset(exporter: str) -> int:
+    """The newest opset `exporter` can write (torch keeps the numbers in a private module; 20/23 if it moves)."""
+    constants = getattr(torch.onnx, "_constants", None)
+    if exporter == "torchscript":
+        return int(getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return int(getattr(constants, "ONNX_MAX_OPSET", 23))
 
 
 class FlatStage(nn.Module):
@@ -113,19 +122,34 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list
     raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
 
 
+def _export_or_explain(what: str, module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
+                       output_names: list[str], opset: int, exporter: str) -> bytes:
+    try:
+        with torch.no_grad():
+            return _export(module, args, input_names, output_names, opset, exporter)
+    except ValueError:
+        raise
+    except Exception as exc:  # torch.onnx raises many types (unsupported op, opset, tracing failures)
+        other = "dynamo" if exporter == "torchscript" else "torchscript"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"torch.onnx could not export {what} with the {exporter} exporter at opset {opset}: "
+            f"{type(exc).__name__}: {first_line}. Try another --opset (default {DEFAULT_OPSET}) or --exporter {other}"
+        ) from exc
+
+
 def export_stage(stage: nn.Module, plan: StagePlan, opset: int = DEFAULT_OPSET,
                  exporter: str = "torchscript") -> bytes:
     """Serialised ONNX graph of one stage."""
-    with torch.no_grad():
-        return _export(FlatStage(stage), plan.example, plan.io.inputs, plan.io.outputs, opset, exporter)
+    return _export_or_explain(f"stage {plan.io.logits.split('_')[-1]}", FlatStage(stage), plan.example,
+                              plan.io.inputs, plan.io.outputs, opset, exporter)
 
 
 def export_full_exit(model: MultiExitNetwork, exit_index: int, example_image: torch.Tensor,
                      opset: int = DEFAULT_OPSET, exporter: str = "torchscript") -> bytes:
     """Serialised ONNX graph image -> logits of exit `exit_index` (holds the weights of stages 0..k)."""
-    with torch.no_grad():
-        return _export(FullExit(model, exit_index), (example_image,), [IMAGE_INPUT],
-                       [logits_name(exit_index)], opset, exporter)
+    return _export_or_explain(f"full exit {exit_index}", FullExit(model, exit_index), (example_image,),
+                              [IMAGE_INPUT], [logits_name(exit_index)], opset, exporter)
 
 
 def initializer_bytes(onnx_bytes: bytes) -> int:
