@@ -265,6 +265,21 @@ def test_values_beyond_tolerance_fail_naming_the_exit_and_write_nothing(tmp_path
     assert not out.exists() and _leftovers(out.parent) == []
 
 
+def test_an_interrupted_export_leaves_no_half_bundle(tmp_path, monkeypatch):
+    import anytime.export.bundle as bundle_module
+
+    run = make_run(tmp_path / "src", "test-convnet", size=16, channels=3, n_train=24, val_size=6)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the graphs are written and validated
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_module, "_calibration", interrupted)
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(run, out)
+    assert not out.exists() and _leftovers(out.parent) == []
+
+
 def test_a_batch_size_baked_into_a_graph_is_a_shape_error(tmp_path, monkeypatch):
     import io
 
