@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import click
 
 from anytime.errors import ConfigError
+from anytime.training.methods import list_methods
 
 EXAMPLES = """\b
 Examples:
@@ -16,7 +18,7 @@ Examples:
   anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method joint -o schedule=sdn --epochs 8 --out runs/sdn
   anytime train --arch test-convnet --data npz:fashion-mnist.npz --method pcgrad --epochs 1 --train-limit 2000 --out runs/try
   anytime train --resume runs/fm
-  torchrun --nproc_per_node 2 -m anytime.cli train ... (one process per GPU; gloo on CPU)
+  torchrun --standalone --nproc_per_node 2 -m anytime.cli train ...   (NCCL per GPU; gloo on CPU)
 """
 
 
@@ -51,7 +53,7 @@ def _val_size(text: str | None) -> int | None:
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--arch", help="Model preset (see `anytime info --list`).")
 @click.option("--data", help="Dataset as KIND:PATH, e.g. npz:fashion-mnist.npz or cifar100:~/data.")
-@click.option("--method", default="joint", show_default=True, help="Training method: joint, ge, drmgf, pcgrad, cagrad, upgrad, mgda, imtlg, alignedmtl, nashmtl.")
+@click.option("--method", default="joint", show_default=True, help=f"Training method: {', '.join(list_methods())}.")
 @click.option("--method-option", "-o", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -o c=0.4 or -o schedule=sdn.")
 @click.option("--epochs", type=int, help="Number of epochs.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
@@ -111,7 +113,8 @@ def train(**kw: Any) -> None:
         run_dir = resume_dir or kw.get("out")
         click.echo(f"\nInterrupted. The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}", err=True)
         raise SystemExit(130) from None
-    _print_summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

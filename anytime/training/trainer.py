@@ -404,7 +404,7 @@ class Trainer:
                 self._save_checkpoint(history + [row])
                 self._write_results(history + [row])
         ddp.barrier()
-        logger.info(
+        (logger.info if self.dist.is_main else logger.debug)(
             "epoch %d/%d loss %.4f val %s (mean %.4f) %.1fs %.0f img/s", epoch + 1, self.epochs, row.get("loss", float("nan")),
             " ".join(f"{a:.3f}" for a in val), row["val_acc_mean"], train_time, row["images_per_s"],
         )  # fmt: skip
