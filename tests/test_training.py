@@ -201,10 +201,14 @@ def test_distillation_and_lr_schedules(stripes, tmp_path):
     assert [trainer.lr(e) for e in range(8)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
     cosine = Trainer(small_config(stripes, tmp_path / "b", epochs=4, schedule="cosine"))
     assert [cosine.lr(e) for e in range(4)] == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
-    result = train(small_config(stripes, tmp_path / "kd", epochs=1, kd_weight=0.5, kd_temperature=2.0, method="ge"))
+    result = train(
+        small_config(stripes, tmp_path / "kd", epochs=1, kd_weight=0.5, kd_temperature=2.0, method="ge", val_size=0)
+    )
     config = json.loads((tmp_path / "kd" / "config.json").read_text())
     assert config["kd_weight"] == 0.5 and config["method"] == "ge"
-    assert len(result.test_accuracy) == 3
+    assert len(result.test_accuracy) == 3 and result.val_accuracy == []  # no hold-out: no validation numbers
+    summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
+    assert summary["val_accuracy_mean"] is None
 
 
 def test_option_parsing_is_typed_and_strict():

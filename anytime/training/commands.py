@@ -118,14 +118,18 @@ def train(**kw: Any) -> None:
 
 
 def _print_summary(result) -> None:
-    test = result.test_accuracy
+    test, val = result.test_accuracy, result.val_accuracy
     click.echo("")
     click.echo(f"{'exit':>4}  {'val acc':>8}  {'test acc':>8}")
-    for t, v in enumerate(result.val_accuracy):
-        tv = f"{100 * test[t]:7.2f}%" if test else "       -"
-        click.echo(f"{t + 1:>4}  {100 * v:7.2f}%  {tv}")
-    tm = f"{100 * result.test_mean:7.2f}%" if test else "       -"
-    click.echo(f"{'avg':>4}  {100 * result.val_mean:7.2f}%  {tm}")
+
+    def pct(values, t):
+        return f"{100 * values[t]:7.2f}%" if values else "       -"
+
+    for t in range(len(val or test or [])):
+        click.echo(f"{t + 1:>4}  {pct(val, t)}  {pct(test, t)}")
+    val_mean = f"{100 * result.val_mean:7.2f}%" if val else "       -"
+    test_mean = f"{100 * result.test_mean:7.2f}%" if test else "       -"
+    click.echo(f"{'avg':>4}  {val_mean}  {test_mean}")
     if result.history:
         click.echo(f"{len(result.history)} epochs run here, {result.epoch_time_s:.1f} s per epoch (training)")
     click.echo(f"Run directory: {result.run_dir}  (model.safetensors, model.json, results.csv, summary.json)")

@@ -347,7 +347,9 @@ class Trainer:
         model.train(was_training)
         totals = ddp.all_reduce_sum(torch.cat([correct, torch.tensor([float(seen)], dtype=torch.float64)]))
         n = totals[-1].item()
-        return [float(c / n) if n else float("nan") for c in totals[:-1].tolist()]
+        if not n:
+            return []  # no validation hold-out (--val-size 0)
+        return [float(c / n) for c in totals[:-1].tolist()]
 
     # ----------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -392,7 +394,7 @@ class Trainer:
             "lr": lr,
             **{k: float(v) for k, v in metrics.items()},
             "val_acc": val,
-            "val_acc_mean": float(np.mean(val)),
+            "val_acc_mean": float(np.mean(val)) if val else None,
             "train_time_s": round(train_time, 4),
             "epoch_time_s": round(time.perf_counter() - start, 4),
             "images_per_s": round(self._epoch_images / max(train_time, 1e-9), 2),
@@ -405,8 +407,9 @@ class Trainer:
                 self._write_results(history + [row])
         ddp.barrier()
         (logger.info if self.dist.is_main else logger.debug)(
-            "epoch %d/%d loss %.4f val %s (mean %.4f) %.1fs %.0f img/s", epoch + 1, self.epochs, row.get("loss", float("nan")),
-            " ".join(f"{a:.3f}" for a in val), row["val_acc_mean"], train_time, row["images_per_s"],
+            "epoch %d/%d loss %.4f val %s (mean %s) %.1fs %.0f img/s", epoch + 1, self.epochs, row.get("loss", float("nan")),
+            " ".join(f"{a:.3f}" for a in val) or "-", "-" if not val else f"{row['val_acc_mean']:.4f}", train_time,
+            row["images_per_s"],
         )  # fmt: skip
         return row
 
@@ -434,7 +437,7 @@ class Trainer:
                 "arch": self.config.arch,
                 "epochs": self.config.epochs,
                 "val_accuracy": val,
-                "val_accuracy_mean": float(np.mean(val)),
+                "val_accuracy_mean": float(np.mean(val)) if val else None,
                 "test_accuracy": test,
                 "test_accuracy_mean": None if test is None else float(np.mean(test)),
                 "train_time_s": float(sum(r["train_time_s"] for r in history)),

@@ -3,12 +3,13 @@
 GE rescales the gradient flowing back into the backbone so that a block's gradient is the *average*
 of the contributions of the exits that reach it, not their sum: deep blocks reached by one exit and
 early blocks reached by all exits then receive gradients of the same magnitude, and no single exit
-dominates. The reference implementation inserts gradient-rescale nodes between stages (×1/(n−i)
-towards head i, ×(n−i−1) onwards); multiplied out along the chain, exit t's gradient on a parameter of
-block j is scaled by 1/(number of exits reaching block j). This file applies exactly that factor per
-parameter from the exits' routes, so it works for any `MultiExitNetwork` without editing its forward:
-backward the plain sum once, then divide each parameter's gradient by its number of owner exits. Heads
-(one owner) keep their full gradient.
+dominates. The reference implementation (IMTA) inserts gradient-rescale nodes after each block (×1/(n−i)
+towards head i, ×(n−i−1) onwards); multiplied out along a chain of stages, exit t's gradient on a
+parameter of block j is scaled by 1/(number of exits reaching block j). This file applies that factor
+per parameter from the exits' routes, so it works for any `MultiExitNetwork` without editing its
+forward: backward the plain sum once, then divide each parameter's gradient by its number of owner
+exits. Heads (one owner) keep their full gradient. (IMTA's MSDNet rescales only the coarsest-scale
+features, so its factors on paths through finer scales differ slightly from this per-parameter rule.)
 """
 
 from __future__ import annotations
