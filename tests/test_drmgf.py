@@ -471,3 +471,66 @@ def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     assert parsed["method"] == "drmgf" and parsed["epoch"] == 2
     assert [layer["name"] for layer in parsed["layers"]] == ["stages.0.block.0.weight", "stages.1.block.0.weight"]
     assert all(0.0 < layer["mean"] <= 1.0 + 1e-9 for layer in parsed["layers"])
+
+
+def test_grouped_and_depthwise_convs_get_one_importance_per_kernel_slice():
+    from torch import nn
+
+    from anytime.models.base import ModelSpec, MultiExitNetwork, Stage
+
+    class GroupedStage(Stage):
+        def __init__(self, last: bool) -> None:
+            super().__init__()
+            self.block = nn.Sequential(
+                nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False),  # grouped: weight [8, 2, 3, 3]
+                nn.BatchNorm2d(8),
+                nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # depthwise: weight [8, 1, 3, 3]
+                nn.Conv2d(8, 4, 1),  # 1x1: shared but never gated
+                nn.ReLU(),
+            )
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+            self.last = last
+
+        def forward(self, state):
+            h = self.block(state[0])
+            return (() if self.last else (h,)), self.head(h)
+
+    class GroupedNet(MultiExitNetwork):
+        def __init__(self) -> None:
+            super().__init__(ModelSpec("grouped", 3, 4, (8, 8)))
+            self.stages.extend([GroupedStage(False), GroupedStage(True)])
+
+    torch.manual_seed(0)
+    model = GroupedNet()
+    routes = compute_routes(model, torch.randn(2, 4, 8, 8))
+    gates = RouteGates.from_model(model, routes, kappa=10)
+    assert [(layer.name, layer.shape) for layer in gates.layers] == [
+        ("stages.0.block.0.weight", (8, 2)),
+        ("stages.0.block.2.weight", (8, 1)),
+    ]
+    model.eval()
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(gates.forward(model, x, 0), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    perturb_importance(gates)
+    fresh = GroupedNet().eval()
+    fresh.load_state_dict(folded_state_dict(model, gates, 0), strict=True)
+    with torch.no_grad():
+        for a, b in zip(fresh(x), gates.forward(model, x, 0)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_msdnet_tiny_gates_only_shared_kxk_convs_and_starts_as_identity():
+    torch.manual_seed(0)
+    model = create("msdnet-tiny", num_classes=4, in_channels=1, image_size=28).eval()
+    routes = compute_routes(model, torch.randn(2, 1, 28, 28))
+    gates = RouteGates.from_model(model, routes, kappa=10)
+    params = dict(model.named_parameters())
+    assert gates.layers and all(params[layer.name].shape[2:].numel() > 1 for layer in gates.layers)
+    assert all(len(layer.exits) >= 2 for layer in gates.layers)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        plain = model(x)
+        for a, b in zip(gates.forward(model, x, 0), plain):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
