@@ -125,10 +125,10 @@ def msdnet(tmp_path_factory):
 def test_cli_export_writes_every_file_and_prints_checks_and_next_steps(convnet):
     run, bundle, output = convnet
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
-        ["manifest.json", "calibration.npz"] + [f"stage_{k}.onnx" for k in range(3)] + [f"exit_{k}.onnx" for k in range(3)]
+        ["manifest.json", "calibration.npz"] + [f"stage_{k}.onnx" for k in range(3)] + [f"exit_{k}.onnx" for k in range(1, 4)]
     )
     for needle in ("✓ stage_0.onnx: onnx checker", "✓ stage_2.onnx: shapes", "✓ exit 1: values", "✓ exit 2: argmax",
-                   "✓ exit_0.onnx: values", "Export complete", f"anytime calibrate {bundle} --budget 50%",
+                   "✓ exit_1.onnx: values", "✓ exit 3: values", "Export complete", f"anytime calibrate {bundle} --budget 50%",
                    f"anytime serve {bundle}"):
         assert needle in output
     assert "✗" not in output
@@ -161,7 +161,7 @@ def test_manifest_follows_the_contract(convnet):
     assert [s["params"] for s in stages] == exit_params(model)
     assert manifest["cost_convention"] == "macs"
     assert [(e["exit"], e["file"], e["logits"]) for e in manifest["full_exits"]] == [
-        (k, f"exit_{k}.onnx", f"logits_{k}") for k in range(3)
+        (k + 1, f"exit_{k + 1}.onnx", f"logits_{k}") for k in range(3)
     ]
     prov = manifest["provenance"]
     assert prov["run_dir"] == str(run.resolve()) and prov["method"] == "joint" and prov["epochs"] == 3
@@ -218,7 +218,7 @@ def test_full_exit_graphs_equal_the_chained_stages(convnet):
     for entry in manifest["full_exits"]:
         session = ort.InferenceSession(str(bundle / entry["file"]), providers=["CPUExecutionProvider"])
         (logits,) = session.run(None, {"image": x})
-        assert np.max(np.abs(logits - chained[entry["exit"]])) <= 1e-5
+        assert np.max(np.abs(logits - chained[entry["exit"] - 1])) <= 1e-5
 
 
 @pytest.mark.parametrize("which", ["convnet", "msdnet"])

@@ -254,13 +254,14 @@ def export_bundle(
             example = torch.from_numpy(val_images[np.arange(2) % len(val_images)])
             exit_paths = {}
             for k in range(model.num_exits):
-                path = tmp / mf.exit_file(k)
+                path = tmp / mf.exit_file(k + 1)
                 atomic_write_bytes(path, export_full_exit(model, k, example, opset=opset, exporter=exporter))
                 exit_paths[k] = path
             checks += validate_full_exits(model, exit_paths, val_images, atol=atol, rtol=rtol, report=report)
-            # "exit" is 0-based like the stage index: exit_k.onnx answers what stage_k's logits_k answer.
+            # "exit" counts from 1 as users do (serve's exit=3, result rows): exit_{k+1}.onnx answers
+            # what stage_k's logits_k answer.
             full_entries = [
-                {"exit": k, "file": p.name, "inputs": [mf.IMAGE_INPUT], "logits": mf.logits_name(k),
+                {"exit": k + 1, "file": p.name, "inputs": [mf.IMAGE_INPUT], "logits": mf.logits_name(k),
                  "sha256": mf.sha256_file(p)}
                 for k, p in exit_paths.items()
             ]

@@ -104,7 +104,7 @@ def export(path: Path, out: Path | None, check: bool, opset: int | None, full_ex
     if not quiet:
         click.echo(f"  exit  cost ({conv}, cumulative)  val acc")
         for st in m["stages"]:
-            click.echo(f"  {st['index']:>4}  {st['cost'][conv]:>24,}  {st['val_accuracy']:7.2%}")
+            click.echo(f"  {st['index'] + 1:>4}  {st['cost'][conv]:>24,}  {st['val_accuracy']:7.2%}")
     click.echo("Next:")
     click.echo(f"  anytime calibrate {result.bundle_dir} --budget 50%")
     click.echo(f"  anytime serve {result.bundle_dir} IMAGES --budget 50% -o predictions.jsonl")

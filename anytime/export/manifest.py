@@ -31,8 +31,9 @@ def stage_file(k: int) -> str:
     return f"stage_{k}.onnx"
 
 
-def exit_file(k: int) -> str:
-    return f"exit_{k}.onnx"
+def exit_file(exit_number: int) -> str:
+    """File of the full graph image -> logits of exit `exit_number` (1-based, as users count exits)."""
+    return f"exit_{exit_number}.onnx"
 
 
 def state_name(stage: int, i: int) -> str:
@@ -201,17 +202,17 @@ def schema_problems(manifest: Any) -> list[str]:
             ok = (
                 isinstance(entry, dict)
                 and _is_int(entry.get("exit"))
-                and 0 <= entry["exit"] < n_stages
+                and 1 <= entry["exit"] <= n_stages
                 and _plain_file_name(entry.get("file"))
                 and isinstance(entry.get("sha256"), str)
                 and _SHA256.match(entry["sha256"]) is not None
             )
             if not ok:
                 problems.append(
-                    f"full_exits[{i}] is {entry!r}, expected {{exit (0-based, < {n_stages}), file, sha256}}"
+                    f"full_exits[{i}] is {entry!r}, expected {{exit (1-based, <= {n_stages}), file, sha256}}"
                 )
-            elif "logits" in entry and isinstance(manifest["stages"][entry["exit"]], dict):
-                expected = manifest["stages"][entry["exit"]].get("logits")
+            elif "logits" in entry and isinstance(manifest["stages"][entry["exit"] - 1], dict):
+                expected = manifest["stages"][entry["exit"] - 1].get("logits")
                 if entry["logits"] != expected:
                     problems.append(
                         f"full_exits[{i}].logits is {entry['logits']!r} but exit {entry['exit']}'s logits are {expected!r}"
@@ -357,7 +358,7 @@ def check_bundle(bundle_dir: str | os.PathLike, raise_on_problem: bool = False) 
         problems += file_problems
         if bundle_dir.joinpath(entry["file"]).is_file():
             input_name = manifest["input"]["name"]
-            logits = entry.get("logits", manifest["stages"][entry["exit"]]["logits"])
+            logits = entry.get("logits", manifest["stages"][entry["exit"] - 1]["logits"])
             problems += _graph_problems(bundle_dir / entry["file"], [input_name], [logits])
     cal = manifest["calibration"]
     file_problems, ok = _file_problems(bundle_dir, cal["file"], cal["sha256"], "calibration data")

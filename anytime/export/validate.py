@@ -174,7 +174,7 @@ def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence
     got = chain.run(images)
     ref = [logits.numpy() for _, _, logits in _torch_chain(model, images)]
     for k in range(len(io)):
-        _check_values(v, f"exit {k}", got[k], ref[k], atol, rtol)
+        _check_values(v, f"exit {k + 1}", got[k], ref[k], atol, rtol)
     v.raise_failures()
     return v.checks
 
