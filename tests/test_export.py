@@ -260,7 +260,7 @@ def test_values_beyond_tolerance_fail_naming_the_exit_and_write_nothing(tmp_path
 
     monkeypatch.setattr(bundle_module, "export_stage", export_perturbed)
     out = tmp_path / "out" / "bundle"
-    with pytest.raises(AtolError, match=r"exit 1: values \(max \|diff\| 1\.00e-02 > atol"):
+    with pytest.raises(AtolError, match=r"exit 2: values \(max \|diff\| 1\.00e-02 > atol"):
         export_bundle(run, out)
     assert not out.exists() and _leftovers(out.parent) == []
 
