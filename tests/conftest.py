@@ -1,7 +1,8 @@
 """Shared fixtures: a small synthetic image task and bundles exported from a briefly trained model.
 
-The bundle follows docs/architecture.md exactly (manifest.json, stage_k.onnx, calibration.npz). Tests may
-use torch to build it; the runtime under test never does.
+`pattern_bundle` goes through the real exporter (anytime.export.export_bundle). `write_test_bundle` is a
+minimal stand-alone writer of the same format (docs/architecture.md), used by benchmarks/runtime_budget.py
+to export a model without a run directory. Tests may use torch; the runtime under test never does.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def write_test_bundle(
                 torch.onnx.export(ExitGraph(model, e - 1), (x[:2],), str(path), input_names=["image"],
                                   output_names=[f"logits_{e - 1}"], dynamic_axes={"image": {0: "batch"}, f"logits_{e - 1}": {0: "batch"}},
                                   opset_version=17, dynamo=False)
-            full_meta.append({"exit": e, "file": path.name, "sha256": _sha256(path)})
+            full_meta.append({"exit": e, "file": path.name, "inputs": ["image"], "logits": f"logits_{e - 1}", "sha256": _sha256(path)})
     for k, meta in enumerate(stages_meta):
         meta["val_accuracy"] = float((logits[k].argmax(-1) == y_val).mean())
     cal = out_dir / "calibration.npz"
@@ -193,17 +194,52 @@ def train_pattern_convnet(steps: int = 80, seed: int = 0, widths=(8, 12, 16, 16)
     return model.eval()
 
 
+def export_pattern_bundle(root: Path, model, val_size: int = 600) -> Path:
+    """Export `model` with the real exporter (anytime.export.export_bundle) from a hand-made run directory.
+
+    The run's dataset is an npz of pattern images (none of them seen in training); its validation split
+    of `val_size` images becomes the bundle's calibration data.
+    """
+    from anytime.data import open_dataset, split_train_val
+    from anytime.export import export_bundle
+    from anytime.models import Preprocessing, save_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = make_pattern_images(val_size + 200, seed=1)
+    x_test, y_test = make_pattern_images(8, seed=3)
+    npz = root / "patterns.npz"
+    np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    dataset = open_dataset(f"npz:{npz}")
+    _, _, record = split_train_val(dataset, val_size=val_size, seed=0)
+    run = root / "run"
+    save_model(model, run, Preprocessing(mean=[PATTERN_MEAN], std=[PATTERN_STD]), PATTERN_CLASSES)
+    (run / "config.json").write_text(json.dumps({"arch": model.spec.arch, "data": dataset.spec, "method": "joint", "epochs": 0}))
+    (run / "split.json").write_text(json.dumps(record))
+    export_bundle(run, root / "bundle", full_exits=True, progress=False)
+    return root / "bundle"
+
+
 @pytest.fixture(scope="session")
 def pattern_bundle(tmp_path_factory) -> Path:
-    """A 4-exit, 1-channel 16×16, 4-class bundle with 600 validation samples for calibration."""
+    """A 4-exit, 1-channel 16×16, 4-class bundle from the real exporter, 600 validation images for calibration."""
     import torch
 
     torch.set_num_threads(1)
     model = train_pattern_convnet()
-    x_val, y_val = make_pattern_images(600, seed=1)
-    return write_test_bundle(
-        model, tmp_path_factory.mktemp("bundles") / "patterns", x_val, y_val, PATTERN_CLASSES, [PATTERN_MEAN], [PATTERN_STD]
-    )
+    return export_pattern_bundle(tmp_path_factory.mktemp("bundles") / "patterns", model)
+
+
+@pytest.fixture(scope="session")
+def pattern_bundle_exact(pattern_bundle, tmp_path_factory) -> Path:
+    """The same bundle with `input.resize` null: images must already be 16×16 (older/third-party bundles)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("bundles") / "patterns-exact"
+    shutil.copytree(pattern_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["input"]["resize"] = None
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
 
 
 @pytest.fixture(scope="session")

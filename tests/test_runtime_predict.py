@@ -162,20 +162,37 @@ def test_input_kinds_agree(model, pattern_test_images, tmp_path):
     assert one_path[0].path == str(paths[0]) and one_path[0].class_name == model.classes[reference[0].label]
 
 
-def test_bad_inputs_raise_or_record(model, pattern_test_images):
+def test_bad_inputs_raise_or_record(model, pattern_bundle_exact, pattern_test_images):
     x, _ = pattern_test_images
     wrong_size = np.zeros((20, 20), dtype=np.uint8)
+    exact = anytime.load(pattern_bundle_exact, device="cpu")  # input.resize null: no resizing allowed
     with pytest.raises(InputImageError, match=r"expected 16×16 .*got 20×20"):
-        model.predict([x[0], wrong_size], exit=1)
+        exact.predict([x[0], wrong_size], exit=1)
     with pytest.raises(InputImageError, match="uint8"):
         model.predict(x[0].astype(np.float32), exit=1)
     with pytest.raises(InputImageError, match="file not found"):
         model.predict("/nonexistent/image.png", exit=1)
-    preds = model.predict([x[0], wrong_size, x[1]], exit=1, on_error="record")
+    preds = exact.predict([x[0], wrong_size, x[1]], exit=1, on_error="record")
     assert [p.error is None for p in preds] == [True, False, True]
     assert preds.images == 2 and preds.failed == 1
     row = preds.to_rows()[1]
     assert row["label"] is None and row["exit"] is None and "expected 16×16" in row["error"]
+
+
+def test_resize_and_crop_follow_the_training_recipe(model):
+    """With input.resize set (export always writes it), other sizes are resized and centre-cropped exactly as
+    anytime.data.preprocess.eval_preprocess does for training evaluation and the calibration logits."""
+    from anytime.data.preprocess import eval_preprocess
+
+    assert model.bundle.input.resize == 16
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 20, 1), (40, 30, 1), (13, 29, 3), (16, 16, 1)]]
+    for img in images:
+        ours = model.preprocessor.to_array(img)
+        theirs = eval_preprocess(img, 1, (16, 16), 16)
+        np.testing.assert_array_equal(ours, theirs)
+    preds = model.predict(images, exit=2)
+    assert preds.images == 4
 
 
 def test_inputs_are_consumed_lazily_in_batches(model, pattern_test_images):

@@ -80,10 +80,11 @@ def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dic
     return root, truth, {str(broken_dir / k): v for k, v in reasons.items()}
 
 
-def test_serve_folder_with_broken_files(pattern_bundle, image_tree, tmp_path, capsys):
+def test_serve_folder_with_broken_files(pattern_bundle_exact, image_tree, tmp_path, capsys):
+    # The bundle without resizing, so that an image of another size is an error row too.
     root, truth, broken = image_tree
     out_path = tmp_path / "preds.jsonl"
-    code, out, err = run_cli(["serve", str(pattern_bundle), str(root), "--budget", "50%", "-o", str(out_path), "--batch-size", "8"], capsys)
+    code, out, err = run_cli(["serve", str(pattern_bundle_exact), str(root), "--budget", "50%", "-o", str(out_path), "--batch-size", "8"], capsys)
     assert code == 1, (out, err)  # some inputs failed
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(rows) == len(truth) + len(broken)
@@ -103,6 +104,16 @@ def test_serve_folder_with_broken_files(pattern_bundle, image_tree, tmp_path, ca
     assert f"accuracy {100 * correct / len(truth):.2f}% on {len(truth)} image(s) in class-named folders" in out
     assert "images/s" in out and "against a budget of" in out and "exits: 1:" in out
     assert "failed" in err
+
+
+def test_serve_resizes_when_the_bundle_says_so(pattern_bundle, image_tree, tmp_path, capsys):
+    root, truth, broken = image_tree
+    out_path = tmp_path / "preds.jsonl"
+    code, _, _ = run_cli(["serve", str(pattern_bundle), str(root / "disc"), "--budget", "50%", "-o", str(out_path), "-q"], capsys)
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out_path.read_text().splitlines())}
+    assert rows["wrong_size.png"]["error"] is None and rows["wrong_size.png"]["exit"] >= 1  # 20×20 resized to 16×16
+    assert all(rows[Path(p).name]["error"] for p in broken if not p.endswith("wrong_size.png"))
 
 
 def test_serve_csv_stdin_and_exit_code_zero(pattern_bundle, image_tree, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from anytime.data.preprocess import center_crop_offsets, shorter_side_size
 from anytime.errors import InputImageError
 from anytime.runtime.bundle import InputSpec
 
@@ -158,19 +159,15 @@ class Preprocessor:
                     "does not resize, so resize or crop the image to that size first"
                 )
             return image
-        short = min(w, h)
-        if short != spec.resize:
-            scale = spec.resize / short
-            nw, nh = max(spec.width, round(w * scale)), max(spec.height, round(h * scale))
-            if w < h:
-                nw = spec.resize
-            else:
-                nh = spec.resize
+        if min(w, h) != spec.resize:
+            # The training/export evaluation recipe's geometry (anytime.data.preprocess), so calibration
+            # logits and served images see the same pixels.
+            nh, nw = shorter_side_size(h, w, spec.resize)
             image = image.resize((nw, nh), self._resample)
             w, h = image.size
         if w < spec.width or h < spec.height:
             raise InputImageError(f"{name}: after resizing to {h}×{w} the image is smaller than the {spec.height}×{spec.width} crop")
-        left, top = (w - spec.width) // 2, (h - spec.height) // 2
+        top, left = center_crop_offsets(h, w, (spec.height, spec.width))
         if (w, h) != (spec.width, spec.height):
             image = image.crop((left, top, left + spec.width, top + spec.height))
         return image
