@@ -311,3 +311,17 @@ def test_runtime_never_imports_torch(pattern_bundle, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "TORCH-FREE" in out.stdout
+
+
+def test_manifest_schema_problems_are_named(pattern_bundle, tmp_path):
+    import shutil
+
+    broken = tmp_path / "b"
+    shutil.copytree(pattern_bundle, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["input"]["std"] = [0.0]
+    manifest["num_classes"] = 7
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as info:
+        anytime.load(broken)
+    assert "std" in str(info.value) and "num_classes=7" in str(info.value)

@@ -210,6 +210,12 @@ def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False) -
             f"{where}: bundle format_version {version!r} is not supported by this anytime "
             f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade anytime or re-export the bundle"
         )
+    # The exporter's schema check (torch-free) is the contract; the parsing below only builds typed views.
+    from anytime.export.manifest import schema_problems
+
+    problems = schema_problems(manifest)
+    if problems:
+        raise BundleError(f"{where}: " + "; ".join(problems) + "; re-export the bundle")
     convention = manifest.get("cost_convention")
     if convention not in COST_CONVENTIONS:
         raise BundleError(f"{where}: unknown cost_convention {convention!r}; expected one of {COST_CONVENTIONS}")
