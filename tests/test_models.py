@@ -145,6 +145,15 @@ def test_msdnet_schedule_matches_reference() -> None:
     assert transitions == 2
 
 
+def test_msdnet_final_layer_computes_only_what_the_last_head_reads() -> None:
+    # msdnet-tiny's 4 layers over 3 scales leave 2 scales at the last layer; its finer output would feed
+    # nothing, so it is not built (the contract test checks every parameter gets a gradient).
+    model = create("msdnet-tiny")
+    assert scales_of_layer("max", 4, 4, 3) == (2, 2)
+    final_layer = model.stages[-1].layers[-1]
+    assert len(final_layer.units) == 1 and final_layer.sources == [(1, 0)]
+
+
 def test_msdnet_lin_grow_and_prune_min_build_and_run() -> None:
     for overrides in ({"step_mode": "lin_grow", "step": 1, "base": 1}, {"prune": "min"}):
         model = create("msdnet-tiny", **overrides).eval()

@@ -1,6 +1,7 @@
 """Multi-exit architectures (MSDNet, SDN), the model registry and cost accounting."""
 
 from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State
+from anytime.models.costs import cost_table, exit_costs, exit_params
 from anytime.models.io import Preprocessing, load_model, read_model_meta, save_model
 from anytime.models.registry import create, is_model, list_models, register_model
 
@@ -10,7 +11,10 @@ __all__ = [
     "Preprocessing",
     "Stage",
     "State",
+    "cost_table",
     "create",
+    "exit_costs",
+    "exit_params",
     "is_model",
     "list_models",
     "load_model",
