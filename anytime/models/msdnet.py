@@ -2,9 +2,11 @@
 
 Faithful to the reference implementation (gaohuang/MSDNet, PyTorch port kalviny/MSDNet-PyTorch): the
 same layers, channel counts and pruning schedule, so the published per-exit costs and parameter counts
-are reproduced exactly (tests/test_costs.py checks them). What differs is only the packaging: the network
+are reproduced exactly (tests/test_costs.py checks them). What differs is the packaging: the network
 is a chain of anytime stages (backbone block k + classifier k), and the state handed from one stage to
 the next is the tuple of multi-scale feature maps, finest first (fewer of them once scales are pruned).
+One change in substance: the final layer builds only the scale the last classifier reads (see MSDLayer);
+the published configurations never had more, so their numbers are unaffected.
 
 Channel bookkeeping follows the reference: a width `n` is in "base units"; scale s carries
 `n * gr_factor[s]` channels.
