@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from anytime.training.config import TrainConfig
-from anytime.training.trainer import RunResult, train
+from anytime.fileio import atomic_write_json
+from anytime.training.trainer import RunResult, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist.npz"
@@ -57,13 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(args: argparse.Namespace, runs: Path, method: str, seed: int, epochs: int, tag: str = "") -> dict:
     out = runs / f"{method}{tag}-seed{seed}"
+    row_file = out / "benchmark_row.json"
+    if row_file.is_file():  # finished before an interruption: rerunning the benchmark skips it
+        return json.loads(row_file.read_text())
     config = TrainConfig(
         arch=args.arch, data=args.data, method=method, epochs=epochs, out=str(out), batch_size=args.batch_size,
         lr=args.lr, seed=seed, device=args.device, val_size=args.val_size,
         train_limit=args.train_limit or None,
     )  # fmt: skip
     start = time.perf_counter()
-    result: RunResult = train(config)
+    # A run interrupted mid-way continues from its last epoch checkpoint (per-epoch times stay exact).
+    result: RunResult = resume(out) if (out / "checkpoints" / "last.pt").is_file() else train(config)
     wall = time.perf_counter() - start
     train_time = float(sum(r["train_time_s"] for r in result.history))
     row = {
@@ -78,6 +83,7 @@ def run_one(args: argparse.Namespace, runs: Path, method: str, seed: int, epochs
         "wall_time_s": wall,
         "images_per_s": float(np.mean([r["images_per_s"] for r in result.history])),
     }
+    atomic_write_json(row_file, row)
     print(
         f"  {row['method']:<14} seed {seed}  {epochs} ep  test avg {100 * row['test_accuracy_mean']:.2f}%  "
         f"per exit {' '.join(f'{100 * a:.1f}' for a in row['test_accuracy'])}  "
