@@ -13,9 +13,11 @@ from anytime.errors import AnytimeError
 
 __version__ = "0.1.0"
 
-__all__ = ["AnytimeError", "__version__", "load"]
+__all__ = ["AnytimeError", "__version__", "load", "sample_images"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from anytime.runtime import AnytimeModel
 
 
@@ -24,3 +26,10 @@ def load(bundle: Any = None, providers: Any = None, **kwargs: Any) -> "AnytimeMo
     from anytime.runtime import load as _load
 
     return _load(bundle, providers=providers, **kwargs)
+
+
+def sample_images() -> "Path":
+    """Folder of the sample images shipped with the embedded default model (class-named sub-folders)."""
+    from anytime.runtime.bundle import SAMPLE_IMAGES_DIR
+
+    return SAMPLE_IMAGES_DIR

@@ -325,3 +325,21 @@ def test_manifest_schema_problems_are_named(pattern_bundle, tmp_path):
     with pytest.raises(BundleError) as info:
         anytime.load(broken)
     assert "std" in str(info.value) and "num_classes=7" in str(info.value)
+
+
+def test_predict_on_a_folder_takes_its_images_recursively_with_folder_labels(pattern_bundle, pattern_test_images, tmp_path):
+    from PIL import Image
+
+    import anytime
+    from conftest import PATTERN_CLASSES
+
+    x, y = pattern_test_images
+    for i in range(6):
+        folder = tmp_path / "imgs" / PATTERN_CLASSES[y[i]].replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, :, :, 0]).save(folder / f"{i}.png")
+    model = anytime.load(pattern_bundle)
+    preds = model.predict(tmp_path / "imgs", exit=model.num_exits)
+    assert preds.images == 6 and preds.labelled == 6
+    direct = model.predict(x[:6], exit=model.num_exits)
+    assert sorted(preds.labels.tolist()) == sorted(direct.labels.tolist())

@@ -23,6 +23,8 @@ COST_CONVENTIONS = ("macs", "msdnet")
 
 # The embedded default bundle ships as package data (anytime/assets/default/).
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
+# About a hundred Fashion-MNIST test images in class-named folders, shipped with the embedded model.
+SAMPLE_IMAGES_DIR = Path(__file__).resolve().parents[1] / "assets" / "samples"
 
 
 @dataclass(frozen=True)

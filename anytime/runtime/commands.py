@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from anytime.errors import ConfigError
-
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "samples"
+from anytime.runtime.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
 
 def _load_model(bundle: str | None, device: str, providers: str | None, threads: int | None, verify: bool = False):

@@ -103,7 +103,8 @@ def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[P
 def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Iterator[InputItem]:
     """Normalise `predict`'s argument to a lazy stream of InputItems.
 
-    A path, PIL image, H×W[×C] array or N×H×W×C array, or any iterable of those (consumed lazily).
+    A path (a folder: its images, recursively), PIL image, H×W[×C] array or N×H×W×C array, or any
+    iterable of those (consumed lazily).
     """
     folders = ClassFolders(classes) if classes is not None else None
 
@@ -112,7 +113,11 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         return InputItem(os.fspath(p), os.fspath(p), label)
 
     if isinstance(inputs, (str, os.PathLike)):
-        yield from_path(inputs)
+        if Path(inputs).expanduser().is_dir():  # a folder means its images, recursively, as in serve
+            for p in _walk_images(Path(inputs).expanduser()):
+                yield from_path(p)
+        else:
+            yield from_path(inputs)
         return
     if isinstance(inputs, Image.Image):
         yield InputItem(inputs, None)
