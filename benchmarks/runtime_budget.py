@@ -145,7 +145,7 @@ def measure(args: argparse.Namespace) -> None:
     costs = model.exit_costs
     emit(f"- Bundle: `{b.arch}` ({b.path.name}), {b.num_exits} exits, cumulative cost per exit ({conv}): "
          + ", ".join(format_cost(c) for c in costs)
-         + f"; validation accuracy per exit: " + ", ".join(f"{100 * s.val_accuracy:.1f}%" for s in b.stages if s.val_accuracy is not None))
+         + "; validation accuracy per exit: " + ", ".join(f"{100 * s.val_accuracy:.1f}%" for s in b.stages if s.val_accuracy is not None))
     emit(f"- Provenance: {b.manifest.get('provenance', {}).get('method', '?')}; calibration on {b.manifest['calibration']['count']} validation images; "
          f"test: Fashion-MNIST test split, {len(y_test)} images.")
     emit(f"- Timings: best of {args.repeats} passes after a warm-up; inputs preprocessed beforehand (decode and normalise are "

@@ -222,9 +222,6 @@ def export_pattern_bundle(root: Path, model, val_size: int = 600) -> Path:
 @pytest.fixture(scope="session")
 def pattern_bundle(tmp_path_factory) -> Path:
     """A 4-exit, 1-channel 16×16, 4-class bundle from the real exporter, 600 validation images for calibration."""
-    import torch
-
-    torch.set_num_threads(1)
     model = train_pattern_convnet()
     return export_pattern_bundle(tmp_path_factory.mktemp("bundles") / "patterns", model)
 
@@ -246,3 +243,18 @@ def pattern_bundle_exact(pattern_bundle, tmp_path_factory) -> Path:
 def pattern_test_images() -> tuple[np.ndarray, np.ndarray]:
     """300 held-out pattern images (N×16×16×1 uint8) and labels."""
     return make_pattern_images(300, seed=2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread for the whole suite.
+
+    The tests run many small ops at batch sizes of 1-64; on a shared 2-core machine two threads spin
+    against other processes and cost several times the CPU time of one, and one thread is bit-reproducible.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from anytime.cli import cli, main
 from anytime.errors import ConfigError
 from anytime.models import create, list_models
 from anytime.models.costs import exit_costs, exit_params
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(*args: str):

@@ -22,15 +22,6 @@ PUBLISHED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batch-1 passes through many small ops: one intra-op thread is much cheaper on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_msdnet_costs_and_params(name: str) -> None:
     mflops, mparams = PUBLISHED[name]

@@ -32,16 +32,6 @@ from anytime.models import Preprocessing, create, load_model, save_model
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On a shared 2-core machine, torch's thread pool spinning against other processes made these
-    # exports 3x slower (17 s vs 6 s for msdnet-tiny); one thread is plenty for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(root: Path, arch: str, size: int, channels: int, n_train: int, val_size: int, seed: int = 0,
              with_val_split: bool = False) -> Path:
     """A run directory as `anytime train` writes it (the parts export reads) over a random npz dataset."""

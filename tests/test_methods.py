@@ -16,15 +16,6 @@ from anytime.training.base import TrainingMethod, compute_routes
 from anytime.training.methods import create_method, get_method_class, list_methods
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared; one thread is both faster here and bit-reproducible.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class ToyContext:
     """A minimal TrainingContext: test-convnet on 1×8×8 inputs, 3 batches of 8 per pass."""
 

@@ -19,16 +19,6 @@ IMAGENET = {"msdnet-imagenet-step4", "msdnet-imagenet-step7"}
 _COSTS: dict[str, tuple[list[int], list[int], list[int]]] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests run many small ops at batch 1-2; on a shared 2-core machine two intra-op threads
-    # spin against other processes and cost several times the CPU time of one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _costs(name: str, model: MultiExitNetwork | None = None) -> tuple[list[int], list[int], list[int]]:
     """(MACs, msdnet ops, params) per exit, counted once per preset."""
     if name not in _COSTS:

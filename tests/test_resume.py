@@ -18,14 +18,6 @@ from anytime.training.config import TrainConfig
 from anytime.training.trainer import resume, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_npz(path: Path, n: int = 160, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)

@@ -18,14 +18,6 @@ from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_stripes_npz(path: Path, n_train: int = 384, n_test: int = 64, classes: int = 4, seed: int = 0) -> Path:
     """1×16×16 noisy textures, one per class (horizontal/vertical stripes, checker, flat): learnable
     in a few steps and unchanged in kind by the random-crop and flip augmentation."""

@@ -8,13 +8,12 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from anytime.errors import AnytimeError, ConfigError, InputImageError
-from anytime.runtime.budget import Budget, BudgetLike, check_exit, format_cost, parse_budget, resolve_budget_cost
+from anytime.runtime.budget import BudgetLike, check_exit, format_cost, parse_budget, resolve_budget_cost
 from anytime.runtime.bundle import Bundle, read_bundle
 from anytime.runtime.calibration import ExitPolicy, ValidationData, fit_geometric, fit_search, fixed_exit_policy
 from anytime.runtime.engine import StageExecutor
