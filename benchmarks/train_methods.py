@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from anytime.training.config import TrainConfig
-from anytime.fileio import atomic_write_json
+from anytime.fileio import atomic_write_json, atomic_write_text
 from anytime.training.trainer import RunResult, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(f"# Training methods on {args.arch}\n\n{table}\nTotal benchmark wall time: {total / 60:.1f} min.\n")
+    atomic_write_text(results, f"# Training methods on {args.arch}\n\n{table}\nTotal benchmark wall time: {total / 60:.1f} min.\n")
     raw = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "total_time_s": total, "runs": rows}
     results.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
     print(f"wrote {results} and {results.with_suffix('.json')}")
