@@ -22,8 +22,7 @@ def _parse_image_size(value: str | None) -> int | tuple[int, int] | None:
 
 
 def _preset_lines(pattern: str) -> list[str]:
-    # The registry has no public accessor for a builder's docstring; its first line is the description.
-    from anytime.models.registry import _BUILDERS, list_models
+    from anytime.models.registry import list_models, model_description
 
     lines = []
     names = list_models(pattern)
@@ -31,8 +30,7 @@ def _preset_lines(pattern: str) -> list[str]:
         raise ConfigError(f"no model preset matches {pattern!r}; run `anytime info --list` for all of them")
     width = max(len(n) for n in names)
     for name in names:
-        doc = (_BUILDERS[name].__doc__ or "").strip().splitlines()
-        lines.append(f"  {name:<{width}}  {doc[0] if doc else ''}")
+        lines.append(f"  {name:<{width}}  {model_description(name)}")
     return lines
 
 

@@ -38,6 +38,15 @@ def is_model(name: str) -> bool:
     return name in _BUILDERS
 
 
+def model_description(name: str) -> str:
+    """First line of a preset builder's docstring ("" when it has none)."""
+    _ensure_builtin()
+    if name not in _BUILDERS:
+        raise unknown_model_error(name)
+    lines = (_BUILDERS[name].__doc__ or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def unknown_model_error(name: str) -> ConfigError:
     _ensure_builtin()
     close = difflib.get_close_matches(name, list(_BUILDERS), n=3)
