@@ -23,6 +23,7 @@ from torch import nn
 
 from anytime.errors import ConfigError
 from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State, as_hw
+from anytime.models.init import he_fan_out_init
 from anytime.models.registry import register_model
 
 NormLayer = Callable[[int], nn.Module]
@@ -322,25 +323,13 @@ class MSDNet(MultiExitNetwork):
                                    act_layer) if b == 0 else None
             self.stages.append(MSDNetStage(first, modules, head, last=b == n_blocks - 1))
         self.steps = steps
-        self.apply(_init_weights)
+        self.apply(he_fan_out_init)  # as the reference
 
 
 def _has_transition(prune: str, layer: int, n_layers: int, in_scales: int, out_scales: int) -> bool:
     if prune == "max":
         return in_scales > out_scales
     return layer in (math.floor(n_layers / 3), math.floor(2 * n_layers / 3))
-
-
-def _init_weights(m: nn.Module) -> None:
-    # As the reference: He-normal (fan-out) convs, unit-gain norms, zero linear bias.
-    if isinstance(m, nn.Conv2d):
-        n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Linear):
-        nn.init.zeros_(m.bias)
 
 
 def _check_config(spec: ModelSpec, n_blocks: int, base: int, step: int, step_mode: str, n_channels: int,

@@ -12,7 +12,6 @@ here a ResNet block returns that sum and the next unit starts with the ReLU.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from anytime.errors import ConfigError
 from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State, as_hw
+from anytime.models.init import he_fan_out_init
 from anytime.models.registry import register_model
 
 NormLayer = Callable[[int], nn.Module]
@@ -183,21 +183,8 @@ def _check_spec(spec: ModelSpec) -> None:
         )
 
 
-def _he_fan_out(m: nn.Module, linear_std: float | None = None) -> None:
-    if isinstance(m, nn.Conv2d):
-        n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Linear):
-        if linear_std is not None:
-            nn.init.normal_(m.weight, 0.0, linear_std)
-        nn.init.zeros_(m.bias)
-
-
 def _vgg_init(m: nn.Module) -> None:
-    _he_fan_out(m, linear_std=0.01)
+    he_fan_out_init(m, linear_std=0.01)
     if isinstance(m, nn.Conv2d) and m.bias is not None:
         nn.init.zeros_(m.bias)
 
@@ -312,7 +299,7 @@ def sdn_wide_resnet(
             ch = width
     head = nn.Sequential(norm_layer(ch), act_layer(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(ch, spec.num_classes))
-    return SDN(spec, units, _positions(position, ic_after), head, init=_he_fan_out)
+    return SDN(spec, units, _positions(position, ic_after), head, init=he_fan_out_init)
 
 
 def sdn_mobilenet_v1(
