@@ -19,8 +19,9 @@ available as `anytime.data.make_loader`, imported (with torch) only on first acc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from anytime._lazy import lazy_getattr
 from anytime.data.base import (
     FASHION_MNIST_CLASSES,
     OFFICIAL_STATS,
@@ -33,7 +34,12 @@ from anytime.data.base import (
 from anytime.data.defaults import channel_stats, default_augmentation
 from anytime.data.preprocess import eval_preprocess
 from anytime.data.sources import KINDS, open_dataset, parse_spec
-from anytime.data.split import restore_split, split_train_val, train_split_images, val_split_images
+from anytime.data.split import (
+    restore_split,
+    split_train_val,
+    train_split_images,
+    val_split_images,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anytime.data.loaders import make_loader
@@ -62,12 +68,4 @@ __all__ = [
 _LAZY_TORCH = {"make_loader": "anytime.data.loaders"}
 
 
-def __getattr__(name: str) -> Any:
-    # Keeps `import anytime.data` free of torch: the loaders are imported on first use.
-    if name in _LAZY_TORCH:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY_TORCH[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'anytime.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY_TORCH)

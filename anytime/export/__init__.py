@@ -10,9 +10,9 @@ use, so the runtime can use `anytime.export.manifest` (schema and integrity chec
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from anytime._lazy import lazy_getattr
 from anytime.export.errors import (
     ArgmaxError,
     AtolError,
@@ -46,9 +46,4 @@ __all__ = [
 _LAZY = {"export_bundle": "anytime.export.bundle", "ExportResult": "anytime.export.bundle"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'anytime.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

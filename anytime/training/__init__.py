@@ -11,8 +11,9 @@ Methods are strategies (`anytime.training.base.TrainingMethod`) looked up by nam
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from anytime._lazy import lazy_getattr
 
 if TYPE_CHECKING:  # pragma: no cover
     from anytime.training.config import TrainConfig
@@ -32,10 +33,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing the method contract (anytime.training.base) stays cheap.
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'anytime.training' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
