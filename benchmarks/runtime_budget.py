@@ -2,8 +2,8 @@
 
 Two steps, so that the measurement runs without torch:
 
-  # 1. (torch) train msdnet-tiny briefly on Fashion-MNIST and export a bundle with exit_K.onnx
-  python benchmarks/runtime_budget.py build --data ../shared/data/fashion-mnist.npz --out bundles/bench-fm
+  # 1. (torch) export a run directory (or train msdnet-tiny briefly) as a bundle with exit_K.onnx
+  python benchmarks/runtime_budget.py build --run runs/default-drmgf --out bundles/bench-fm
   # 2. (onnxruntime, numpy only) measure and write the report
   python benchmarks/runtime_budget.py measure --bundle bundles/bench-fm --data ../shared/data/fashion-mnist.npz \
       --out benchmarks/results/runtime_budget.md
@@ -18,7 +18,6 @@ at equal average cost.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -28,55 +27,24 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-FM_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 # ----------------------------------------------------------------------------------------------- build
 
 
 def build(args: argparse.Namespace) -> None:
-    """Train msdnet-tiny for a few epochs (all exits' losses summed) and export a bundle."""
-    import torch
+    """Train a model with the project's own trainer, or take a run directory, and export it with exit_K.onnx."""
+    from anytime.export import export_bundle
 
-    from anytime.models import create
+    run = Path(args.run) if args.run else Path(args.out + "-run")
+    if not args.run and not (run / "model.json").is_file():
+        from anytime.training.config import TrainConfig
+        from anytime.training.trainer import train
 
-    spec = importlib.util.spec_from_file_location("bundle_writer", ROOT / "tests" / "conftest.py")
-    writer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(writer)  # the test-suite bundle writer (stage graphs + exit_K.onnx)
-
-    data = np.load(args.data)
-    x_all, y_all = data["x_train"][..., None], data["y_train"].astype(np.int64)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(y_all))
-    val_idx, train_idx = order[: args.val], order[args.val :]
-    mean, std = [float(x_all[train_idx].mean() / 255)], [float(x_all[train_idx].std() / 255)]
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    torch.manual_seed(0)
-    model = create(args.arch, num_classes=10, in_channels=1, image_size=28).to(device)
-    xt = writer._normalise(x_all[train_idx], mean, std).to(device)
-    yt = torch.from_numpy(y_all[train_idx]).to(device)
-    steps_per_epoch = len(yt) // args.batch
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=args.epochs * steps_per_epoch)
-    t0 = time.time()
-    model.train()
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(yt), device=device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch : (i + 1) * args.batch]
-            xb = xt[idx]
-            if torch.rand(()) < 0.5:
-                xb = xb.flip(3)
-            loss = sum(torch.nn.functional.cross_entropy(o, yt[idx]) for o in model(xb))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item() / model.num_exits:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    model = model.cpu().eval()
-    out = writer.write_test_bundle(model, Path(args.out), x_all[val_idx], y_all[val_idx], FM_CLASSES, mean, std,
-                                   full_exits=(model.num_exits,))
-    print(f"bundle written to {out}")
+        train(TrainConfig(arch=args.arch, data=f"npz:{args.data}", method=args.method, epochs=args.epochs,
+                          out=str(run), seed=0, device=args.device))
+    result = export_bundle(run, Path(args.out), full_exits=True, force=True)
+    print(f"bundle written to {result.bundle_dir}")
 
 
 # --------------------------------------------------------------------------------------------- measure
@@ -265,13 +233,13 @@ def measure(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    pb = sub.add_parser("build", help="train msdnet-tiny briefly and export a bundle (needs torch)")
+    pb = sub.add_parser("build", help="train (or take --run) and export a bundle with exit_K.onnx (needs torch)")
+    pb.add_argument("--run", default=None, help="an existing run directory to export (skips training)")
     pb.add_argument("--data", default=str(ROOT.parent / "shared/data/fashion-mnist.npz"))
     pb.add_argument("--out", default=str(ROOT / "bundles" / "bench-fm"))
     pb.add_argument("--arch", default="msdnet-tiny")
+    pb.add_argument("--method", default="joint")
     pb.add_argument("--epochs", type=int, default=3)
-    pb.add_argument("--batch", type=int, default=128)
-    pb.add_argument("--val", type=int, default=5000)
     pb.add_argument("--device", default="auto")
     pm = sub.add_parser("measure", help="benchmark a bundle (onnxruntime only)")
     pm.add_argument("--bundle", default=str(ROOT / "bundles" / "bench-fm"))

@@ -215,3 +215,19 @@ def test_option_parsing_is_typed_and_strict():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ConfigError, match="milestones"):
         TrainConfig(arch="a", data="npz:x", epochs=3, out="o", milestones=(0.8, 0.3))
+
+
+def test_config_records_the_dataset_with_an_absolute_path(tmp_path, monkeypatch):
+    from anytime.training.config import TrainConfig
+    from anytime.training.trainer import train
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 96)
+    x = rng.integers(0, 255, (96, 12, 12), dtype=np.uint8)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "d.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig(arch="test-convnet", data="npz:data/d.npz", method="joint", epochs=1, out="run",
+                      batch_size=32, val_size=32, device="cpu"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert saved == f"npz:{(tmp_path / 'data' / 'd.npz').resolve()}"

@@ -187,6 +187,9 @@ class Trainer:
         self._seed_everything(cfg.seed)
 
         self.dataset = open_dataset(cfg.data)
+        if not self.resuming and cfg.data != self.dataset.spec:
+            # Record the absolute spec: export and --resume may run from another working directory.
+            self.config = cfg = cfg.replace(data=self.dataset.spec)
         info = self.dataset.info
         if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
             raise DatasetError(
