@@ -1,15 +1,12 @@
 """Shared fixtures: a small synthetic image task and bundles exported from a briefly trained model.
 
-`pattern_bundle` goes through the real exporter (anytime.export.export_bundle). `write_test_bundle` is a
-minimal stand-alone writer of the same format (docs/architecture.md), used by benchmarks/runtime_budget.py
-to export a model without a run directory. Tests may use torch; the runtime under test never does.
+`pattern_bundle` goes through the real exporter (anytime.export.export_bundle). Tests may use torch; the
+runtime under test never does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +40,6 @@ def make_pattern_images(n: int, seed: int = 0, size: int = PATTERN_SIZE) -> tupl
     return pixels[..., None], labels.astype(np.int64)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _normalise(x_uint8: np.ndarray, mean: list[float], std: list[float]):
     import torch
 
@@ -54,121 +47,6 @@ def _normalise(x_uint8: np.ndarray, mean: list[float], std: list[float]):
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return ((x - m) / s).contiguous()
-
-
-def _cumulative_macs(model, x) -> list[int]:
-    """Cumulative conv+linear MACs per exit (stages 1..k including heads), via FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    costs, total, state = [], 0, (x[:1],)
-    for stage in model.stages:
-        with FlopCounterMode(display=False) as counter:
-            state, _ = stage(state)
-        total += counter.get_total_flops() // 2
-        costs.append(int(total))
-    return costs
-
-
-def write_test_bundle(
-    model,
-    out_dir: Path,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    classes: list[str],
-    mean: list[float],
-    std: list[float],
-    color: str = "L",
-    full_exits: tuple[int, ...] = (),
-    logits_batch: int = 512,
-) -> Path:
-    """Export a MultiExitNetwork as an anytime bundle (one ONNX graph per stage) with calibration data.
-
-    `full_exits`: 1-based exits that also get a single graph image -> logits (exit_k.onnx).
-    """
-    import torch
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    x = _normalise(x_val, mean, std)
-    costs = _cumulative_macs(model, x)
-    stages_meta = []
-    in_names = ["image"]
-    state = (x[:2],)
-
-    class StageGraph(torch.nn.Module):
-        def __init__(self, stage):
-            super().__init__()
-            self.stage = stage
-
-        def forward(self, *tensors):
-            next_state, logits = self.stage(tuple(tensors))
-            return (*next_state, logits)
-
-    with torch.no_grad():
-        for k, stage in enumerate(model.stages):
-            next_state, _ = stage(state)
-            out_names = [f"s{k}_{i}" for i in range(len(next_state))] + [f"logits_{k}"]
-            path = out_dir / f"stage_{k}.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is fast
-                torch.onnx.export(
-                    StageGraph(stage),
-                    tuple(state),
-                    str(path),
-                    input_names=in_names,
-                    output_names=out_names,
-                    dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
-                    opset_version=17,
-                    dynamo=False,
-                )
-            stages_meta.append(
-                {"index": k, "file": path.name, "inputs": list(in_names), "outputs": out_names,
-                 "logits": out_names[-1], "cost": {"macs": costs[k], "msdnet": costs[k]},
-                 "params": None, "val_accuracy": None, "sha256": _sha256(path)}
-            )
-            state, in_names = next_state, out_names[:-1]
-        logits = torch.cat([torch.stack(model(x[i : i + logits_batch])) for i in range(0, len(x), logits_batch)], dim=1)
-        logits = logits.numpy().astype(np.float32)
-        full_meta = []
-        for e in full_exits:
-
-            class ExitGraph(torch.nn.Module):
-                def __init__(self, net, index):
-                    super().__init__()
-                    self.net, self.index = net, index
-
-                def forward(self, image):
-                    return self.net.forward_until(image, self.index)[-1]
-
-            path = out_dir / f"exit_{e}.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(ExitGraph(model, e - 1), (x[:2],), str(path), input_names=["image"],
-                                  output_names=[f"logits_{e - 1}"], dynamic_axes={"image": {0: "batch"}, f"logits_{e - 1}": {0: "batch"}},
-                                  opset_version=17, dynamo=False)
-            full_meta.append({"exit": e, "file": path.name, "inputs": ["image"], "logits": f"logits_{e - 1}", "sha256": _sha256(path)})
-    for k, meta in enumerate(stages_meta):
-        meta["val_accuracy"] = float((logits[k].argmax(-1) == y_val).mean())
-    cal = out_dir / "calibration.npz"
-    np.savez(cal, logits=logits, labels=y_val.astype(np.int64), indices=np.arange(len(y_val), dtype=np.int64))
-    manifest = {
-        "format": "anytime-bundle",
-        "format_version": 1,
-        "arch": model.spec.arch,
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "input": {"name": "image", "channels": x_val.shape[-1], "height": x_val.shape[1], "width": x_val.shape[2],
-                  "mean": list(mean), "std": list(std), "resize": None, "crop": "center",
-                  "interpolation": "bilinear", "layout": "NCHW", "dtype": "float32", "color": color},
-        "cost_convention": "macs",
-        "stages": stages_meta,
-        "full_exits": full_meta,
-        "calibration": {"file": cal.name, "sha256": _sha256(cal), "split": "validation", "count": int(len(y_val))},
-        "provenance": {"run_dir": None, "method": "test-fixture", "epochs": 0, "anytime_version": "0.1.0",
-                       "date": "1970-01-01T00:00:00Z", "data": "synthetic:patterns"},
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out_dir
 
 
 def train_pattern_convnet(steps: int = 80, seed: int = 0, widths=(8, 12, 16, 16)):
