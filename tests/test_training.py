@@ -51,7 +51,7 @@ def test_cli_train_writes_a_complete_run_directory(stripes, tmp_path):
     from anytime.models import load_model
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(train_command, base_args(stripes, run, "--method", "joint", "-o", "weights=1,1,2"))
+    result = CliRunner().invoke(train_command, base_args(stripes, run, "--method", "joint", "-m", "weights=1,1,2"))
     assert result.exit_code == 0, result.output
     assert "avg" in result.output and f"anytime export {run}" in result.output
 
@@ -93,7 +93,7 @@ def test_cli_train_writes_a_complete_run_directory(stripes, tmp_path):
         (["--data", "npz:/nonexistent/x.npz"], "path does not exist"),
         (["--data", "bogus:/x"], "unknown dataset kind 'bogus'"),
         (["--num-classes", "10"], "--num-classes 10 does not match .* which has 4 classes"),
-        (["-o", "c=1"], r"unknown option\(s\) \['c'\] for method 'joint'"),
+        (["-m", "c=1"], r"unknown option\(s\) \['c'\] for method 'joint'"),
         (["--lr", "-1"], "invalid lr=-1.0"),
         (["--batch-size", "1000"], "fewer than one batch"),
     ],

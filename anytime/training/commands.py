@@ -15,7 +15,7 @@ from anytime.training.methods import list_methods
 EXAMPLES = """\b
 Examples:
   anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 --out runs/fm
-  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method joint -o schedule=sdn --epochs 8 --out runs/sdn
+  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method joint -m schedule=sdn --epochs 8 --out runs/sdn
   anytime train --arch test-convnet --data npz:fashion-mnist.npz --method pcgrad --epochs 1 --train-limit 2000 --out runs/try
   anytime train --resume runs/fm
   torchrun --standalone --nproc_per_node 2 -m anytime.cli train ...   (NCCL per GPU; gloo on CPU)
@@ -54,9 +54,9 @@ def _val_size(text: str | None) -> int | None:
 @click.option("--arch", help="Model preset (see `anytime info --list`).")
 @click.option("--data", help="Dataset as KIND:PATH, e.g. npz:fashion-mnist.npz or cifar100:~/data.")
 @click.option("--method", default="joint", show_default=True, help=f"Training method: {', '.join(list_methods())}.")
-@click.option("--method-option", "-o", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -o c=0.4 or -o schedule=sdn.")
+@click.option("--method-option", "-m", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -m c=0.4 or -m schedule=sdn.")
 @click.option("--epochs", type=int, help="Number of epochs.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory from its last checkpoint.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global mini-batch size (split over torchrun processes).")
 @click.option("--eval-batch-size", type=int, default=256, show_default=True)
