@@ -123,13 +123,18 @@ class DRMGF(TrainingMethod):
             for name, owners in self.owners.items()
             if owners
         }
+        # switch_epoch is 0-based internally; the log counts epochs from 1 like the progress bar.
+        routes_until = (
+            f"dynamic routes in epochs 1-{self.switch_epoch}" if self.gates is not None and self.switch_epoch > 0
+            else "no dynamic routes"
+        )
         logger.info(
-            "%s: %d gated conv layers, %d meta-fused parameters, %d shared parameters, switch at epoch %d",
+            "%s: %d gated conv layers, %d meta-fused parameters, %d shared parameters, %s",
             self.name,
             len(self.gates.layers) if self.gates else 0,
             len(self.scales),
             len(routes.shared),
-            self.switch_epoch,
+            routes_until,
         )
 
     # ------------------------------------------------------------------ epoch
