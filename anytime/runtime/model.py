@@ -196,8 +196,7 @@ class AnytimeModel:
         chosen = self.resolve_policy(budget, policy, exit, method)
         thresholds = chosen.threshold_array()
         cap = chosen.budget if strict and chosen.budget is not None else None
-        items = iter_input_items(inputs, self.classes)
-        chunks = iter(lambda: list(itertools.islice(items, batch_size)), [])
+        chunks = _chunks(iter_input_items(inputs, self.classes), batch_size)
         with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=self.workers) as decode:
             # Decode batch i+1 while batch i runs (onnxruntime releases the GIL): at most two in memory.
             pending: Future | None = None
