@@ -31,7 +31,7 @@ from anytime.export.ort_chain import OrtChain
 from anytime.export.preprocess import input_steps, preprocess_images
 from anytime.export.source import ExportSource, load_source
 from anytime.export.validate import DEFAULT_ATOL, Check, Report, validate_full_exits, validate_stages
-from anytime.fileio import atomic_write_bytes, atomic_write_json
+from anytime.fileio import atomic_write_bytes, atomic_write_json, current_umask
 from anytime.models.costs import exit_costs, exit_params
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def _publishable_modes(tmp: Path) -> None:
     """Give the bundle the permissions of a normally created directory (mkdtemp/mkstemp make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in tmp.iterdir():
         os.chmod(path, 0o666 & ~umask)
     os.chmod(tmp, 0o777 & ~umask)
