@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results, f"# Training methods on {args.arch}\n\n{table}\nSum of the runs' wall times: {total / 60:.1f} min.\n")
     raw = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "total_time_s": total, "runs": rows}
-    results.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    atomic_write_json(results.with_suffix(".json"), raw)
     print(f"wrote {results} and {results.with_suffix('.json')}")
 
 
