@@ -48,16 +48,24 @@ class FakeContext:
         self.on_start: Callable[[int, str], None] | None = None
         self.on_end: Callable[[int, str], None] | None = None
         self.steps = 0
+        self.seen: list[torch.Tensor] = []
 
-    def train_batches(self, epoch: int, phase: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, epoch: int, phase: str, part=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A generator: this body runs when the method starts iterating, i.e. at the start of its pass.
+        if part is not None:
+            phase = f"{phase} {part[0] + 1}/{part[1]}"
         self.phases.append((epoch, phase))
         if self.on_start:
             self.on_start(epoch, phase)
-        g = torch.Generator().manual_seed(zlib.crc32(f"{epoch}/{phase}".encode()))
+        g = torch.Generator().manual_seed(zlib.crc32(f"{epoch}/{phase.split(' ')[0]}".encode()))
         order = torch.randperm(len(self.y), generator=g)
-        for i in range(0, len(order), self.batch):
+        starts = list(range(0, len(order), self.batch))
+        if part is not None:
+            k, n = part
+            starts = starts[len(starts) * k // n : len(starts) * (k + 1) // n]
+        for i in starts:
             idx = order[i : i + self.batch]
+            self.seen.append(idx.clone())
             yield self.x[idx], self.y[idx]
         if self.on_end:  # runs after the last step of the pass
             self.on_end(epoch, phase)
@@ -203,37 +211,115 @@ def test_model_after_an_epoch_is_plain_and_reloads_strictly():
 
 
 # --------------------------------------------------------------------- epoch structure
-def test_every_exit_pass_starts_from_identical_theta0_including_buffers_and_momentum():
-    model, ctx, method = setup_method()
-    method.train_epoch(ctx, 0)  # moves BN buffers and leaves momentum buffers in the optimiser
-    # give the optimiser a non-trivial momentum state at the epoch start
+def _momentum(ctx) -> dict[int, torch.Tensor]:
+    return {id(p): s["momentum_buffer"].clone() for p, s in ctx.optimizer.state.items() if "momentum_buffer" in s}
+
+
+def _warm_momentum(model, ctx) -> None:
+    """Give the optimiser a non-trivial momentum state at the start of epoch 1."""
     for x, y in ctx.train_batches(1, "warm"):
         ctx.optimizer.zero_grad()
         sum(ctx.exit_losses(model(x), y, 1)).backward()
         ctx.optimizer.step()
+
+
+@pytest.mark.parametrize("rule", ["carry", "fused", "reset"])
+def test_every_exit_pass_starts_from_identical_theta0_and_the_momentum_rule_holds(rule):
+    model, ctx, method = setup_method(momentum=rule)
+    method.train_epoch(ctx, 0)  # moves BN buffers and leaves momentum buffers in the optimiser
+    _warm_momentum(model, ctx)
     theta0 = state_of(model)
-    momentum0 = {id(p): s["momentum_buffer"].clone() for p, s in ctx.optimizer.state.items()}
+    momentum0 = _momentum(ctx)
     assert momentum0
     seen: dict[str, tuple[dict, dict]] = {}
-
-    def record(epoch: int, phase: str) -> None:
-        seen[phase] = (
-            state_of(model),
-            {id(p): s["momentum_buffer"].clone() for p, s in ctx.optimizer.state.items()},
-        )
-
-    ctx.on_start = record
+    ended: dict[str, dict] = {}
+    ctx.on_start = lambda epoch, phase: seen.update({phase: (state_of(model), _momentum(ctx))})
+    ctx.on_end = lambda epoch, phase: ended.update({phase: _momentum(ctx)})
     method.train_epoch(ctx, 1)
-    assert [p for e, p in ctx.phases if e == 1 and p != "warm"] == ["exit 3", "exit 2", "exit 1", "fusion"]
-    for phase in ("exit 3", "exit 2", "exit 1"):
-        state, momentum = seen[phase]
+    passes = ["exit 3", "exit 2", "exit 1"]
+    assert [p for e, p in ctx.phases if e == 1 and p != "warm"] == passes + ["fusion"]
+    for phase in passes:
+        state, _ = seen[phase]
         for key, value in theta0.items():
             assert torch.equal(state[key], value), (phase, key)
-        assert momentum.keys() == momentum0.keys()
-        for key, value in momentum0.items():
-            assert torch.equal(momentum[key], value), phase
+    for previous, phase in zip([None] + passes, passes):
+        momentum = seen[phase][1]
+        # carry: each pass continues from the momentum the previous one ended with (the original code);
+        # fused and reset: every pass starts from the epoch start's momentum
+        expected = ended[previous] if rule == "carry" and previous else momentum0
+        assert momentum.keys() == expected.keys()
+        assert all(torch.equal(momentum[k], v) for k, v in expected.items()), phase
+    after = _momentum(ctx)
+    if rule == "carry":
+        assert all(torch.equal(after[k], v) for k, v in ended["exit 1"].items())
+    elif rule == "reset":
+        assert all(torch.equal(after[k], v) for k, v in momentum0.items())
+    else:  # fused like the parameters: the owner's buffer, or the mean over the owners
+        named = dict(model.named_parameters())
+        for name in ctx.routes.names:
+            owners = ctx.routes.owners(name)
+            expected_buf = sum(ended[f"exit {t + 1}"][id(named[name])] for t in owners) / len(owners)
+            torch.testing.assert_close(after[id(named[name])], expected_buf, rtol=1e-6, atol=1e-7)
     # the epoch did change the model
     assert not torch.equal(state_of(model)["stages.0.block.0.weight"], theta0["stages.0.block.0.weight"])
+
+
+def test_momentum_is_not_empty_for_the_whole_run_by_default():
+    model, ctx, method = setup_method()
+    assert method.options.momentum == "carry"
+    method.train_epoch(ctx, 0)
+    started: dict[str, dict] = {}
+    ctx.on_start = lambda epoch, phase: started.update({phase: _momentum(ctx)})
+    method.train_epoch(ctx, 1)
+    assert all(started[f"exit {t}"] for t in (1, 2, 3))  # every pass of epoch 2 starts with momentum
+
+
+def test_other_exits_importance_never_moves_during_an_exit_pass():
+    """Regression: a stale .grad of another exit's M (left by its own pass) was stepped with momentum."""
+    model, ctx, method = setup_method(epochs=4)
+    opt = method.importance_optimizer
+
+    def importance_state() -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for m in method.gates.parameters():
+            buf = opt.state.get(m, {}).get("momentum_buffer")
+            out[id(m)] = (m.detach().clone(), None if buf is None else buf.clone())
+        return out
+
+    starts: dict[tuple[int, str], dict] = {}
+    checked = []
+
+    def on_start(epoch, phase):
+        starts[(epoch, phase)] = importance_state()
+
+    def on_end(epoch, phase):
+        if not phase.startswith("exit "):
+            return
+        t = int(phase.split()[1]) - 1
+        own = {id(m) for m in method.gates.parameters(t)}
+        before, now = starts[(epoch, phase)], importance_state()
+        for key, (value, buf) in before.items():
+            if key in own:
+                continue
+            assert torch.equal(now[key][0], value), (epoch, phase)
+            assert (buf is None and now[key][1] is None) or torch.equal(now[key][1], buf), (epoch, phase)
+        assert any(not torch.equal(now[k][0], before[k][0]) for k in own), (epoch, phase)  # M_t did move
+        checked.append((epoch, phase))
+
+    ctx.on_start, ctx.on_end = on_start, on_end
+    method.train_epoch(ctx, 0)
+    method.train_epoch(ctx, 1)  # the second epoch is where stale gradients of epoch 1 would act
+    assert len(checked) == 6
+
+
+def test_split_passes_cover_the_epoch_once_between_them():
+    model, ctx, method = setup_method(passes="split")
+    method.train_epoch(ctx, 0)
+    assert [p for _, p in ctx.phases] == ["exit passes 1/3", "exit passes 2/3", "exit passes 3/3", "fusion"]
+    images = len(ctx.y)
+    pass_indices = torch.cat(ctx.seen[: images // ctx.batch])  # the three parts, then the fusion pass
+    assert sorted(pass_indices.tolist()) == list(range(images))
+    assert all(torch.isfinite(v).all() for v in state_of(model).values())
 
 
 def capture_pass_ends(model, ctx, method) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
@@ -311,6 +397,19 @@ def test_importance_frozen_after_switch_epoch_and_scales_smoothed():
     assert all(torch.equal(mid[k], after[k]) for k in mid)
     for name, s in method.scales.items():  # EMA with β = 0.9 applied in place after the meta pass
         torch.testing.assert_close(s.detach(), 0.9 * scales_mid[name] + 0.1 * raw[name], rtol=1e-6, atol=1e-8)
+    # the network was written with the scales the meta pass learned, before the EMA smoothed them
+    smoothed = [g.scale.detach().clone() for g in method.fusion.groups]
+    with torch.no_grad():
+        for g in method.fusion.groups:
+            for name in g.names:
+                offset, count = g.slots[name]
+                g.scale[:, offset : offset + count].copy_(raw[name].reshape(len(g.exits), count))
+        fused_raw = method.fusion.fused()
+        for g, value in zip(method.fusion.groups, smoothed):
+            g.scale.copy_(value)
+    params = dict(model.named_parameters())
+    for name, value in fused_raw.items():
+        torch.testing.assert_close(params[name].detach(), value.detach(), rtol=1e-6, atol=1e-7)
     assert method.fusion_optimizer.param_groups[0]["params"][0] is method.fusion.groups[0].scale
 
 
@@ -327,6 +426,10 @@ def test_options_are_validated():
         DRMGFOptions(fusion="median")
     with pytest.raises(ConfigError, match="kappa"):
         DRMGFOptions(kappa=0.5)
+    with pytest.raises(ConfigError, match="momentum must be one of carry, fused, reset"):
+        DRMGFOptions(momentum="keep")
+    with pytest.raises(ConfigError, match="passes must be one of full, split"):
+        DRMGFOptions(passes="half")
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

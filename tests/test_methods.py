@@ -33,11 +33,14 @@ class ToyContext:
         self.phases: list[str] = []
         self.steps = 0
 
-    def train_batches(self, epoch, phase):
+    def train_batches(self, epoch, phase, part=None):
         self.phases.append(phase)
         # Order depends only on (epoch, phase), as the trainer guarantees.
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(epoch * 97 + len(phase)))
-        for i in order.tolist():
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(epoch * 97 + len(phase))).tolist()
+        if part is not None:
+            k, n = part
+            order = order[len(order) * k // n : len(order) * (k + 1) // n]
+        for i in order:
             yield self.data[i]
 
     def exit_losses(self, outputs, targets, epoch):
@@ -151,8 +154,8 @@ def test_unknown_method_and_options_are_clear_errors():
         create_method("pcgard")
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['cc'\] for method 'cagrad'|cvxpy"):
         create_method("cagrad", {"cc": "1"})
-    with pytest.raises(ConfigError, match="schedule"):
-        create_method("joint", {"schedule": "linear"})
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['schedule'\]"):
+        create_method("joint", {"schedule": "sdn"})  # the ramp is the trainer's --exit-weights now
     with pytest.raises(ConfigError, match="must be float"):
         create_method("joint", {"weights": "1,x,1"})
 
@@ -202,17 +205,18 @@ def test_gradient_equilibrium_averages_the_exits_reaching_each_parameter():
 
 
 def test_joint_weights_and_sdn_ramp():
+    from anytime.training.losses import exit_weights
+
     ctx = ToyContext(epochs=10)
     per_exit = _per_exit_grads(ctx)
     got = _grads_of("joint", ctx, weights="0.5,1,2")
     name = "stages.0.block.0.weight"
     torch.testing.assert_close(got[name], 0.5 * per_exit[0][name] + per_exit[1][name] + 2 * per_exit[2][name])
-    method = create_method("joint", {"schedule": "sdn"})
-    method.setup(ctx)
     # C = (0.15, 0.90) for the 2 internal exits; w = min(C, 0.01 + e * C / E), e = 1..E; final exit 1.
-    assert method.exit_weights(0) == pytest.approx([0.025, 0.1, 1.0])
-    assert method.exit_weights(4) == pytest.approx([0.085, 0.46, 1.0])
-    assert method.exit_weights(9) == pytest.approx([0.15, 0.9, 1.0])
+    assert exit_weights("sdn", 3, 0, 10) == pytest.approx([0.025, 0.1, 1.0])
+    assert exit_weights("sdn", 3, 4, 10) == pytest.approx([0.085, 0.46, 1.0])
+    assert exit_weights("sdn", 3, 9, 10) == pytest.approx([0.15, 0.9, 1.0])
+    assert exit_weights("constant", 3, 0, 10) == [1.0, 1.0, 1.0]
     with pytest.raises(ConfigError, match="3 exits"):
         create_method("joint", {"weights": "1,1"}).setup(ctx)
 

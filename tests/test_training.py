@@ -58,7 +58,7 @@ def test_cli_train_writes_a_complete_run_directory(stripes, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "joint" and config["batch_size"] == 32 and config["epochs"] == 2
     # fully resolved: every option of the method, typed
-    assert config["method_options"] == {"weights": [1.0, 1.0, 2.0], "schedule": "constant", "sdn_min": 0.15, "sdn_max": 0.9}
+    assert config["method_options"] == {"weights": [1.0, 1.0, 2.0]}
     split = json.loads((run / "split.json").read_text())
     assert len(split["val_indices"]) == 32 and not set(split["val_indices"]) & set(split["train_indices"])
 
@@ -206,11 +206,11 @@ def test_distillation_and_lr_schedules(stripes, tmp_path):
 def test_option_parsing_is_typed_and_strict():
     from anytime.training.methods.joint import JointOptions
 
-    opts = build_options(JointOptions, {"weights": "1, 2,3", "schedule": "constant"}, "method 'joint'")
+    opts = build_options(JointOptions, {"weights": "1, 2,3"}, "method 'joint'")
     assert opts.weights == (1.0, 2.0, 3.0)
     assert build_options(JointOptions, {"weights": "none"}, "x").weights is None
     with pytest.raises(ConfigError, match="must be float"):
-        build_options(JointOptions, {"sdn_min": "abc"}, "method 'joint'")
+        build_options(JointOptions, {"weights": "1,abc"}, "method 'joint'")
     cfg = TrainConfig(arch="a", data="npz:x", epochs=3, out="o", milestones=(0.3, 0.6))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ConfigError, match="milestones"):

@@ -71,9 +71,13 @@ class _BaseLoader:
         pad: int,
         flip: bool,
         resize: int | None,
+        part: tuple[int, int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+            raise ConfigError(f"part={part!r} is out of range; give (k, n) with 0 <= k < n")
+        self.part = None if part is None else (int(part[0]), int(part[1]))
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} is out of range for world_size={world_size}; need 0 <= rank < world_size")
         if channels not in (1, 3):
@@ -103,12 +107,33 @@ class _BaseLoader:
             return math.ceil(n / self.world_size) if n else 0
         return len(range(self.rank, n, self.world_size))
 
-    def __len__(self) -> int:
+    def _all_batches(self) -> int:
         n = self.num_samples()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _part_range(self) -> range:
+        """Numbers of the batches this loader yields: all of them, or the k-th of n contiguous parts."""
+        total = self._all_batches()
+        if self.part is None:
+            return range(total)
+        k, n = self.part
+        return range(total * k // n, total * (k + 1) // n)
+
+    def __len__(self) -> int:
+        return len(self._part_range())
+
+    def numbered_batches(self, epoch: int | None = None) -> list[tuple[int, np.ndarray]]:
+        """(batch number within the epoch, split indices) of the batches this loader yields, in order.
+
+        With `part=(k, n)` only the k-th of n contiguous runs of the epoch's batches: the n parts of one
+        (seed, epoch) are disjoint and together cover the epoch, and each batch keeps the augmentation it
+        has in the whole epoch.
+        """
+        batches = self.batch_indices(epoch)
+        return [(number, batches[number]) for number in self._part_range()]
+
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
-        """The split indices of every batch of an epoch, in order (what the loader will yield)."""
+        """The split indices of every batch of a whole epoch, in order (ignores `part`)."""
         epoch = self.epoch if epoch is None else int(epoch)
         positions = shard_positions(
             len(self.indices), train=self.train, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size
@@ -129,7 +154,7 @@ class ArrayLoader(_BaseLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
-        for number, idx in enumerate(self.batch_indices(epoch)):
+        for number, idx in self.numbered_batches(epoch):
             images, labels = self.split.get_batch(idx)
             rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, number)) if self.train else None
             x = batch_transform(
@@ -186,7 +211,7 @@ class ImageLoader(_BaseLoader):
                 batch.append((int(i), aug))
                 position += 1
             keyed.append(batch)
-        return keyed
+        return [keyed[number] for number in self._part_range()]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -222,6 +247,7 @@ def make_loader(
     pad: int = 4,
     flip: bool = True,
     resize: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> ArrayLoader | ImageLoader:
     """Batches of `dataset_split[indices]` (all of it when `indices` is None) for a model's input.
 
@@ -231,12 +257,13 @@ def make_loader(
     scaled to before the centre/random crop to `image_size` (None: only images of another size are scaled,
     to max(image_size)). In-memory splits are augmented batched on tensors in the calling process
     (`num_workers` is ignored); image folders are decoded per image by a DataLoader with `num_workers`.
-    Call `loader.set_epoch(e)` (or pass `epoch`) to move to another epoch's order.
+    Call `loader.set_epoch(e)` (or pass `epoch`) to move to another epoch's order. `part=(k, n)` yields only
+    the k-th of n contiguous runs of the epoch's batches (disjoint parts that together cover the epoch).
     """
     common = dict(
         batch_size=int(batch_size), train=bool(train), image_size=_as_image_size(image_size), channels=int(channels),
         seed=seed, epoch=epoch, rank=int(rank), world_size=int(world_size), drop_last=bool(drop_last),
-        pad=int(pad), flip=bool(flip), resize=None if resize is None else int(resize),
+        pad=int(pad), flip=bool(flip), resize=None if resize is None else int(resize), part=part,
     )  # fmt: skip
     if getattr(dataset_split, "in_memory", False):
         return ArrayLoader(dataset_split, indices, mean=mean, std=std, **common)

@@ -64,6 +64,10 @@ class Stage(nn.Module):
 class MultiExitNetwork(nn.Module):
     """Base class of all anytime models; subclasses fill `self.stages` in their constructor."""
 
+    # How the trainer weights the exits' losses unless told otherwise (`--exit-weights`): "constant"
+    # (all 1) or "sdn" (the SDN ramp of the internal exits, which SDN backbones need at lr 0.1).
+    default_exit_weights: str = "constant"
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -37,16 +37,20 @@ class TrainingContext(Protocol):
     rank: int
     world_size: int
 
-    def train_batches(self, epoch: int, phase: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, phase: str, part: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over this rank's shard of the training set, (x, y) on `device`.
 
         Order and augmentation depend only on (seed, epoch, phase) so a resumed run repeats them.
-        The trainer's progress bar shows `phase` while the pass runs.
+        `part=(k, n)`: only the k-th of n contiguous parts of that pass (the n parts of one phase are
+        disjoint and cover it). The trainer's progress bar shows `phase` while the pass runs.
         """
         ...
 
     def exit_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor, epoch: int) -> list[torch.Tensor]:
-        """Per-exit losses (cross-entropy, plus distillation from the last exit when enabled)."""
+        """Per-exit losses (cross-entropy, plus distillation from the last exit when enabled), each already
+        multiplied by its exit weight at `epoch` (`--exit-weights`), so every method sees the same weighting."""
         ...
 
     def lr(self, epoch: int) -> float:

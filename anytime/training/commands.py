@@ -15,7 +15,7 @@ from anytime.training.methods import list_methods
 EXAMPLES = """\b
 Examples:
   anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 --out runs/fm
-  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method joint -m schedule=sdn --epochs 8 --out runs/sdn
+  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method joint --exit-weights sdn --epochs 8 --out runs/sdn
   anytime train --arch test-convnet --data npz:fashion-mnist.npz --method pcgrad --epochs 1 --train-limit 2000 --out runs/try
   anytime train --resume runs/fm
   torchrun --standalone --nproc_per_node 2 -m anytime.cli train ...   (NCCL per GPU; gloo on CPU)
@@ -54,7 +54,7 @@ def _val_size(text: str | None) -> int | None:
 @click.option("--arch", help="Model preset (see `anytime info --list`).")
 @click.option("--data", help="Dataset as KIND:PATH, e.g. npz:fashion-mnist.npz or cifar100:~/data.")
 @click.option("--method", default="joint", show_default=True, help=f"Training method: {', '.join(list_methods())}.")
-@click.option("--method-option", "-m", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -m c=0.4 or -m schedule=sdn.")
+@click.option("--method-option", "-m", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -m c=0.4 or -m aux_weight=0.4.")
 @click.option("--epochs", type=int, help="Number of epochs.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory from its last checkpoint.")
@@ -75,6 +75,7 @@ def _val_size(text: str | None) -> int | None:
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random crop and flip of training images.")
 @click.option("--kd-weight", type=float, default=0.0, show_default=True, help="Distillation from the last exit (Phuong & Lampert 2019); 0 disables.")
 @click.option("--kd-temperature", type=float, default=4.0, show_default=True)
+@click.option("--exit-weights", type=click.Choice(["auto", "constant", "sdn"]), default="auto", show_default=True, help="Per-exit loss weights for every method: all 1, or the SDN ramp of the internal exits; auto: sdn for SDN presets, constant otherwise.")
 @click.option("--num-classes", type=int, default=None, help="Expected number of classes; an error if the data set has another.")
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Architecture override passed to anytime.models.create (repeatable).")
 @click.option("--deterministic/--no-deterministic", default=False, show_default=True, help="torch.use_deterministic_algorithms (bit-exact resume, slower).")
@@ -107,6 +108,7 @@ def train(**kw: Any) -> None:
                 seed=kw["seed"], device=kw["device"] or "auto", val_size=_val_size(kw["val_size"]),
                 train_limit=kw["train_limit"], workers=kw["workers"] or 0, augment=kw["augment"],
                 kd_weight=kw["kd_weight"], kd_temperature=kw["kd_temperature"], deterministic=kw["deterministic"],
+                exit_weights=kw["exit_weights"],
             )  # fmt: skip
             result = run_training(config, progress=progress)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from anytime.errors import ConfigError
+from anytime.training.losses import EXIT_WEIGHTINGS
 
 SCHEDULES = ("multistep", "cosine", "constant")
 DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -49,6 +50,9 @@ class TrainConfig:
     augment: bool = True
     kd_weight: float = 0.0  # Phuong & Lampert 2019 distillation from the last exit; 0 disables
     kd_temperature: float = 4.0
+    # per-exit loss weights for every method: "auto" takes the architecture's default ("sdn" for SDN
+    # networks, "constant" otherwise)
+    exit_weights: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
 
     def __post_init__(self) -> None:
@@ -83,6 +87,8 @@ class TrainConfig:
             raise bad("kd_weight", self.kd_weight, "the distillation weight must be in [0, 1] (0 disables it)")
         if not self.kd_temperature > 0:
             raise bad("kd_temperature", self.kd_temperature, "the distillation temperature must be > 0")
+        if self.exit_weights not in EXIT_WEIGHTINGS:
+            raise bad("exit_weights", self.exit_weights, f"choose one of {', '.join(EXIT_WEIGHTINGS)}")
         if self.num_classes is not None and self.num_classes < 2:
             raise bad("num_classes", self.num_classes, "a classifier needs at least 2 classes")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

@@ -13,7 +13,9 @@ The tau^2 factor keeps the soft-target gradients on the scale of the hard-target
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,3 +37,22 @@ class ExitLoss:
             losses.append((1 - self.kd_weight) * hard + self.kd_weight * tau * tau * soft)
         losses.append(ce[-1])
         return losses
+
+
+EXIT_WEIGHTINGS = ("auto", "constant", "sdn")
+SDN_CAPS = (0.15, 0.90)  # C of the first and of the last internal exit (Kaya et al., ICML 2019)
+
+
+def exit_weights(kind: str, num_exits: int, epoch: int, epochs: int) -> list[float]:
+    """Per-exit loss weights at `epoch` (0-based).
+
+    "constant": all 1. "sdn": the SDN ramp, w_t = min(C_t, 0.01 + (epoch + 1) * C_t / epochs) with C_t
+    spread evenly from 0.15 to 0.90 over the internal exits and weight 1 for the final exit; the epoch
+    counts from 1 as in the SDN code, so the last epoch trains with the full C_t.
+    """
+    if kind == "constant":
+        return [1.0] * num_exits
+    if kind != "sdn":
+        raise ValueError(f"unknown exit weighting {kind!r}")
+    caps: Sequence[float] = np.linspace(*SDN_CAPS, num_exits - 1).tolist() if num_exits > 1 else []
+    return [min(float(c), 0.01 + (epoch + 1) * float(c) / epochs) for c in caps] + [1.0]

@@ -32,7 +32,7 @@ from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
 from anytime.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from anytime.training.config import TrainConfig, options_to_dict
-from anytime.training.losses import ExitLoss
+from anytime.training.losses import ExitLoss, exit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class Trainer:
             weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
         )  # fmt: skip
         self.exit_loss = ExitLoss(cfg.kd_weight, cfg.kd_temperature)
+        self.exit_weighting = self.model.default_exit_weights if cfg.exit_weights == "auto" else cfg.exit_weights
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
         self.routes: Routes = compute_routes(self.model, example.to(self.device))
         self.method.setup(self)
@@ -246,28 +247,30 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _loader(self, split, indices, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0, shard: bool = True):
+    def _loader(self, split, indices, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0, shard: bool = True, part=None):
         from anytime.data import make_loader
 
         return make_loader(
             split, indices, batch_size=batch_size, train=train, mean=self.mean, std=self.std,
             image_size=self.image_size, channels=self.channels, seed=seed, epoch=epoch,
             rank=self.rank if shard else 0, world_size=self.world_size if shard else 1,
-            drop_last=train, num_workers=self.config.workers, pad=self.pad, flip=self.flip,
+            drop_last=train, num_workers=self.config.workers, pad=self.pad, flip=self.flip, part=part,
         )  # fmt: skip
 
     # ----------------------------------------------------------------- TrainingContext
-    def train_batches(self, epoch: int, phase: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, phase: str, part: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_rank = self.config.batch_size // self.world_size
         loader = self._loader(
             self.dataset.train, self.train_indices, train=True, batch_size=per_rank,
-            seed=phase_seed(self.config.seed, phase), epoch=epoch,
+            seed=phase_seed(self.config.seed, phase), epoch=epoch, part=part,
         )  # fmt: skip
-        self._phase = phase
+        self._phase = phase if part is None else f"{phase} {part[0] + 1}/{part[1]}"
         self._running_loss = None
         self._phase_start = time.perf_counter()
         self._phase_images = 0
-        self._open_bar(epoch, phase, len(loader))
+        self._open_bar(epoch, self._phase, len(loader))
         non_blocking = self.device.type == "cuda"
         try:
             for x, y in loader:
@@ -276,7 +279,8 @@ class Trainer:
             self._close_bar()
 
     def exit_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor, epoch: int) -> list[torch.Tensor]:
-        return self.exit_loss(outputs, targets)
+        weights = exit_weights(self.exit_weighting, self.num_exits, epoch, self.epochs)
+        return [w * loss if w != 1.0 else loss for w, loss in zip(weights, self.exit_loss(outputs, targets))]
 
     def lr(self, epoch: int) -> float:
         cfg = self.config

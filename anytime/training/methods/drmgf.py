@@ -1,8 +1,18 @@
 """DR-MGF: dynamic routes + meta-weighted gradient fusion (docs/drmgf.md), and its two ablations.
 
-One epoch: for every exit t (deepest first) train one pass from the epoch's starting point θ0 (weights,
-BatchNorm buffers and optimiser momentum) with exit t's gated forward and loss ℓ_t + ρ Σ_{j≠t} ℓ_j,
-fold, record Δ_t on exit t's route, restore θ0; then fuse the Δ_t into the shared weights.
+One epoch: for every exit t (deepest first) train one pass from the epoch's starting point θ0 (weights
+and BatchNorm buffers) with exit t's gated forward and loss ℓ_t + ρ Σ_{j≠t} ℓ_j, fold, record Δ_t on
+exit t's route, restore θ0; then fuse the Δ_t into the shared weights. Only M_t moves in exit t's pass.
+
+The network optimiser's momentum (`momentum`): "carry" (the original code) lets each pass continue from
+the momentum the previous pass ended with; "fused" starts every pass from one momentum fused like the
+parameters (the owner's buffer for single-route parameters, the mean of the owners' buffers for shared
+ones); "reset" starts every pass from the epoch start's momentum, which is empty at epoch 0 and so stays
+empty for the whole run (kept only to measure what momentum is worth).
+
+`passes="split"` is the cheap variant: exit t's pass covers only the t-th of T disjoint parts of the
+epoch's batches, so the T passes together see the training set once and an epoch costs about two joint
+epochs (one of passes, one of fusion) instead of T + 1.
 
 Fusion rules (θ0 + ...):
 - a parameter on one route (head, deepest-only block): its owner's Δ;
@@ -39,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 FUSIONS = ("meta", "mean")
 EXIT_ORDERS = ("deepest-first", "shallowest-first")
+MOMENTUM_RULES = ("carry", "fused", "reset")
+PASS_DATA = ("full", "split")
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,8 @@ class DRMGFOptions(MethodOptions):
     importance_momentum: float = 0.9
     importance_weight_decay: float = 5e-5
     exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
+    momentum: Literal["carry", "fused", "reset"] = "carry"  # network optimiser momentum across exit passes
+    passes: Literal["full", "split"] = "full"  # "split": each exit pass over a 1/T part of the epoch
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -70,6 +84,8 @@ class DRMGFOptions(MethodOptions):
         need(0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}")
         need(self.importance_weight_decay >= 0, f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}")
         need(self.exit_order in EXIT_ORDERS, f"exit_order must be one of {', '.join(EXIT_ORDERS)}, got '{self.exit_order}'")
+        need(self.momentum in MOMENTUM_RULES, f"momentum must be one of {', '.join(MOMENTUM_RULES)}, got '{self.momentum}'")
+        need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ class DRMGF(TrainingMethod):
         return self.gates is not None and epoch < self.switch_epoch
 
     def train_epoch(self, ctx: TrainingContext, epoch: int) -> dict[str, float]:
+        opts: DRMGFOptions = self.options  # type: ignore[assignment]
         model = ctx.model
         model.train()
         dynamic = self.dynamic(epoch)
@@ -154,17 +171,26 @@ class DRMGF(TrainingMethod):
                 group["lr"] = ctx.lr(epoch)
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
+        fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
         metrics: dict[str, float] = {}
         try:
-            for t in self.exit_order():
+            for k, t in enumerate(self.exit_order()):
                 restore(model, start)
-                # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
-                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+                if opts.momentum != "carry":
+                    # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
+                    ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+                part = (k, self.num_exits) if opts.passes == "split" else None
                 # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
-                metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic)
+                metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic, part)
                 self._record_deltas(model, start, t, dynamic)
+                if fused_momentum is not None:
+                    fused_momentum.add(ctx.optimizer, t)
             restore(model, start)
-            ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+            if fused_momentum is not None:
+                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+                fused_momentum.write(ctx.optimizer)
+            elif opts.momentum == "reset":
+                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
             # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
             metrics["loss"] = self._fuse(ctx, epoch, start)
         except BaseException:
@@ -177,12 +203,20 @@ class DRMGF(TrainingMethod):
         metrics["dynamic_routes"] = float(dynamic)
         return metrics
 
-    def _exit_pass(self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool) -> float:
+    def _exit_pass(
+        self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool, part: tuple[int, int] | None = None
+    ) -> float:
         model, rho = ctx.model, self.options.aux_weight  # type: ignore[attr-defined]
         params = [p for p in model.parameters() if p.requires_grad]
         importance = self.gates.parameters(t) if dynamic and self.gates is not None else []
+        if self.gates is not None:
+            # Another exit's M still holds the gradient of its own pass's last step; the optimiser would
+            # step it again (with momentum) at every step of this pass. Only M_t may move here.
+            for m in self.gates.parameters():
+                m.grad = None
+        phase = "exit passes" if part is not None else f"exit {t + 1}"
         total, count = 0.0, 0
-        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=f"exit {t + 1}")):
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=phase, part=part)):
             outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
             losses = ctx.exit_losses(outputs, y, epoch)
             loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
@@ -199,6 +233,8 @@ class DRMGF(TrainingMethod):
                 self.importance_optimizer.step()  # type: ignore[union-attr]  # only M_t has .grad
             ctx.log_step(value, int(x.shape[0]))
             total, count = total + value * x.shape[0], count + int(x.shape[0])
+        for m in importance:
+            m.grad = None
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -237,12 +273,14 @@ class DRMGF(TrainingMethod):
             self.fusion_optimizer.step()  # type: ignore[union-attr]
             ctx.log_step(value, int(x.shape[0]))
             loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
-        if epoch >= self.switch_epoch:
-            fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
-        fusion.remember()
+        # The network takes the fusion of the scales just learned; the EMA then smooths the scales that the
+        # next epoch starts from (the original's order: write, then smooth).
         with torch.no_grad():
             for name, value in fusion.fused().items():
                 params[name].copy_(value)
+        if epoch >= self.switch_epoch:
+            fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
+        fusion.remember()
         return loss_sum / max(count, 1)
 
     @property
@@ -325,6 +363,36 @@ class DRAvgF(DRMGF):
 
     name = "dr-avgf"
     Options = DRAvgFOptions
+
+
+# ---------------------------------------------------------------- momentum
+class MomentumFusion:
+    """The "fused" momentum rule: Σ over exit passes of each pass's momentum on its own route, averaged
+    over the parameter's owners (like the plain fusion of the parameters themselves)."""
+
+    def __init__(self, model: nn.Module, owners: dict[str, list[int]]) -> None:
+        self.params = dict(model.named_parameters())
+        self.owners = owners
+        self.sums: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, optimizer: torch.optim.Optimizer, t: int) -> None:
+        for name, owners in self.owners.items():
+            if t not in owners:
+                continue
+            buf = optimizer.state.get(self.params[name], {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            share = buf / len(owners)
+            if name in self.sums:
+                self.sums[name].add_(share)
+            else:
+                self.sums[name] = share.clone()
+
+    @torch.no_grad()
+    def write(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, value in self.sums.items():
+            optimizer.state[self.params[name]]["momentum_buffer"] = value
 
 
 # ---------------------------------------------------------------- snapshot
