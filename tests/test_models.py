@@ -173,13 +173,16 @@ def test_sdn_internal_classifier_pooling() -> None:
         ("sdn-resnet56", 7, (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)),
         ("sdn-wrn32-4", 7, (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)),
         ("sdn-mobilenet", 6, None),
+        ("sdn-tiny", 4, (0.19, 0.50, 0.82)),
     ],
 )
 def test_sdn_ics_sit_at_increasing_shares_of_the_cost(name: str, exits: int, fractions) -> None:
     macs = _costs(name)[0]
     assert len(macs) == exits
     share = [m / macs[-1] for m in macs[:-1]]
-    assert 0.1 < share[0] < 0.25 and 0.85 < share[-1] < 0.95
+    assert share == sorted(share)
+    if name != "sdn-tiny":
+        assert 0.1 < share[0] < 0.25 and 0.85 < share[-1] < 0.95
     if fractions is not None:
         assert all(abs(s - f) < 0.04 for s, f in zip(share, fractions)), share
 

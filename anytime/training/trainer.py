@@ -20,7 +20,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -69,12 +69,20 @@ class RunResult:
         return float(np.mean(times)) if times else float("nan")
 
 
-def train(config: TrainConfig, *, progress: bool = False) -> RunResult:
+EpochHook = Callable[["Trainer", int, dict[str, Any]], None]
+"""Called after each epoch's training and validation with (trainer, 0-based epoch, the results row); it
+may add JSON-serialisable keys to the row, which is then checkpointed and written to results.jsonl/csv
+(so a resumed run keeps them). Time spent in the hook is not training time."""
+
+
+def train(config: TrainConfig, *, progress: bool = False, epoch_hook: EpochHook | None = None) -> RunResult:
     """Train from scratch into `config.out` (which must not already hold a run)."""
-    return Trainer(config, progress=progress).run()
+    return Trainer(config, progress=progress, epoch_hook=epoch_hook).run()
 
 
-def resume(run_dir: str | os.PathLike, *, progress: bool = False, **overrides: Any) -> RunResult:
+def resume(
+    run_dir: str | os.PathLike, *, progress: bool = False, epoch_hook: EpochHook | None = None, **overrides: Any
+) -> RunResult:
     """Continue the run in `run_dir` from its last checkpoint. Only `device` and `workers` may change."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
@@ -90,7 +98,7 @@ def resume(run_dir: str | os.PathLike, *, progress: bool = False, **overrides: A
     config = TrainConfig.from_dict(json.loads(path.read_text()))
     changes = {k: v for k, v in overrides.items() if v is not None}
     config = config.replace(out=str(run_dir), **changes)
-    return Trainer(config, progress=progress, resume=True).run()
+    return Trainer(config, progress=progress, resume=True, epoch_hook=epoch_hook).run()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -124,8 +132,11 @@ def check_writable(directory: Path) -> None:
 class Trainer:
     """One training run. Implements the `TrainingContext` protocol handed to the method."""
 
-    def __init__(self, config: TrainConfig, *, progress: bool = False, resume: bool = False) -> None:
+    def __init__(
+        self, config: TrainConfig, *, progress: bool = False, resume: bool = False, epoch_hook: EpochHook | None = None
+    ) -> None:
         self.config = config
+        self.epoch_hook = epoch_hook
         self.resuming = resume
         self.show_progress = progress
         self.run_dir = Path(config.out)
@@ -406,6 +417,8 @@ class Trainer:
             "epoch_time_s": round(time.perf_counter() - start, 4),
             "images_per_s": round(self._epoch_images / max(train_time, 1e-9), 2),
         }
+        if self.epoch_hook is not None:
+            self.epoch_hook(self, epoch, row)
         self._completed_epochs = epoch + 1
         # Ctrl-C while the checkpoint is written must not leave the run without this epoch.
         with _defer_keyboard_interrupt():

@@ -1,0 +1,367 @@
+"""Benchmark: DR-MGF against joint training and PCGrad trained to convergence, on the 2-core CPU machine.
+
+For each architecture (msdnet-tiny, sdn-tiny) and paired seed, train on the same fixed subset of
+Fashion-MNIST with each method for the same number of epochs (`--epochs`, chosen so that joint training
+converges: its average test top-1 moves less than 0.3 points over its last quarter of epochs, which the
+report checks), plus the equal-wall-clock pair:
+
+  joint            E epochs
+  pcgrad           E epochs (the best prior baseline in benchmarks/results/train_methods.md)
+  drmgf            E epochs (T exit passes + 1 fusion pass per epoch: about (T+1)x a joint epoch)
+  drmgf-split      E epochs, -m passes=split (each exit pass over 1/T of the epoch: about 2x a joint epoch)
+  joint-2x         2E epochs (the wall-clock of drmgf-split)
+
+Every epoch records the per-exit test accuracy (after the epoch's training and validation; not counted as
+training time), so the report can plot average test accuracy against training wall-clock.
+
+Resumable and shareable between processes: each run is claimed by one worker (a claim file holding its
+pid; a claim whose process is gone is taken over), an interrupted run continues from its epoch checkpoint,
+and a finished run writes `benchmarks/results/train_convergence/<run>.json` atomically. Start one worker
+per core you can spare; each uses one torch thread.
+
+    python benchmarks/train_convergence.py run --runs-dir /tmp/conv      # work through the queue
+    python benchmarks/train_convergence.py run --runs-dir /tmp/conv --max-runs 1
+    python benchmarks/train_convergence.py report                       # table + plot from finished runs
+    python benchmarks/train_convergence.py run --epochs 2 --train-limit 256 --seeds 0 --archs msdnet-tiny \\
+        --runs-dir /tmp/smoke --results /tmp/smoke-results              # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist.npz"
+DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "train_convergence"
+CONVERGED_POINTS = 0.3
+
+
+@dataclass(frozen=True)
+class Run:
+    arch: str
+    label: str  # method as reported (joint, drmgf-split, ...)
+    method: str  # anytime method name
+    seed: int
+    epochs: int
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.label}-seed{self.seed}"
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """The queue, most informative first: every method of seed 0 for every arch, then the next seed."""
+    e = args.epochs
+    variants = [
+        ("joint", "joint", e, {}),
+        ("drmgf", "drmgf", e, {}),
+        ("pcgrad", "pcgrad", e, {}),
+        ("drmgf-split", "drmgf", e, {"passes": "split"}),
+        ("joint-2x", "joint", 2 * e, {}),
+    ]
+    runs = []
+    for seed in args.seeds:
+        for arch in args.archs:
+            for label, method, epochs, options in variants:
+                if label in args.methods:
+                    runs.append(Run(arch, label, method, seed, epochs, options))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------- claims
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def claim(directory: Path) -> bool:
+    """Take the run in `directory` for this process, unless a live process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "claim.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return False
+            path.unlink(missing_ok=True)  # the holder is gone: take the run over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- run
+def execute(run: Run, args: argparse.Namespace, results: Path) -> dict[str, Any]:
+    import torch
+
+    from anytime.fileio import atomic_write_json
+    from anytime.training.config import TrainConfig
+    from anytime.training.trainer import Trainer, resume, train
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.runs_dir) / run.name
+
+    def test_every_epoch(trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        row["test_acc"] = trainer.evaluate(trainer.method.plain_model(trainer.model), trainer.dataset.test, None)
+        row["test_eval_s"] = round(time.perf_counter() - start, 3)
+        print(
+            f"  {run.name} epoch {epoch + 1}/{run.epochs}: train {row['train_time_s']:.1f}s "
+            f"test avg {100 * float(np.mean(row['test_acc'])):.2f}%",
+            flush=True,
+        )
+
+    if (out / "checkpoints" / "last.pt").is_file():
+        result = resume(out, epoch_hook=test_every_epoch)
+    else:
+        if out.exists():  # claimed, but stopped before its first epoch ended: start it again
+            for child in out.iterdir():
+                if child.name != "claim.pid":
+                    _remove(child)
+        config = TrainConfig(
+            arch=run.arch, data=args.data, method=run.method, method_options=run.method_options,
+            epochs=run.epochs, out=str(out), batch_size=64, lr=0.1, seed=run.seed, device="cpu",
+            val_size=args.val_size, train_limit=args.train_limit or None,
+        )  # fmt: skip
+        result = train(config, epoch_hook=test_every_epoch)
+    history = [
+        {
+            "epoch": r["epoch"],
+            "lr": r["lr"],
+            "train_time_s": r["train_time_s"],
+            "val_acc": r["val_acc"],
+            "test_acc": r["test_acc"],
+        }
+        for r in result.history
+    ]
+    record = {
+        **asdict(run),
+        "name": run.name,
+        "test_accuracy": result.test_accuracy,
+        "val_accuracy": result.val_accuracy,
+        "train_time_s": float(sum(r["train_time_s"] for r in history)),
+        "history": history,
+        "train_limit": args.train_limit,
+        "val_size": args.val_size,
+        "machine": machine(),
+    }
+    atomic_write_json(results / f"{run.name}.json", record)
+    return record
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def work(args: argparse.Namespace) -> None:
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    done = 0
+    for run in plan(args):
+        if (results / f"{run.name}.json").is_file():
+            continue
+        if not claim(Path(args.runs_dir) / run.name):
+            continue
+        print(f"{run.name}: {run.epochs} epochs", flush=True)
+        record = execute(run, args, results)
+        print(
+            f"{run.name}: test avg {100 * float(np.mean(record['test_accuracy'])):.2f}% "
+            f"in {record['train_time_s'] / 60:.1f} min of training",
+            flush=True,
+        )
+        report(args)
+        done += 1
+        if args.max_runs and done >= args.max_runs:
+            break
+
+
+# ------------------------------------------------------------------------------------------- report
+def load_records(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def pm(values: list[float], digits: int = 2) -> str:
+    a = 100 * np.asarray(values, dtype=float)
+    if len(a) == 1:
+        return f"{a[0]:.{digits}f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
+
+
+def converged(record: dict[str, Any]) -> tuple[bool, float]:
+    """Whether the average test top-1 moved less than 0.3 points over the last quarter of the epochs."""
+    curve = [100 * float(np.mean(h["test_acc"])) for h in record["history"]]
+    tail = curve[-max(2, math.ceil(len(curve) / 4)) :]
+    spread = max(tail) - min(tail)
+    return spread < CONVERGED_POINTS, spread
+
+
+def make_report(records: list[dict[str, Any]]) -> str:
+    lines = []
+    order = ["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"]
+    for arch in dict.fromkeys(r["arch"] for r in records):
+        rs = [r for r in records if r["arch"] == arch]
+        exits = len(rs[0]["test_accuracy"])
+        joint = {r["seed"]: r for r in rs if r["label"] == "joint"}
+        lines.append(f"## {arch}\n")
+        head = (
+            ["method", "epochs", "seeds"]
+            + [f"exit {t + 1}" for t in range(exits)]
+            + ["avg over exits", "avg − joint (paired)", "train wall time (min)", "× joint"]
+        )
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label in [m for m in order if any(r["label"] == m for r in rs)]:
+            group = sorted((r for r in rs if r["label"] == label), key=lambda r: r["seed"])
+            means = [float(np.mean(r["test_accuracy"])) for r in group]
+            paired = [m - float(np.mean(joint[r["seed"]]["test_accuracy"])) for m, r in zip(means, group) if r["seed"] in joint]
+            ratios = [r["train_time_s"] / joint[r["seed"]]["train_time_s"] for r in group if r["seed"] in joint]
+            cells = [label, str(group[0]["epochs"]), ",".join(str(r["seed"]) for r in group)]
+            cells += [pm([r["test_accuracy"][t] for r in group]) for t in range(exits)]
+            cells.append(pm(means))
+            cells.append(("+" if np.mean(paired) >= 0 else "") + pm(paired) if paired and label != "joint" else "")
+            cells.append(f"{np.mean([r['train_time_s'] for r in group]) / 60:.1f}")
+            cells.append(f"{np.mean(ratios):.2f}" if ratios else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        checks = []
+        for seed, r in sorted(joint.items()):
+            ok, spread = converged(r)
+            checks.append(f"seed {seed}: {spread:.2f} points ({'converged' if ok else 'NOT converged'})")
+        if checks:
+            lines.append(
+                "\nConvergence of joint (spread of its average test top-1 over the last quarter of its epochs, "
+                f"criterion < {CONVERGED_POINTS}): " + "; ".join(checks) + "."
+            )
+        lines.append("")
+    first = records[0]
+    m = first["machine"]
+    lines.append(
+        f"Fashion-MNIST (`../shared/data/fashion-mnist.npz`): training on the first {first['train_limit']} training "
+        f"images (a fixed subset; the {first['val_size']}-image validation hold-out is taken before it), test top-1 "
+        "(%) on all 10,000 test images after the last epoch, mean ± std over paired seeds (the same seed gives "
+        "every method the same initial weights, split and data order). Batch 64, SGD lr 0.1 (/10 at 50% and 75% "
+        "of the epochs), momentum 0.9, weight decay 1e-4. Train wall time excludes evaluation; × joint is its "
+        f"ratio to the same seed's joint run. Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} at "
+        f"{m['threads']} thread per run (up to two runs at a time)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from anytime.fileio import atomic_write_bytes
+
+    archs = list(dict.fromkeys(r["arch"] for r in records))
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.2 * len(archs), 4.4), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for label in dict.fromkeys(r["label"] for r in records if r["arch"] == arch):
+            group = [r for r in records if r["arch"] == arch and r["label"] == label]
+            n = min(len(r["history"]) for r in group)
+            t = np.mean([np.cumsum([h["train_time_s"] for h in r["history"][:n]]) for r in group], axis=0) / 60
+            acc = np.mean([[100 * np.mean(h["test_acc"]) for h in r["history"][:n]] for r in group], axis=0)
+            ax.plot(t, acc, marker=".", label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+        ax.set_title(arch)
+        ax.set_xlabel("training wall-clock (min, one CPU thread)")
+        ax.set_ylabel("average test top-1 over exits (%)")
+        ax.grid(alpha=0.3)
+        lo = min(100 * np.mean(r["history"][-1]["test_acc"]) for r in records if r["arch"] == arch)
+        ax.set_ylim(lo - 6, None)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def report(args: argparse.Namespace) -> None:
+    from anytime.fileio import atomic_write_text
+
+    results = Path(args.results)
+    records = load_records(results)
+    if not records:
+        print("no finished runs yet")
+        return
+    text = make_report(records)
+    atomic_write_text(results.with_suffix(".md"), "# Training to convergence: DR-MGF, joint, PCGrad\n\n" + text)
+    plotted = plot(records, results.with_suffix(".png"))
+    print(text)
+    print(f"wrote {results.with_suffix('.md')}" + (f" and {results.with_suffix('.png')}" if plotted else ""))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "report", "plan"])
+    p.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
+    p.add_argument("--archs", type=lambda s: s.split(","), default=["msdnet-tiny", "sdn-tiny"])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"])
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--train-limit", type=int, default=4000)
+    p.add_argument("--val-size", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs-dir", default=str(REPO / "runs" / "convergence"))
+    p.add_argument("--results", default=str(DEFAULT_RESULTS))
+    p.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: the whole queue)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "plan":
+        for run in plan(args):
+            done = (Path(args.results) / f"{run.name}.json").is_file()
+            print(f"{'done' if done else 'todo'}  {run.name}  {run.epochs} epochs  {run.method_options or ''}")
+    elif args.command == "run":
+        work(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
