@@ -11,6 +11,9 @@ Test accuracy is always on the full 10,000-image test set.
 
     python benchmarks/train_methods.py                       # the committed configuration
     python benchmarks/train_methods.py --train-limit 256 --epochs 1 --seeds 0 --val-size 200   # smoke test
+    python benchmarks/train_methods.py --methods "joint,drmgf,drmgf[momentum=reset],drmgf[switch_epoch=1]"
+
+A method entry may carry options in brackets, `name[key=value;key=value]`; the entry is its label.
 
 Writes benchmarks/results/train_methods.md (the table) and train_methods.json (every run's numbers).
 """
@@ -21,6 +24,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -56,13 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def split_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """'drmgf[momentum=reset;switch_epoch=1]' -> ('drmgf', {'momentum': 'reset', 'switch_epoch': '1'})."""
+    name, _, rest = entry.partition("[")
+    options = {}
+    for pair in rest.rstrip("]").split(";"):
+        if pair.strip():
+            key, _, value = pair.partition("=")
+            options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
 def run_one(args: argparse.Namespace, runs: Path, method: str, seed: int, epochs: int, tag: str = "") -> dict:
-    out = runs / f"{method}{tag}-seed{seed}"
+    out = runs / f"{method.replace('[', '_').replace(']', '').replace(';', '_').replace('=', '-')}{tag}-seed{seed}"
     row_file = out / "benchmark_row.json"
     if row_file.is_file():  # finished before an interruption: rerunning the benchmark skips it
         return json.loads(row_file.read_text())
+    name, options = split_entry(method)
     config = TrainConfig(
-        arch=args.arch, data=args.data, method=method, epochs=epochs, out=str(out), batch_size=args.batch_size,
+        arch=args.arch, data=args.data, method=name, method_options=options, epochs=epochs, out=str(out), batch_size=args.batch_size,
         lr=args.lr, seed=seed, device=args.device, val_size=args.val_size,
         train_limit=args.train_limit or None,
     )  # fmt: skip
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in re.split(r",(?![^\[]*\])", args.methods) if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="anytime-bench-"))
     runs.mkdir(parents=True, exist_ok=True)
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _train_count(runs: Path, row: dict) -> int:
-    out = runs / f"{row['method']}-seed{row['seed']}"
+    out = next(p for p in runs.iterdir() if p.name.endswith(f"-seed{row['seed']}") and (p / "split.json").is_file())
     split = json.loads((out / "split.json").read_text())
     config = json.loads((out / "config.json").read_text())
     n = split["train_count"]
