@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -12,12 +11,11 @@ from typing import Any
 import numpy as np
 
 from anytime.errors import ConfigError, DatasetError
+from anytime.formats.rundir import CONFIG_FILE, SPLIT_FILE, read_json_object
 from anytime.models.base import MultiExitNetwork
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.json"
-SPLIT_RECORD = "split.json"
 
 
 @dataclass
@@ -30,16 +28,6 @@ class ExportSource:
     val_split: Any  # anytime.data Split of the validation images, in split order
     val_indices: np.ndarray  # int64 indices of those images in their source split
     split_source: str  # "holdout" (indices into the training split) or "dataset-val"
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"the {what} {path} is not a JSON object")
-    return data
 
 
 def _open_dataset(spec: str, run_dir: Path, overridden: bool):
@@ -72,31 +60,31 @@ def load_source(run_dir: str | os.PathLike, data: str | None = None,
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; give the --out directory of `anytime train`")
     model, meta = load_model(run_dir)
-    config_path = run_dir / RUN_CONFIG
-    config = _read_json(config_path, "run configuration") if config_path.is_file() else {}
+    config_path = run_dir / CONFIG_FILE
+    config = read_json_object(config_path, "run configuration") if config_path.is_file() else {}
     spec = data if data is not None else config.get("data")
     if not spec:
         raise DatasetError(
-            f"{run_dir} has no {RUN_CONFIG} naming its dataset; pass the dataset with --data KIND:PATH "
+            f"{run_dir} has no {CONFIG_FILE} naming its dataset; pass the dataset with --data KIND:PATH "
             "(its validation images become the calibration data)"
         )
     dataset = _open_dataset(str(spec), run_dir, overridden=data is not None)
-    split_path = Path(split) if split is not None else run_dir / SPLIT_RECORD
+    split_path = Path(split) if split is not None else run_dir / SPLIT_FILE
     if split_path.is_file():
-        record = _read_json(split_path, "validation split record")
+        record = read_json_object(split_path, "validation split record")
         _, val_indices = restore_split(dataset, record)
         val_split = val_split_images(dataset, record)
         source = str(record.get("source"))
     elif split is not None:
         raise ConfigError(f"split record {split_path} does not exist; give the split.json of the training run")
     elif dataset.val is not None:
-        log.info("%s has no %s; using the validation split of %s", run_dir, SPLIT_RECORD, dataset.spec)
+        log.info("%s has no %s; using the validation split of %s", run_dir, SPLIT_FILE, dataset.spec)
         val_split = dataset.val
         val_indices = np.arange(len(dataset.val), dtype=np.int64)
         source = "dataset-val"
     else:
         raise DatasetError(
-            f"{run_dir} has no {SPLIT_RECORD} and {dataset.spec} has no validation split of its own, so there are "
+            f"{run_dir} has no {SPLIT_FILE} and {dataset.spec} has no validation split of its own, so there are "
             "no held-out images for the calibration data; pass the training run's split.json with --split FILE"
         )
     if len(val_split) == 0:

@@ -8,18 +8,15 @@ A model directory (a run directory, or any folder) holds:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anytime.errors import ConfigError
 from anytime.fileio import atomic_write_bytes, atomic_write_json
+from anytime.formats.rundir import MODEL_META, MODEL_WEIGHTS, model_meta, read_model_meta
 from anytime.models.base import ModelSpec, MultiExitNetwork
 
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_META = "model.json"
 
 
 @dataclass
@@ -59,29 +56,9 @@ def save_model(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / MODEL_WEIGHTS, st_save(state))
     n = model.spec.num_classes
-    meta = {
-        "format": "anytime-model",
-        "format_version": 1,
-        "spec": model.spec.to_dict(),
-        "preprocessing": asdict(preprocessing),
-        "classes": list(classes) if classes is not None else [str(i) for i in range(n)],
-        "info": info or {},
-    }
+    meta = model_meta(model.spec.to_dict(), asdict(preprocessing), list(classes) if classes is not None else [str(i) for i in range(n)], info or {})
     atomic_write_json(directory / MODEL_META, meta)
     return directory
-
-
-def read_model_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / MODEL_META
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} not found: '{directory}' is not a model or run directory with final weights. "
-            "Train one with `anytime train ... --out DIR` (a run stopped early has only checkpoints)."
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != "anytime-model":
-        raise ConfigError(f"{path} is not an anytime model description (format={meta.get('format')!r})")
-    return meta
 
 
 def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> tuple[MultiExitNetwork, dict[str, Any]]:

@@ -19,7 +19,7 @@ import torch
 
 from anytime.errors import ConfigError
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE
 
 
 def find_analysis(payload: Any) -> dict[str, Any] | None:
@@ -106,7 +106,7 @@ def _method_name(run_dir: Path, payload: dict[str, Any], analysis: dict[str, Any
     if analysis is not None and "method" in analysis:
         return str(analysis["method"])
     try:
-        return str(json.loads((run_dir / "config.json").read_text())["method"])
+        return str(json.loads((run_dir / CONFIG_FILE).read_text())["method"])
     except (OSError, ValueError, KeyError, TypeError):
         method = payload.get("method")
         return str(method.get("name", "unknown")) if isinstance(method, dict) else "unknown"

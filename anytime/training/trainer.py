@@ -28,6 +28,7 @@ from torch import nn
 
 from anytime.errors import ConfigError, DatasetError, TrainingError
 from anytime.fileio import atomic_write_json, atomic_write_text
+from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE, RESULTS_CSV, RESULTS_JSONL, SPLIT_FILE, SUMMARY_FILE
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
 from anytime.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -36,12 +37,6 @@ from anytime.training.losses import ExitLoss, exit_weights
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.json"
-RESULTS_JSONL = "results.jsonl"
-RESULTS_CSV = "results.csv"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 @dataclass
