@@ -30,6 +30,6 @@ def load(bundle: Any = None, providers: Any = None, **kwargs: Any) -> "AnytimeMo
 
 def sample_images() -> "Path":
     """Folder of the sample images shipped with the embedded default model (class-named sub-folders)."""
-    from anytime.runtime.bundle import SAMPLE_IMAGES_DIR
+    from anytime.formats.bundle import SAMPLE_IMAGES_DIR
 
     return SAMPLE_IMAGES_DIR

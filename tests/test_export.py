@@ -26,7 +26,7 @@ from anytime.data import open_dataset, split_train_val
 from anytime.errors import BundleError, DatasetError
 from anytime.export import AtolError, OutputExistsError, ShapeError, check_bundle, export_bundle, read_manifest
 from anytime.export.commands import export as export_command
-from anytime.export.manifest import schema_problems
+from anytime.formats.bundle import schema_problems
 from anytime.models import Preprocessing, create, load_model, save_model
 
 NUM_CLASSES = 10
@@ -407,7 +407,7 @@ def test_unknown_format_version_is_refused_by_read_manifest(convnet, tmp_path):
 
 def test_manifest_module_and_check_command_run_without_torch(convnet):
     code = (
-        "import sys, anytime.export, anytime.export.manifest; from anytime.cli import main; "
+        "import sys, anytime.export, anytime.formats.bundle; from anytime.cli import main; "
         f"main(['export', '--check', {str(convnet[1])!r}]); "
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )

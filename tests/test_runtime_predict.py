@@ -181,8 +181,8 @@ def test_bad_inputs_raise_or_record(model, pattern_bundle_exact, pattern_test_im
 
 def test_resize_and_crop_follow_the_training_recipe(model):
     """With input.resize set (export always writes it), other sizes are resized and centre-cropped exactly as
-    anytime.data.preprocess.eval_preprocess does for training evaluation and the calibration logits."""
-    from anytime.data.preprocess import eval_preprocess
+    anytime.formats.preprocessing.eval_preprocess does for training evaluation and the calibration logits."""
+    from anytime.formats.preprocessing import eval_preprocess
 
     assert model.bundle.input.resize == 16
     rng = np.random.default_rng(5)
@@ -280,7 +280,7 @@ def test_providers(pattern_bundle):
 
 
 def test_default_bundle_missing_is_clear(monkeypatch, tmp_path):
-    import anytime.runtime.bundle as bundle_mod
+    import anytime.formats.bundle as bundle_mod
 
     monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE_DIR", tmp_path / "default")
     with pytest.raises(BundleError, match="embedded default model is not installed"):

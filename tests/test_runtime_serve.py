@@ -67,7 +67,7 @@ def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dic
     for name, data in broken.items():
         (broken_dir / name).write_bytes(data)
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken_dir / "wrong_size.png")
-    Image.fromarray(np.zeros((16, 16), np.uint16)).save(broken_dir / "sixteen_bit.png")  # mode I;16
+    Image.fromarray(np.zeros((16, 16), np.float32)).save(broken_dir / "float.tiff")  # mode F: what is white?
     (root / "README.txt").write_text("not an image suffix: skipped when walking a directory")
     reasons = {
         "truncated.png": "damaged",
@@ -75,7 +75,7 @@ def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dic
         "notes.png": "not an image",
         "bomb.png": "decompression bomb",
         "wrong_size.png": "expected 16×16",
-        "sixteen_bit.png": "mode",
+        "float.tiff": "mode 'F' is not supported",
     }
     return root, truth, {str(broken_dir / k): v for k, v in reasons.items()}
 

@@ -32,7 +32,6 @@ from anytime.data.base import (
     Split,
 )
 from anytime.data.defaults import channel_stats, default_augmentation
-from anytime.data.preprocess import eval_preprocess
 from anytime.data.sources import KINDS, open_dataset, parse_spec
 from anytime.data.split import (
     restore_split,
@@ -40,6 +39,7 @@ from anytime.data.split import (
     train_split_images,
     val_split_images,
 )
+from anytime.formats.preprocessing import eval_preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from anytime.data.loaders import make_loader

@@ -19,12 +19,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from anytime.data.base import Dataset, Split, stats_from_histograms
-from anytime.errors import DatasetError
+from anytime.errors import DatasetError, InputImageError
+from anytime.formats.preprocessing import GREY_MODES as PREPROCESSING_GREY_MODES
+from anytime.formats.preprocessing import decode_file, to_color
 
 logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+GREY_MODES = PREPROCESSING_GREY_MODES
 SIZE_SCAN_LIMIT = 4096  # headers read to learn a common image size; beyond this, image_size is None
 MODE_SAMPLE = 256  # images whose header decides "L" or "RGB" in larger folders
 STATS_SAMPLE = 200  # images decoded (reduced) to estimate mean/std
@@ -48,13 +50,11 @@ class ImageFolderSplit(Split):
         self.mode = mode
 
     def image(self, i: int) -> np.ndarray:
-        path = self.paths[i]
+        # The one decoder (anytime.formats.preprocessing): EXIF orientation, 16-bit scaling, colour, as served.
         try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert(self.mode))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DatasetError(f"{path}: cannot decode image ({exc}); remove or replace the file") from exc
-        return array[..., None] if array.ndim == 2 else array
+            return decode_file(self.paths[i], self.mode)
+        except InputImageError as exc:
+            raise DatasetError(f"{exc}; remove or replace the file") from exc
 
 
 def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]:
@@ -95,8 +95,9 @@ def _estimate_stats(split: ImageFolderSplit) -> tuple[tuple[float, ...], tuple[f
         path = split.paths[int(i)]
         try:
             with Image.open(path) as img:
-                img.draft(split.mode, (STATS_DRAFT_SIDE, STATS_DRAFT_SIDE))  # JPEG: decode at 1/2..1/8 scale
-                small = img.convert(split.mode)
+                if img.mode in ("RGB", "L"):
+                    img.draft(img.mode, (STATS_DRAFT_SIDE, STATS_DRAFT_SIDE))  # JPEG: decode at 1/2..1/8 scale
+                small = to_color(img, split.mode, path)
                 small.thumbnail((STATS_DRAFT_SIDE, STATS_DRAFT_SIDE))
                 array = np.asarray(small).reshape(-1, channels)
         except (OSError, UnidentifiedImageError, ValueError) as exc:

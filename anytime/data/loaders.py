@@ -20,7 +20,11 @@ import numpy as np
 import torch
 
 from anytime.data.base import Split
-from anytime.data.transforms import ImageTransform, batch_transform, normalization_constants
+from anytime.data.transforms import (
+    ImageTransform,
+    batch_transform,
+    normalization_constants,
+)
 from anytime.errors import ConfigError
 
 logger = logging.getLogger(__name__)

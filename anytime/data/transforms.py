@@ -17,14 +17,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from anytime.data.preprocess import (
+from anytime.errors import ConfigError
+from anytime.formats.preprocessing import (
     center_crop,
     center_crop_offsets,
     resize_shorter,
     resize_target,
     to_channels,
 )
-from anytime.errors import ConfigError
 
 
 def normalization_constants(

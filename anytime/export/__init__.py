@@ -5,7 +5,7 @@
     problems = check_bundle("bundles/fm")               # [] when hashes, schema and graphs are sound
 
 Importing this package does not import torch: `export_bundle` and the torch-side modules load on first
-use, so the runtime can use `anytime.export.manifest` (schema and integrity checks) without torch.
+use; the bundle format itself (schema and integrity checks) is `anytime.formats.bundle`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from anytime.export.errors import (
     ShapeError,
     WeightSizeError,
 )
-from anytime.export.manifest import FORMAT, FORMAT_VERSION, check_bundle, read_manifest
+from anytime.formats.bundle import FORMAT, FORMAT_VERSION, check_bundle, read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     from anytime.export.bundle import ExportResult, export_bundle

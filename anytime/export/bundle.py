@@ -22,17 +22,30 @@ import torch
 
 import anytime
 from anytime.errors import BundleError, ConfigError, DatasetError
-from anytime.export import manifest as mf
 from anytime.export.errors import OutputExistsError, WeightSizeError
 from anytime.export.onnx_stages import (
-    DEFAULT_OPSET, EXPORTERS, export_full_exit, export_stage, initializer_bytes, max_opset, plan_stages,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    export_full_exit,
+    export_stage,
+    initializer_bytes,
+    max_opset,
+    plan_stages,
 )
-from anytime.export.ort_chain import OrtChain
-from anytime.export.preprocess import input_steps, preprocess_images
 from anytime.export.source import ExportSource, load_source
-from anytime.export.validate import DEFAULT_ATOL, Check, Report, validate_full_exits, validate_stages
+from anytime.export.validate import (
+    DEFAULT_ATOL,
+    Check,
+    Report,
+    validate_full_exits,
+    validate_stages,
+)
 from anytime.fileio import atomic_write_bytes, atomic_write_json, current_umask
+from anytime.formats import bundle as mf
+from anytime.formats.preprocessing import PreprocessingSpec, Preprocessor
+from anytime.formats.rundir import MODEL_WEIGHTS
 from anytime.models.costs import exit_costs, exit_params
+from anytime.runtime.engine import StageExecutor
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +77,28 @@ class ExportResult:
         return self.weight_bytes / max(1, 4 * self.param_count)
 
 
-def _input_block(src: ExportSource) -> dict[str, Any]:
-    from anytime.models.io import Preprocessing
-
+def _input_spec(src: ExportSource) -> PreprocessingSpec:
     spec = src.model.spec
-    pre = Preprocessing.from_dict(src.meta.get("preprocessing") or {})
-    channels = int(spec.in_channels)
-    mean, std = list(pre.mean), list(pre.std)
-    if len(mean) == 1 and channels > 1:  # one statistic for all channels, as the training loaders allow
-        mean, std = mean * channels, std * channels
-    if len(mean) != channels or len(std) != channels:
+    pre = src.meta.get("preprocessing") or {}
+    try:
+        return PreprocessingSpec.for_model(
+            spec.in_channels, spec.image_size, pre["mean"], pre["std"], pre.get("resize"),
+            pre.get("interpolation", "bilinear"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(
-            f"model.json preprocessing has mean {pre.mean} / std {pre.std} for a {channels}-channel model; "
-            "fix model.json (one value per channel)"
-        )
-    h, w = spec.image_size
-    block: dict[str, Any] = {
-        "name": mf.IMAGE_INPUT, "channels": channels, "height": int(h), "width": int(w),
-        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-        # Written explicitly (never null): with pre.resize None the training loaders scale images of another
-        # size so the shorter side is max(height, width), and images of the model's size are left alone.
-        "resize": int(pre.resize) if pre.resize is not None else max(int(h), int(w)),
-        "crop": "center", "interpolation": pre.interpolation, "layout": "NCHW", "dtype": "float32",
-        "color": "L" if channels == 1 else "RGB",
-    }
-    block["steps"] = input_steps(block)
-    return block
+            f"model.json preprocessing {pre} does not fit the {spec.in_channels}-channel model ({exc}); "
+            "fix model.json (mean and std, one value per channel)"
+        ) from exc
+
+
+def _images(split: Any, indices: Any, preprocessor: Preprocessor) -> np.ndarray:
+    """Validation images preprocessed one by one, then stacked: image folders hold images of any size."""
+    arrays = []
+    for i in indices:
+        image, _ = split[int(i)]
+        arrays.append(preprocessor.to_array(image, f"validation image {int(i)}"))
+    return preprocessor.normalise(np.stack(arrays))
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -129,19 +138,17 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _calibration(chain: OrtChain, src: ExportSource, block: dict[str, Any], batch_size: int,
+def _calibration(chain: StageExecutor, src: ExportSource, preprocessor: Preprocessor, batch_size: int,
                  progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
-    n, k = len(src.val_split), len(chain.io)
+    n, k = len(src.val_split), chain.num_exits
     logits = np.empty((k, n, src.model.spec.num_classes), dtype=np.float32)
     with tqdm(total=n, desc="calibration logits", unit="img", disable=None if progress is None else not progress,
               leave=False) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
-            images, _ = src.val_split.get_batch(np.arange(start, stop))
-            for e, out in enumerate(chain.run(preprocess_images(images, block))):
-                logits[e, start:stop] = out
+            logits[:, start:stop] = chain.run_all(_images(src.val_split, range(start, stop), preprocessor))
             bar.update(stop - start)
     return logits, np.asarray(src.val_split.labels, dtype=np.int64)
 
@@ -155,7 +162,7 @@ def _provenance(src: ExportSource) -> dict[str, Any]:
         "anytime_version": anytime.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": src.data_spec,
-        "weights_sha256": mf.sha256_file(src.run_dir / "model.safetensors"),
+        "weights_sha256": mf.sha256_file(src.run_dir / MODEL_WEIGHTS),
     }
 
 
@@ -210,9 +217,9 @@ def export_bundle(
             f"the validation labels of {src.data_spec} reach {int(labels.max())} but the model has {num_classes} "
             "classes; export with the dataset the model was trained on (--data KIND:PATH)"
         )
-    block = _input_block(src)
-    first, _ = src.val_split.get_batch(np.arange(min(validation_images, len(src.val_split))))
-    val_images = preprocess_images(first, block)
+    input_spec = _input_spec(src)
+    preprocessor = Preprocessor(input_spec)
+    val_images = _images(src.val_split, range(min(validation_images, len(src.val_split))), preprocessor)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -265,8 +272,8 @@ def export_bundle(
                 for k, p in exit_paths.items()
             ]
 
-        chain = OrtChain(stage_paths, ios)
-        logits, cal_labels = _calibration(chain, src, block, batch_size, progress)
+        chain = StageExecutor.for_graphs(stage_paths, [io.as_tuple() for io in ios], mf.IMAGE_INPUT)
+        logits, cal_labels = _calibration(chain, src, preprocessor, batch_size, progress)
         cal_path = tmp / mf.CALIBRATION_FILE
         with open(cal_path, "wb") as fh:
             np.savez(fh, logits=logits, labels=cal_labels, indices=src.val_indices)
@@ -287,7 +294,7 @@ def export_bundle(
         manifest = {
             "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
             "arch": model.spec.arch, "num_classes": num_classes, "classes": classes,
-            "input": block,
+            "input": input_spec.to_manifest(),
             "cost_convention": cost_convention,
             "cost_note": "cost is cumulative per image: all stages and heads up to and including this exit",
             "stages": stages,

@@ -32,7 +32,7 @@ def _print_check(check) -> None:
 
 
 def _run_check(bundle: Path) -> None:
-    from anytime.export.manifest import check_bundle, read_manifest
+    from anytime.formats.bundle import check_bundle, read_manifest
 
     if not bundle.is_dir():
         raise BundleError(f"bundle directory {bundle} does not exist; give the --out directory of `anytime export`")

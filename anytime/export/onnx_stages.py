@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from anytime.errors import ExportError
-from anytime.export.manifest import BATCH_AXIS, IMAGE_INPUT, logits_name, state_name
-from anytime.export.ort_chain import StageIO
+from anytime.formats.bundle import BATCH_AXIS, IMAGE_INPUT, logits_name, state_name
 from anytime.models.base import MultiExitNetwork, State
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,18 @@ class FullExit(nn.Module):
             state, logits = stage(state)
         return logits
 
+
+
+@dataclass
+class StageIO:
+    """A stage graph's input names, output names and which output is the exit's logits."""
+
+    inputs: list[str]
+    outputs: list[str]
+    logits: str
+
+    def as_tuple(self) -> tuple[list[str], list[str], str]:
+        return self.inputs, self.outputs, self.logits
 
 @dataclass
 class StagePlan:

@@ -18,8 +18,20 @@ import numpy as np
 import torch
 
 from anytime.errors import ExportError
-from anytime.export.errors import ArgmaxError, AtolError, OnnxCheckError, OutputNamesError, ShapeError
-from anytime.export.ort_chain import OrtChain, StageIO, make_session
+from anytime.export.errors import (
+    ArgmaxError,
+    AtolError,
+    OnnxCheckError,
+    OutputNamesError,
+    ShapeError,
+)
+from anytime.export.onnx_stages import StageIO
+from anytime.formats.bundle import IMAGE_INPUT, logits_name
+from anytime.runtime.engine import CPU, StageExecutor, create_session
+
+
+def make_session(path: Path):
+    return create_session(path, [CPU])
 from anytime.models.base import MultiExitNetwork, State
 
 log = logging.getLogger(__name__)
@@ -170,8 +182,8 @@ def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence
         expected = {b: [tuple(t.shape) for t in (*refs[b][k][1], refs[b][k][2])] for b in SHAPE_BATCHES}
         _check_shapes(v, session, path.name, feeds, expected)
     v.raise_failures()
-    chain = OrtChain(paths, io)
-    got = chain.run(images)
+    chain = StageExecutor.for_graphs(paths, [stage_io.as_tuple() for stage_io in io], IMAGE_INPUT)
+    got = list(chain.run_all(images))
     ref = [logits.numpy() for _, _, logits in _torch_chain(model, images)]
     for k in range(len(io)):
         _check_values(v, f"exit {k + 1}", got[k], ref[k], atol, rtol)
@@ -182,7 +194,6 @@ def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence
 def validate_full_exits(model: MultiExitNetwork, paths: dict[int, Path], images: np.ndarray,
                         atol: float = DEFAULT_ATOL, rtol: float = 0.0, report: Report | None = None) -> list[Check]:
     """Check the image -> logits graphs of single exits against `model`."""
-    from anytime.export.manifest import IMAGE_INPUT, logits_name
 
     v = Validator(report)
     for path in paths.values():

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from anytime.fileio import atomic_write_bytes, atomic_write_json
-from anytime.formats.rundir import MODEL_META, MODEL_WEIGHTS, model_meta, read_model_meta
+from anytime.formats.rundir import (
+    MODEL_META,
+    MODEL_WEIGHTS,
+    model_meta,
+    read_model_meta,
+)
 from anytime.models.base import ModelSpec, MultiExitNetwork
-
 
 
 @dataclass

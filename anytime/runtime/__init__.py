@@ -7,8 +7,8 @@
     preds.save("preds.jsonl")
 """
 
+from anytime.formats.bundle import Bundle, read_bundle
 from anytime.runtime.budget import Budget, format_cost, parse_budget
-from anytime.runtime.bundle import Bundle, read_bundle
 from anytime.runtime.calibration import ExitPolicy
 from anytime.runtime.model import AnytimeModel, load
 from anytime.runtime.results import Prediction, Predictions

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from anytime.errors import ConfigError
-from anytime.runtime.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
+from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
 
 def _load_model(bundle: str | None, device: str, providers: str | None, threads: int | None, verify: bool = False):
@@ -60,7 +60,7 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
     """
     from tqdm import tqdm
 
-    from anytime.runtime.bundle import is_bundle_dir
+    from anytime.formats.bundle import is_bundle_dir
     from anytime.runtime.inputs import expand_paths
     from anytime.runtime.results import RowWriter, RunningTotals, output_format
 

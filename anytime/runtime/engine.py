@@ -11,12 +11,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from anytime.errors import ConfigError, MissingDependencyError, require
-from anytime.runtime.bundle import Bundle
+from anytime.errors import BundleError, ConfigError, MissingDependencyError, require
+from anytime.formats.bundle import Bundle, StageSpec
 from anytime.runtime.calibration import softmax_confidence
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,29 @@ def resolve_providers(providers: Sequence[Any] | str | None, device: str | None 
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def create_session(path: str | Path, providers: Sequence[Any], threads: int | None = None,
+                   spinning: bool = False) -> Any:
+    """One onnxruntime session for one graph, with the options every anytime session uses."""
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    ort = import_onnxruntime(gpu=CUDA in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc. on stderr
+    if threads is not None:
+        if int(threads) < 0:
+            raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    # One session per stage means one intra-op thread pool per stage. Spinning workers of the stage
+    # that just ran compete with the next stage's pool for the same cores (measured: a 4-stage chain
+    # at 16 threads ran at 0.2× the full graph's speed); blocking instead of spinning avoids that.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
+        raise BundleError(f"onnxruntime cannot load {path} ({exc}); re-export the bundle") from exc
+
+
 @dataclass
 class BatchTrace:
     """What one early-exit batch did: rows entering each stage and seconds spent per stage."""
@@ -71,29 +95,33 @@ class StageExecutor:
 
     def __init__(self, bundle: Bundle, providers: Sequence[Any] | str | None = None, device: str | None = None,
                  threads: int | None = None, spinning: bool = False) -> None:
-        wanted = resolve_providers(providers, device)
-        ort = import_onnxruntime(gpu=CUDA in [p[0] if isinstance(p, tuple) else p for p in wanted])
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads is not None:
-            if int(threads) < 0:
-                raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        # One session per stage means one intra-op thread pool per stage. Spinning workers of the stage
-        # that just ran compete with the next stage's pool for the same cores (measured: a 4-stage chain
-        # at 16 threads ran at 0.2× the full graph's speed); blocking instead of spinning avoids that.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.bundle = bundle
-        self.sessions = []
-        for stage in bundle.stages:
-            try:
-                session = ort.InferenceSession(str(bundle.file(stage.file)), sess_options=options, providers=wanted)
-            except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
-                from anytime.errors import BundleError
+        self._setup(bundle.path, bundle.stages, bundle.input.name, bundle.exit_costs, providers, device, threads, spinning)
 
-                raise BundleError(f"bundle {bundle.path}: onnxruntime cannot load {stage.file} ({exc}); re-export the bundle") from exc
+    @classmethod
+    def for_graphs(cls, paths: Sequence[str | Path], io: Sequence[tuple[Sequence[str], Sequence[str], str]],
+                   input_name: str, providers: Sequence[Any] | str | None = None) -> "StageExecutor":
+        """An executor over stage graphs that have no manifest yet (the export validates with it):
+        `io` holds each graph's (inputs, outputs, logits name)."""
+        paths = [Path(p) for p in paths]
+        if len({p.parent for p in paths}) > 1:
+            raise ConfigError("stage graphs must be in one directory")
+        stages = tuple(
+            StageSpec(k, p.name, tuple(i), tuple(o), logits, float(k + 1), None, None, None)
+            for k, (p, (i, o, logits)) in enumerate(zip(paths, io))
+        )
+        executor = cls.__new__(cls)
+        executor.bundle = None
+        executor._setup(paths[0].parent, stages, input_name, np.array([s.cost for s in stages]), providers or [CPU],
+                        None, None, False)
+        return executor
+
+    def _setup(self, directory: Path, stages: Sequence[StageSpec], input_name: str, costs: np.ndarray,
+               providers: Sequence[Any] | str | None, device: str | None, threads: int | None, spinning: bool) -> None:
+        wanted = resolve_providers(providers, device)
+        self.sessions = []
+        for stage in stages:
+            session = create_session(directory / stage.file, wanted, threads, spinning)
             self._check_io(session, stage)
             self.sessions.append(session)
         in_use = self.sessions[0].get_providers()
@@ -104,15 +132,14 @@ class StageExecutor:
             log.warning("execution provider(s) %s were requested but are not in use (onnxruntime uses %s)", missing, in_use)
         self.providers = list(in_use)
         self.on_gpu = CUDA in in_use
-        self.costs = bundle.exit_costs
-        self._out_names = [list(s.outputs) for s in bundle.stages]
-        self._logit_pos = [s.outputs.index(s.logits) for s in bundle.stages]
-        self._state_names = [list(s.state_outputs) for s in bundle.stages]
+        self.input_name = input_name
+        self.costs = costs
+        self._out_names = [list(s.outputs) for s in stages]
+        self._logit_pos = [s.outputs.index(s.logits) for s in stages]
+        self._state_names = [list(s.state_outputs) for s in stages]
 
     @staticmethod
     def _check_io(session: Any, stage: Any) -> None:
-        from anytime.errors import BundleError
-
         ins = {i.name for i in session.get_inputs()}
         outs = {o.name for o in session.get_outputs()}
         if ins != set(stage.inputs) or not set(stage.outputs) <= outs:
@@ -130,7 +157,7 @@ class StageExecutor:
 
     def run_all(self, x: np.ndarray) -> np.ndarray:
         """Logits of every exit for the whole batch, (K, N, C): the reference that early exit must match."""
-        feeds = {self.bundle.input.name: x}
+        feeds = {self.input_name: x}
         logits = []
         for k in range(self.num_exits):
             outs = self._run(k, feeds)
@@ -158,7 +185,7 @@ class StageExecutor:
         exits = np.empty(n, dtype=np.int64)
         trace = BatchTrace()
         active = np.arange(n)
-        feeds: dict[str, np.ndarray] = {self.bundle.input.name: x}
+        feeds: dict[str, np.ndarray] = {self.input_name: x}
         costs = self.costs
         spent = n * float(costs[0])
         cap_total = None if cap_per_image is None else n * float(cap_per_image)

@@ -25,8 +25,8 @@ import numpy as np
 
 from anytime.errors import ConfigError, DatasetError
 from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from anytime.formats.bundle import is_bundle_dir
 from anytime.runtime.budget import format_cost
-from anytime.runtime.bundle import is_bundle_dir
 from anytime.runtime.calibration import first_exit, softmax_confidence
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,11 @@ def all_exit_logits(model: Any, images: Any, progress: bool = False) -> tuple[np
     bar = tqdm(total=n, desc="evaluating", unit="img", disable=not progress)
     for start in range(0, n, CHUNK):
         idx = np.arange(start, min(start + CHUNK, n))
-        batch, y = images.get_batch(idx)
+        if getattr(images, "in_memory", False):
+            batch, y = images.get_batch(idx)
+        else:  # image folders: images of any size, preprocessed one by one before batching
+            pairs = [images[int(i)] for i in idx]
+            batch, y = [image for image, _ in pairs], [label for _, label in pairs]
         logits.append(model.run_all_exits(batch, batch_size=256))
         labels.append(np.asarray(y, dtype=np.int64))
         bar.update(len(idx))

@@ -13,12 +13,24 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from anytime.errors import AnytimeError, ConfigError, InputImageError
-from anytime.runtime.budget import BudgetLike, check_exit, format_cost, parse_budget, resolve_budget_cost
-from anytime.runtime.bundle import Bundle, read_bundle
-from anytime.runtime.calibration import ExitPolicy, ValidationData, fit_geometric, fit_search, fixed_exit_policy
+from anytime.formats.bundle import Bundle, read_bundle
+from anytime.formats.preprocessing import DEFAULT_MAX_PIXELS, Preprocessor
+from anytime.runtime.budget import (
+    BudgetLike,
+    check_exit,
+    format_cost,
+    parse_budget,
+    resolve_budget_cost,
+)
+from anytime.runtime.calibration import (
+    ExitPolicy,
+    ValidationData,
+    fit_geometric,
+    fit_search,
+    fixed_exit_policy,
+)
 from anytime.runtime.engine import StageExecutor
 from anytime.runtime.inputs import InputItem, MissingInput, iter_input_items
-from anytime.runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessor
 from anytime.runtime.results import Predictions, concat
 
 log = logging.getLogger(__name__)

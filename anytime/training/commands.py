@@ -83,7 +83,8 @@ def _val_size(text: str | None) -> int | None:
 def train(**kw: Any) -> None:
     """Train a multi-exit network (DR-MGF or a baseline) into a run directory."""
     from anytime.training.config import TrainConfig, parse_key_values
-    from anytime.training.trainer import resume, train as run_training
+    from anytime.training.trainer import resume
+    from anytime.training.trainer import train as run_training
 
     quiet = kw.pop("quiet")
     logging.getLogger("anytime.training").setLevel(logging.WARNING if quiet else logging.INFO)

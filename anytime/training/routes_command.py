@@ -18,7 +18,6 @@ import click
 import torch
 
 from anytime.errors import ConfigError
-
 from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE
 
 

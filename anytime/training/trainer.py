@@ -28,10 +28,22 @@ from torch import nn
 
 from anytime.errors import ConfigError, DatasetError, TrainingError
 from anytime.fileio import atomic_write_json, atomic_write_text
-from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE, RESULTS_CSV, RESULTS_JSONL, SPLIT_FILE, SUMMARY_FILE
+from anytime.formats.rundir import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    RESULTS_CSV,
+    RESULTS_JSONL,
+    SPLIT_FILE,
+    SUMMARY_FILE,
+)
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
-from anytime.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from anytime.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from anytime.training.config import TrainConfig, options_to_dict
 from anytime.training.losses import ExitLoss, exit_weights
 
@@ -184,7 +196,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- building
     def _build(self) -> None:
-        from anytime.data import channel_stats, default_augmentation, open_dataset, restore_split, split_train_val
+        from anytime.data import (
+            channel_stats,
+            default_augmentation,
+            open_dataset,
+            restore_split,
+            split_train_val,
+        )
         from anytime.models import create
 
         cfg = self.config
@@ -220,13 +238,10 @@ class Trainer:
         val_base = self.dataset.val if self.split_record["source"] == "dataset-val" else self.dataset.train
         self.val_split = (val_base, np.asarray(val_idx))
 
-        self.model = create(
-            cfg.arch,
-            num_classes=info.num_classes,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            **dict(cfg.model_options),
-        ).to(self.device)
+        # --model-option image_size=... chooses the input size for sources without one (image folders of
+        # photos of many sizes), or overrides the data set's.
+        sizing = {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size}
+        self.model = create(cfg.arch, **{**sizing, **dict(cfg.model_options)}).to(self.device)
         self.num_exits = self.model.num_exits
         spec = self.model.spec
         self.image_size = tuple(spec.image_size)

@@ -1,7 +1,8 @@
-"""The bundle manifest: constants, schema checks and integrity checks (`anytime export --check`).
+"""The bundle `anytime export` writes and the runtime reads: constants, names, the manifest schema, typed
+reading (`read_bundle` -> `Bundle`) and integrity checks (`check_bundle`, `anytime export --check`).
 
-Torch-free on purpose (json, hashlib, numpy; onnx or onnxruntime only if installed), so the runtime can
-import it to validate a bundle before loading it. The format itself is documented in docs/architecture.md.
+Torch-free (json, hashlib, numpy; onnx or onnxruntime only if installed). The format is documented in
+docs/architecture.md; this module is its one definition.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from anytime.errors import BundleError
+from anytime.formats.preprocessing import PreprocessingSpec
 
 FORMAT = "anytime-bundle"
 FORMAT_VERSION = 1
@@ -25,6 +30,11 @@ BATCH_AXIS = "batch"
 COST_CONVENTIONS = ("macs", "msdnet")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# The embedded default bundle ships as package data (anytime/assets/default/).
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
+# About a hundred Fashion-MNIST test images in class-named folders, shipped with the embedded model.
+SAMPLE_IMAGES_DIR = Path(__file__).resolve().parents[1] / "assets" / "samples"
 
 
 def stage_file(k: int) -> str:
@@ -244,9 +254,12 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
-    problems = schema_problems(manifest)
+    problems = format_problems(manifest)
     if problems:
         raise BundleError(f"{path}: " + "; ".join(problems))
+    problems = schema_problems(manifest)
+    if problems:
+        raise BundleError(f"{path}: " + "; ".join(problems) + "; re-export the bundle")
     return manifest
 
 
@@ -370,22 +383,149 @@ def check_bundle(bundle_dir: str | os.PathLike, raise_on_problem: bool = False) 
     return problems
 
 
-__all__ = [
-    "BATCH_AXIS",
-    "CALIBRATION_FILE",
-    "COST_CONVENTIONS",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "IMAGE_INPUT",
-    "MANIFEST_FILE",
-    "SUPPORTED_FORMAT_VERSIONS",
-    "check_bundle",
-    "exit_file",
-    "format_problems",
-    "logits_name",
-    "read_manifest",
-    "schema_problems",
-    "sha256_file",
-    "stage_file",
-    "state_name",
-]
+# ------------------------------------------------------------------------------------------ typed views
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    logits: str
+    cost: float  # cumulative, in the bundle's cost convention
+    params: int | None
+    val_accuracy: float | None
+    sha256: str | None
+
+    @property
+    def state_outputs(self) -> tuple[str, ...]:
+        """Outputs handed to the next stage (all but the logits)."""
+        return tuple(o for o in self.outputs if o != self.logits)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle on disk: where it is and what its manifest says."""
+
+    path: Path
+    manifest: dict[str, Any]
+    input: PreprocessingSpec
+    stages: tuple[StageSpec, ...]
+    classes: tuple[str, ...]
+    cost_convention: str
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    @property
+    def exit_costs(self) -> np.ndarray:
+        """Cumulative cost per image of exits 1..K (float64, the bundle's cost convention)."""
+        return np.array([s.cost for s in self.stages], dtype=np.float64)
+
+    @property
+    def arch(self) -> str:
+        return str(self.manifest.get("arch", "?"))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def load_calibration(self) -> tuple[np.ndarray, np.ndarray]:
+        """Validation logits (K, N, C) float32 and labels (N,) int64 recorded at export."""
+        cal = self.manifest["calibration"]
+        path = self.file(cal["file"])
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                logits = np.asarray(data["logits"], dtype=np.float32)
+                labels = np.asarray(data["labels"], dtype=np.int64)
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"calibration file {path} cannot be read ({exc}); re-export the bundle") from exc
+        k, n = self.num_exits, labels.shape[0]
+        if logits.ndim != 3 or logits.shape[0] != k or logits.shape[1] != n or logits.shape[2] != len(self.classes):
+            raise BundleError(
+                f"calibration file {path}: logits have shape {logits.shape}, expected ({k}, {n}, {len(self.classes)}); "
+                "re-export the bundle"
+            )
+        if n == 0:
+            raise BundleError(f"calibration file {path} holds no validation samples; re-export with a validation split")
+        return logits, labels
+
+    def verify_checksums(self) -> list[str]:
+        """Recompute sha256 of every file the manifest lists; return the files checked. Raise on mismatch."""
+        checked = []
+        entries = [(s.file, s.sha256) for s in self.stages]
+        entries.append((self.manifest["calibration"]["file"], self.manifest["calibration"]["sha256"]))
+        entries += [(e["file"], e["sha256"]) for e in self.manifest.get("full_exits") or []]
+        for name, expected in entries:
+            actual = sha256_file(self.file(name))
+            if actual != expected:
+                raise BundleError(
+                    f"bundle {self.path}: {name} is damaged (sha256 {actual[:12]}..., manifest says {str(expected)[:12]}...); "
+                    "re-export or re-copy the bundle"
+                )
+            checked.append(name)
+        return checked
+
+
+def is_bundle_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST_FILE).is_file()
+
+
+def resolve_bundle_path(bundle: str | os.PathLike | None) -> Path:
+    """The bundle directory: `bundle` (a directory or its manifest.json), or the embedded default for None."""
+    if bundle is None:
+        if not (DEFAULT_BUNDLE_DIR / MANIFEST_FILE).is_file():
+            raise BundleError(
+                f"the embedded default model is not installed (no {DEFAULT_BUNDLE_DIR / MANIFEST_FILE}); "
+                "pass a bundle directory written by `anytime export`"
+            )
+        return DEFAULT_BUNDLE_DIR
+    path = Path(bundle)
+    if path.is_file() and path.name == MANIFEST_FILE:
+        path = path.parent
+    if not path.is_dir():
+        raise BundleError(f"bundle directory '{bundle}' does not exist; pass a directory written by `anytime export`")
+    if not (path / MANIFEST_FILE).is_file():
+        raise BundleError(
+            f"'{bundle}' is not a bundle: it has no {MANIFEST_FILE}; pass a directory written by `anytime export`"
+        )
+    return path
+
+
+def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False) -> Bundle:
+    """Read and schema-check a bundle's manifest into typed views; with `verify`, also check every sha256."""
+    path = resolve_bundle_path(bundle)
+    manifest = read_manifest(path)
+    where = str(path / MANIFEST_FILE)
+    convention = str(manifest["cost_convention"])
+    try:
+        input_spec = PreprocessingSpec.from_manifest(manifest["input"])
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}; re-export the bundle") from exc
+    stages = []
+    for i, s in enumerate(manifest["stages"]):
+        stage = StageSpec(
+            index=i,
+            file=str(s["file"]),
+            inputs=tuple(s["inputs"]),
+            outputs=tuple(s["outputs"]),
+            logits=str(s["logits"]),
+            cost=float(s["cost"][convention]),
+            params=None if s.get("params") is None else int(s["params"]),
+            val_accuracy=None if s.get("val_accuracy") is None else float(s["val_accuracy"]),
+            sha256=s["sha256"],
+        )
+        if not (path / stage.file).is_file():
+            raise BundleError(f"bundle {path} is incomplete: {stage.file} (stage {i}) is missing; re-export or re-copy it")
+        stages.append(stage)
+    if any(st.cost <= 0 for st in stages):
+        raise BundleError(f"{where}: exit costs must be positive, got {[st.cost for st in stages]}; re-export the bundle")
+    cal = manifest["calibration"]
+    if not (path / cal["file"]).is_file():
+        raise BundleError(f"bundle {path} is incomplete: calibration file {cal['file']} is missing; re-export or re-copy it")
+    bundle_obj = Bundle(path, manifest, input_spec, tuple(stages), tuple(manifest["classes"]), convention)
+    if verify:
+        bundle_obj.verify_checksums()
+    return bundle_obj
