@@ -53,3 +53,17 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the Python package '{module}', which is not installed. "
             f"Install it with: pip install 'anytime[{extra}]'"
         ) from exc
+
+
+TORCH_HINT = (
+    "Install it with: pip install 'anytime[train]' (install the torch build you want first, e.g. the CPU-only "
+    "one, so that pip keeps it)"
+)
+
+
+def require_torch(purpose: str) -> None:
+    """Fail with the install command when torch is missing: serving installs carry no torch on purpose."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise MissingDependencyError(f"{purpose} needs PyTorch, which this installation does not have. {TORCH_HINT}")

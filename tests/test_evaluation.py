@@ -15,6 +15,8 @@ from anytime.runtime.evaluation import budget_grid, evaluate
 
 from conftest import PATTERN_CLASSES, make_pattern_images
 
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
 
 @pytest.fixture(scope="module")
 def pattern_npz(tmp_path_factory, pattern_test_images) -> str:

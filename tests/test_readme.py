@@ -25,14 +25,15 @@ def _setup_commands() -> tuple[str, str]:
     return one_liners[0], one_liners[1]
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    _, tests = _setup_commands()
-    test_command = tests.split("&&")[-1].strip()
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert test_command in [line.strip() for line in ci], f"{test_command!r} not in .ci/run"
-    # Both set-ups install the CPU torch first, then the package with the CPU runtime.
-    for command in _setup_commands():
-        assert "pip install torch==2.13.0 && pip install -e \".[cpu" in command
+def test_ci_runs_exactly_the_readme_commands():
+    main_job, tests = _setup_commands()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    # The test set-up word for word after its venv step, and the main job word for word.
+    assert tests.split("&&", 2)[-1].strip() in ci, f"{tests!r} not in .ci/run"
+    assert main_job.replace(".venv", ".ci-serve-venv") in ci, f"{main_job!r} not in .ci/run"
+    # The test set-up installs the CPU torch first; the main job (serving) installs no torch at all.
+    assert "pip install torch==2.13.0 && pip install -e \".[cpu,train,test]\"" in tests
+    assert "torch" not in main_job and 'pip install -e ".[cpu]"' in main_job
 
 
 def _run_anytime(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

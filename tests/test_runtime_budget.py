@@ -7,6 +7,8 @@ import pytest
 from anytime.errors import AnytimeError, BudgetError
 from anytime.runtime.budget import Budget, format_cost, parse_budget, resolve_budget_cost
 
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
 COSTS = [20e6, 60e6, 100e6, 200e6]
 
 

@@ -19,6 +19,8 @@ from anytime.runtime.calibration import (
     softmax_confidence,
 )
 
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
 # A 7-exit MSDNet-like cost profile (cumulative MFLOPs of the CIFAR-100 configuration).
 COSTS = np.array([56.43, 101.00, 155.31, 198.10, 249.53, 298.05, 340.64]) * 1e6
 

@@ -17,6 +17,8 @@ from anytime.errors import BudgetError, BundleError, ConfigError, InputImageErro
 from anytime.runtime.calibration import first_exit, softmax_confidence
 from anytime.runtime.results import ROW_KEYS
 
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
 
 @pytest.fixture(scope="module")
 def model(pattern_bundle):

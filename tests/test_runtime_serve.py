@@ -15,6 +15,8 @@ from PIL import Image
 
 from anytime.cli import main
 
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
 FOLDERS = ["horizontal", "vertical", "checker_board", "disc"]  # "checker/board" cannot be a folder name
 
 

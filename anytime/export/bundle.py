@@ -7,6 +7,10 @@ then renamed into place, so a failed or interrupted export never leaves a partia
 
 from __future__ import annotations
 
+from anytime.errors import require_torch
+
+require_torch("Exporting (anytime export, anytime.export)")  # before any torch import: one clear line instead of a traceback
+
 import datetime as _dt
 import logging
 import os

@@ -1,5 +1,10 @@
 """Multi-exit architectures (MSDNet, SDN), the model registry and cost accounting."""
 
+from anytime.errors import require_torch
+
+require_torch("Building models (anytime.models)")  # before any torch import: one clear line instead of a traceback
+
+
 from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State
 from anytime.models.costs import cost_table, exit_costs, exit_params
 from anytime.models.io import Preprocessing, load_model, read_model_meta, save_model

@@ -11,6 +11,10 @@ Methods are strategies (`anytime.training.base.TrainingMethod`) looked up by nam
 
 from __future__ import annotations
 
+from anytime.errors import require_torch
+
+require_torch("Training (anytime train, anytime.training)")  # before any torch import: one clear line instead of a traceback
+
 from typing import TYPE_CHECKING
 
 from anytime._lazy import lazy_getattr
