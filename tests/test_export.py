@@ -25,7 +25,7 @@ from anytime.cli import main as cli_main
 from anytime.data import open_dataset, split_train_val
 from anytime.errors import BundleError, DatasetError
 from anytime.export import AtolError, OutputExistsError, ShapeError, check_bundle, export_bundle, read_manifest
-from anytime.export.commands import export as export_command
+from anytime.cli.export import export as export_command
 from anytime.export.manifest import schema_problems
 from anytime.models import Preprocessing, create, load_model, save_model
 

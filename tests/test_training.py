@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from anytime.errors import ConfigError, TrainingError
-from anytime.training.commands import train as train_command
+from anytime.cli.train import train as train_command
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 

@@ -136,24 +136,3 @@ def _print_summary(result) -> None:
         click.echo(f"{len(result.history)} epochs run here, {result.epoch_time_s:.1f} s per epoch (training)")
     click.echo(f"Run directory: {result.run_dir}  (model.safetensors, model.json, results.csv, summary.json)")
     click.echo(f"Export:  anytime export {result.run_dir} --out bundles/{result.run_dir.name}")
-
-
-def __getattr__(name: str) -> Any:
-    # `anytime routes` lives in anytime.training.routes_command (DR-MGF analysis); import it on demand.
-    if name == "routes":
-        import importlib
-
-        try:
-            module = importlib.import_module("anytime.training.routes_command")
-        except ModuleNotFoundError as exc:
-            if exc.name != "anytime.training.routes_command":
-                raise
-
-            @click.command(name="routes")
-            def routes_unavailable() -> None:
-                """Per-exit route similarity of a DR-MGF run (not available in this installation)."""
-                raise click.ClickException("`anytime routes` is not available: anytime.training.routes_command is missing")
-
-            return routes_unavailable
-        return module.routes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
