@@ -42,7 +42,7 @@ def stripes(tmp_path) -> Path:
 
 def base_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--arch", "test-convnet", "--data", f"npz:{data}", "--epochs", "2", "--out", str(out),
+        "--arch", "test-convnet", "--data", f"npz:{data}", "--epochs", "2", "-o", str(out),
         "--batch-size", "32", "--val-size", "32", "--lr", "0.1", "--device", "cpu", "-q", *extra,
     ]  # fmt: skip
 

@@ -28,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 EPILOG = """\b
 The whole journey:
   anytime info msdnet-tiny
-  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 --out runs/fm
-  anytime export runs/fm --out bundles/fm
+  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 -o runs/fm
+  anytime export runs/fm -o bundles/fm
   anytime calibrate bundles/fm --budget 50%
   anytime serve bundles/fm images/ --budget 50% -o preds.jsonl
   anytime eval bundles/fm --data npz:fashion-mnist.npz -o reports/fm

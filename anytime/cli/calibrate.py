@@ -6,26 +6,29 @@ import time
 
 import click
 
-from anytime.cli.serve import _device_options, _load_model
+from anytime.cli._options import CALIBRATE, LOAD, api_option, given, output_option, runtime_device_options
+from anytime.cli.serve import _load_model
 
 
 @click.command("calibrate")
 @click.argument("bundle", required=False, type=click.Path(file_okay=False))
 @click.option("--budget", "-b", required=True, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network.")
-@click.option("--policy", "method", type=click.Choice(["best", "geometric", "search"]), default="best", show_default=True,
-              help="Which policy -o writes.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the chosen policy as JSON (for serve --policy).")
-@click.option("--verify", is_flag=True, help="Check every bundle file's sha256 against the manifest first.")
-@_device_options
-def calibrate(bundle: str | None, budget: str, method: str, output: str | None, verify: bool, device: str,
-              providers: str | None, threads: int | None) -> None:
+@api_option("--policy", type=click.Choice(["best", "geometric", "search"]), api=CALIBRATE, help="Which policy -o writes.")
+@output_option("Write the chosen policy as JSON (for serve --policy).", type=click.Path(dir_okay=False))
+@api_option("--verify", is_flag=True, api=LOAD, help="Check every bundle file's sha256 against the manifest first.")
+@runtime_device_options
+def calibrate(bundle: str | None, budget: str, policy: str | None, output: str | None, verify: bool | None,
+              device: str | None, providers: str | None, threads: int | None) -> None:
     """Fit exit thresholds for a budget on the bundle's validation data; print both policies.
 
-    BUNDLE defaults to the embedded model.
+    BUNDLE defaults to the embedded model. Calibration reads only the stored validation logits, so
+    --device auto means the CPU here.
     """
     from anytime.runtime.budget import format_cost
 
-    model = _load_model(bundle, "cpu" if providers is None and device == "auto" else device, providers, threads, verify=verify)
+    if providers is None and device in (None, "auto"):
+        device = "cpu"  # no graph runs: starting CUDA would only cost time
+    model = _load_model(bundle, device=device, providers=providers, threads=threads, verify=verify)
     t0 = time.perf_counter()
     policies = model.calibrate_all(budget)
     seconds = time.perf_counter() - t0
@@ -39,10 +42,9 @@ def calibrate(bundle: str | None, budget: str, method: str, output: str | None, 
         p = policies[name]
         mark = "  <- default (best on validation)" if p is best else ""
         click.echo(p.describe() + mark)
-    chosen = policies[method]
+    chosen = model.calibrate(budget, **given(policy=policy))  # fitted above: calibrate_all caches per budget
     click.echo(f"expected accuracy {100 * chosen.expected_accuracy:.2f}% at {format_cost(chosen.expected_cost, conv)} per image "
                f"({chosen.method}; {100 * chosen.expected_cost / model.full_cost:.1f}% of the full network)")
     if output:
         chosen.save(output)
         click.echo(f"policy written to {output}; use it with: anytime serve {model.bundle.path} IMAGES --policy {output}")
-

@@ -4,51 +4,37 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import click
 
+from anytime.cli._options import PREDICT, api_option, given, output_option, runtime_device_options
 from anytime.errors import ConfigError
 from anytime.runtime.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
 
-def _load_model(bundle: str | None, device: str, providers: str | None, threads: int | None, verify: bool = False):
+def _load_model(bundle: str | None, **options: Any):
     from anytime.runtime.model import load
 
-    return load(bundle, providers=providers, device=device, threads=threads, verify=verify)
-
-
-def _policy_option(value: str) -> tuple[str, str | None]:
-    """--policy is a method name or a policy JSON file written by `anytime calibrate -o`."""
-    if value in ("best", "geometric", "search"):
-        return value, None
-    if Path(value).is_file():
-        return "best", value
-    raise click.BadParameter(f"{value!r} is neither best, geometric, search nor an existing policy file", param_hint="--policy")
-
-
-def _device_options(f):
-    f = click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads (default: its own choice).")(f)
-    f = click.option("--providers", default=None, help="Explicit onnxruntime providers, comma-separated (overrides --device).")(f)
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")(f)
-    return f
+    return load(bundle, **given(**options))
 
 
 @click.command("serve")
 @click.argument("args", nargs=-1, metavar="[BUNDLE] [INPUTS...]")
 @click.option("--budget", "-b", default=None, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network.")
 @click.option("--exit", "exit_", type=int, default=None, help="Answer every input at this exit (1-based) instead of a budget.")
-@click.option("--strict", is_flag=True, help="Hard cap: no batch's total cost exceeds images × budget.")
-@click.option("--policy", "policy_opt", default="best", show_default=True,
-              help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write one row per input: .jsonl or .csv.")
-@_device_options
+@api_option("--strict", is_flag=True, api=PREDICT, help="Hard cap: no batch's total cost exceeds images × budget.")
+@api_option("--policy", api=PREDICT, metavar="NAME|FILE",
+            help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file "
+                 "written by `anytime calibrate -o` (then no --budget).")
+@api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
+@output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
+@runtime_device_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
-def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: int | None, strict: bool, policy_opt: str,
-          batch_size: int, output: str | None, device: str, providers: str | None, threads: int | None, quiet: bool) -> None:
+def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: int | None, strict: bool | None,
+          policy: str | None, batch_size: int | None, output: str | None, device: str | None, providers: str | None,
+          threads: int | None, quiet: bool) -> None:
     """Budgeted batch prediction with real early exit.
 
     BUNDLE is optional: the first argument is a bundle when it is a directory with a manifest.json,
@@ -64,7 +50,9 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
     from anytime.runtime.inputs import expand_paths
     from anytime.runtime.results import RowWriter, RunningTotals, output_format
 
-    method, policy_file = _policy_option(policy_opt)
+    from anytime.runtime.model import POLICY_CHOICES
+
+    ready_policy = policy is not None and policy not in POLICY_CHOICES  # a policy file: thresholds already fitted
     bundle: str | None = None
     inputs = list(args)
     if inputs and is_bundle_dir(inputs[0]):
@@ -75,24 +63,24 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
         if not SAMPLES_DIR.is_dir():
             raise ConfigError(f"no inputs given and the embedded sample images are not installed ({SAMPLES_DIR}); pass images to classify")
         inputs = [str(SAMPLES_DIR)]
-    if budget is None and exit_ is None and policy_file is None:
+    if budget is None and exit_ is None and not ready_policy:
         raise click.UsageError("give a compute budget (--budget 50%, --budget 120M) or a fixed exit (--exit 3)")
     if budget is not None and exit_ is not None:
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
 
-    model = _load_model(bundle, device, providers, threads)
-    policy = model.resolve_policy(budget=budget, policy=policy_file, exit=exit_, method=method)
-    if strict and policy.budget is None:
+    model = _load_model(bundle, device=device, providers=providers, threads=threads)
+    chosen = model.resolve_policy(budget=budget, exit=exit_, **given(policy=policy))
+    if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
     if not quiet:
-        click.echo(f"{model.bundle.arch} on {', '.join(model.providers)}; {policy.describe()}", err=True)
+        click.echo(f"{model.bundle.arch} on {', '.join(model.providers)}; {chosen.describe()}", err=True)
 
-    totals = RunningTotals(model.num_exits, model.cost_convention, policy.budget)
+    totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
     out_fh = open(output, "w", encoding="utf-8", newline="") if output else None
     writer = RowWriter(out_fh, fmt) if out_fh else None
-    stream = model.predict_batches(expand_paths(inputs, stdin=sys.stdin), policy=policy, batch_size=batch_size,
-                                   strict=strict, on_error="record")
+    stream = model.predict_batches(expand_paths(inputs, stdin=sys.stdin), policy=chosen, on_error="record",
+                                   **given(batch_size=batch_size, strict=strict))
     bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
