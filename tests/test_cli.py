@@ -103,6 +103,11 @@ def test_old_out_still_exports(tmp_path):
     assert both.exit_code == 2 and "give -o/--output once" in both.output
 
 
+def test_old_out_reaches_train_output_too(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "give -o/--output once" in res.output
+
+
 def test_output_is_required_with_a_one_line_fix(tmp_path):
     res = CliRunner().invoke(cli, ["train", "--arch", "test-convnet", "--data", "npz:x.npz", "--epochs", "1"])
     assert res.exit_code == 2 and "missing -o/--output" in res.output

@@ -150,15 +150,15 @@ class AnytimeModel:
         policy = _renamed_method(policy, method, "resolve_policy")
         name = "best" if policy is None or policy in POLICY_CHOICES else None
         if name is None:
+            if isinstance(policy, (str, os.PathLike)) and not os.path.isfile(policy):
+                raise ConfigError(
+                    f"policy {str(policy)!r} is neither {', '.join(POLICY_CHOICES)} nor an existing policy file "
+                    "(written by `anytime calibrate --budget B -o FILE`)"
+                )
             given = [n for n, v in (("budget", budget), ("exit", exit)) if v is not None]
             if given:
                 raise ConfigError(f"a ready exit policy fixes the thresholds; give it without {' or '.join(given)}")
             if isinstance(policy, (str, os.PathLike)):
-                if not os.path.isfile(policy):
-                    raise ConfigError(
-                        f"policy {str(policy)!r} is neither {', '.join(POLICY_CHOICES)} nor an existing policy file "
-                        "(written by `anytime calibrate --budget B -o FILE`)"
-                    )
                 policy = ExitPolicy.load(policy)
             if not isinstance(policy, ExitPolicy):
                 raise ConfigError(
