@@ -156,3 +156,10 @@ def runtime_device_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = api_option("--device", type=click.Choice(["auto", "cpu", "cuda"]), api=LOAD,
                    help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")(f)
     return f
+
+
+def load_bundle(bundle: str | None, **options: Any) -> Any:
+    """`anytime.load` with only the runtime options that were given (serve, calibrate)."""
+    from anytime.runtime.model import load
+
+    return load(bundle, **given(**options))

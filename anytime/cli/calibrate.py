@@ -6,8 +6,7 @@ import time
 
 import click
 
-from anytime.cli._options import CALIBRATE, LOAD, api_option, given, output_option, runtime_device_options
-from anytime.cli.serve import _load_model
+from anytime.cli._options import CALIBRATE, LOAD, api_option, given, load_bundle, output_option, runtime_device_options
 
 
 @click.command("calibrate")
@@ -28,7 +27,7 @@ def calibrate(bundle: str | None, budget: str, policy: str | None, output: str |
 
     if providers is None and device in (None, "auto"):
         device = "cpu"  # no graph runs: starting CUDA would only cost time
-    model = _load_model(bundle, device=device, providers=providers, threads=threads, verify=verify)
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads, verify=verify)
     t0 = time.perf_counter()
     policies = model.calibrate_all(budget)
     seconds = time.perf_counter() - t0

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 import click
 
-from anytime.cli._options import PREDICT, api_option, given, output_option, runtime_device_options
+from anytime.cli._options import PREDICT, api_option, given, load_bundle, output_option, runtime_device_options
 from anytime.errors import ConfigError
 from anytime.runtime.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
-
-
-def _load_model(bundle: str | None, **options: Any):
-    from anytime.runtime.model import load
-
-    return load(bundle, **given(**options))
 
 
 @click.command("serve")
@@ -48,9 +41,8 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
 
     from anytime.runtime.bundle import is_bundle_dir
     from anytime.runtime.inputs import expand_paths
-    from anytime.runtime.results import RowWriter, RunningTotals, output_format
-
     from anytime.runtime.model import POLICY_CHOICES
+    from anytime.runtime.results import RowWriter, RunningTotals, output_format
 
     ready_policy = policy is not None and policy not in POLICY_CHOICES  # a policy file: thresholds already fitted
     bundle: str | None = None
@@ -64,12 +56,13 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
             raise ConfigError(f"no inputs given and the embedded sample images are not installed ({SAMPLES_DIR}); pass images to classify")
         inputs = [str(SAMPLES_DIR)]
     if budget is None and exit_ is None and not ready_policy:
-        raise click.UsageError("give a compute budget (--budget 50%, --budget 120M) or a fixed exit (--exit 3)")
+        raise click.UsageError("give a compute budget (--budget 50%, --budget 120M), a fixed exit (--exit 3) "
+                               "or a calibrated policy file (--policy FILE)")
     if budget is not None and exit_ is not None:
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
 
-    model = _load_model(bundle, device=device, providers=providers, threads=threads)
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
     chosen = model.resolve_policy(budget=budget, exit=exit_, **given(policy=policy))
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
