@@ -20,8 +20,8 @@ if [ -f "$RUN/checkpoints/last.pt" ] && [ ! -f "$RUN/model.json" ]; then
   $ANYTIME train --resume "$RUN" --device "$DEVICE" -q
 elif [ ! -f "$RUN/model.json" ]; then
   $ANYTIME train --arch msdnet-tiny --data "$DATA" --method drmgf --epochs "$EPOCHS" --seed 0 \
-    --train-limit "$TRAIN_LIMIT" --device "$DEVICE" --out "$RUN" -q
+    --train-limit "$TRAIN_LIMIT" --device "$DEVICE" -o "$RUN" -q
 fi
-$ANYTIME export "$RUN" --out anytime/assets/default --force
+$ANYTIME export "$RUN" -o anytime/assets/default --force
 python scripts/write_sample_images.py --npz "${DATA#npz:}" --out anytime/assets/samples
 $ANYTIME eval anytime/assets/default --data "$DATA" -o docs/default-model

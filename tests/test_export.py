@@ -25,7 +25,7 @@ from anytime.cli import main as cli_main
 from anytime.data import open_dataset, split_train_val
 from anytime.errors import BundleError, DatasetError
 from anytime.export import AtolError, OutputExistsError, ShapeError, check_bundle, export_bundle, read_manifest
-from anytime.export.commands import export as export_command
+from anytime.cli.export import export as export_command
 from anytime.formats.bundle import schema_problems
 from anytime.models import Preprocessing, create, load_model, save_model
 
@@ -99,7 +99,7 @@ def convnet(tmp_path_factory):
     root = tmp_path_factory.mktemp("convnet")
     run = make_run(root, "test-convnet", size=16, channels=3, n_train=48, val_size=12)
     bundle = root / "bundle"
-    result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--full-exits"])
+    result = CliRunner().invoke(export_command, [str(run), "-o", str(bundle), "--full-exits"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return run, bundle, result.output
 

@@ -51,12 +51,12 @@ def test_describes_itself(model):
 
 
 @pytest.mark.parametrize("budget", ["30%", "50%", "75%"])
-@pytest.mark.parametrize("method", ["geometric", "search"])
+@pytest.mark.parametrize("policy", ["geometric", "search"])
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
-def test_early_exit_equals_run_all_then_threshold(model, pattern_test_images, budget, method, batch_size):
+def test_early_exit_equals_run_all_then_threshold(model, pattern_test_images, budget, policy, batch_size):
     x, _ = pattern_test_images
     x = x[:100] if batch_size == 1 else x
-    preds = model.predict(x, budget=budget, method=method, batch_size=batch_size)
+    preds = model.predict(x, budget=budget, policy=policy, batch_size=batch_size)
     conf, labels = softmax_confidence(model.run_all_exits(x, batch_size=64))
     exits = first_exit(conf, preds.policy.threshold_array())
     np.testing.assert_array_equal(preds.exits, exits + 1)
@@ -231,6 +231,27 @@ def test_results_object_rows_and_save(model, pattern_test_images, tmp_path):
     assert lines[0] == ",".join(ROW_KEYS) and len(lines) == 41
     with pytest.raises(ConfigError, match=".jsonl or .csv"):
         preds.save(tmp_path / "p.txt")
+
+
+def test_policy_names_a_method_or_a_ready_policy_and_method_keyword_still_works(model, pattern_test_images, tmp_path):
+    x, _ = pattern_test_images
+    geo = model.calibrate("50%", policy="geometric")
+    assert geo is model.calibrate_all("50%")["geometric"]
+    preds = model.predict(x[:20], budget="50%", policy="geometric")
+    assert preds.policy is geo
+    geo.save(tmp_path / "geo.json")
+    from_file = model.predict(x[:20], policy=str(tmp_path / "geo.json"))
+    np.testing.assert_array_equal(from_file.exits, preds.exits)
+    # `method=` was the API's old name for `policy=`
+    with pytest.warns(DeprecationWarning, match="policy='geometric'"):
+        assert model.calibrate("50%", method="geometric") is geo
+    with pytest.warns(DeprecationWarning, match="use policy="):
+        old = model.predict(x[:20], budget="50%", method="geometric")
+    np.testing.assert_array_equal(old.exits, preds.exits)
+    with pytest.raises(ConfigError, match="neither best, geometric, search nor an existing policy file"):
+        model.predict(x[:2], policy="nonexistent.json")
+    with pytest.raises(ConfigError, match="give it without budget"):
+        model.predict(x[:2], budget="50%", policy=geo)
 
 
 def test_budget_errors_from_model(model):

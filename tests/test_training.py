@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from anytime.errors import ConfigError, TrainingError
-from anytime.training.commands import train as train_command
+from anytime.cli.train import train as train_command
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 
@@ -42,7 +42,7 @@ def stripes(tmp_path) -> Path:
 
 def base_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--arch", "test-convnet", "--data", f"npz:{data}", "--epochs", "2", "--out", str(out),
+        "--arch", "test-convnet", "--data", f"npz:{data}", "--epochs", "2", "-o", str(out),
         "--batch-size", "32", "--val-size", "32", "--lr", "0.1", "--device", "cpu", "-q", *extra,
     ]  # fmt: skip
 

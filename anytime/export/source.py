@@ -58,7 +58,7 @@ def load_source(run_dir: str | os.PathLike, data: str | None = None,
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; give the --out directory of `anytime train`")
+        raise ConfigError(f"run directory {run_dir} does not exist; give the -o/--output directory of `anytime train`")
     model, meta = load_model(run_dir)
     config_path = run_dir / CONFIG_FILE
     config = read_json_object(config_path, "run configuration") if config_path.is_file() else {}

@@ -1,7 +1,8 @@
-"""`anytime eval`: the anytime table and budget curves of one or more bundles on a labelled split.
+"""Evaluation of bundles on a labelled split: the anytime table and budget curves, as data.
 
 Torch-free: every exit's logits come from the bundle on onnxruntime, images from `anytime.data`'s
-numpy readers. Thresholds are always fitted on the bundle's validation data (calibration.npz) and
+numpy readers. A training run directory must be exported first (`anytime eval` does that for you,
+into a temporary bundle); writing and plotting the results is `anytime.runtime.reports`. Thresholds are always fitted on the bundle's validation data (calibration.npz) and
 measured on the chosen split. Applying thresholds to precomputed all-exit logits gives exactly what
 real early exit gives (the runtime tests that equality), so one pass over the split serves every budget.
 
@@ -11,8 +12,6 @@ real early exit gives (the runtime tests that equality), so one pass over the sp
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import time
@@ -20,13 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import click
 import numpy as np
 
 from anytime.errors import ConfigError, DatasetError
-from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from anytime.formats.bundle import is_bundle_dir
-from anytime.runtime.budget import format_cost
+from anytime.formats.rundir import is_model_dir
 from anytime.runtime.calibration import first_exit, softmax_confidence
 
 log = logging.getLogger(__name__)
@@ -88,59 +85,11 @@ class EvalReport:
         return {"models": [m.to_dict() for m in self.models]}
 
     def save(self, directory: str | os.PathLike, plots: bool = True) -> list[Path]:
-        """Write CSV, JSON and (with matplotlib installed) PNG plots; returns the files written."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        written = [out / "report.json", out / "anytime.csv", out / "budget_curve.csv"]
-        atomic_write_json(written[0], self.to_dict())
-        atomic_write_text(
-            written[1],
-            _csv(
-                ["model", "exit", "cost", "cost_convention", "fraction", "params", "top1", "top5"],
-                [[m.name, e.exit, e.cost, m.cost_convention, e.fraction, e.params, e.top1, e.top5] for m in self.models for e in m.exits],
-            ),
-        )
-        atomic_write_text(
-            written[2],
-            _csv(
-                ["model", "policy", "budget", "budget_fraction", "cost", "accuracy", "val_cost", "val_accuracy", "exit_fractions"],
-                [
-                    [m.name, p.policy, p.budget, p.budget_fraction, p.cost, p.accuracy, p.val_cost, p.val_accuracy,
-                     " ".join(f"{f:.4f}" for f in p.exit_fractions)]
-                    for m in self.models for p in m.curve
-                ],
-            ),
-        )
-        if plots:
-            written += plot_report(self, out)
-        return written
+        """Write CSV, JSON and (with matplotlib installed) PNG plots; see `anytime.runtime.reports`."""
+        from anytime.runtime.reports import save_report
 
+        return save_report(self, directory, plots=plots)
 
-def _csv(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
-    return buf.getvalue()
-
-
-def resolve_bundle(path: str | os.PathLike, force_export: bool = False) -> Path:
-    """A bundle directory, or a run directory exported once into RUN_DIR/bundle (needs torch)."""
-    p = Path(path).expanduser()
-    if is_bundle_dir(p):
-        return p
-    if (p / "model.json").is_file():
-        bundle = p / "bundle"
-        if force_export or not is_bundle_dir(bundle):
-            from anytime.export import export_bundle  # torch only for run directories
-
-            log.info("exporting run %s to %s", p, bundle)
-            export_bundle(p, bundle, force=True)
-        return bundle
-    raise ConfigError(
-        f"'{path}' is neither a bundle (no manifest.json) nor a run directory (no model.json); "
-        "pass a directory written by `anytime export` or `anytime train`"
-    )
 
 
 def _split_images(data: str, split: str):
@@ -185,20 +134,39 @@ def budget_grid(exit_costs: np.ndarray, points: int) -> np.ndarray:
     return np.unique(np.concatenate([np.linspace(first, full, points), marks]))
 
 
+def check_bundle_dir(path: str | os.PathLike) -> Path:
+    """`path` as a bundle directory; a run directory is refused (exporting it needs torch: the caller's job)."""
+    p = Path(path).expanduser()
+    if is_bundle_dir(p):
+        return p
+    if is_model_dir(p):
+        raise ConfigError(
+            f"'{path}' is a training run directory, not a bundle; export it first with "
+            f"`anytime export {path} -o BUNDLE_DIR` (the `anytime eval` command does this for you)"
+        )
+    raise ConfigError(
+        f"'{path}' is neither a bundle (no manifest.json) nor a run directory (no model.json); "
+        "pass a directory written by `anytime export` or `anytime train`"
+    )
+
+
 def evaluate_model(
     path: str | os.PathLike,
     data: str,
     split: str = "test",
     points: int = 15,
     providers: Any = None,
-    device: str | None = None,
+    device: str = "auto",
     threads: int | None = None,
     progress: bool = False,
+    name: str | None = None,
 ) -> ModelReport:
+    """One bundle on one split. `name` labels it in tables and plots (default: the directory's name)."""
     from anytime.runtime.model import load
 
     t0 = time.perf_counter()
-    bundle_dir = resolve_bundle(path)
+    label = name or Path(path).expanduser().resolve().name
+    bundle_dir = check_bundle_dir(path)
     model = load(bundle_dir, providers=providers, device=device, threads=threads)
     ds, images = _split_images(data, split)
     if ds.info.num_classes != len(model.classes):
@@ -243,7 +211,7 @@ def evaluate_model(
             )
     provenance = model.bundle.manifest.get("provenance", {})
     return ModelReport(
-        name=_model_name(path, provenance),
+        name=_model_name(label, provenance),
         bundle=str(bundle_dir),
         data=data,
         split=split,
@@ -256,141 +224,29 @@ def evaluate_model(
     )
 
 
-def _model_name(path: str | os.PathLike, provenance: dict[str, Any]) -> str:
-    name = Path(path).expanduser().resolve().name
+def _model_name(name: str, provenance: dict[str, Any]) -> str:
     method = provenance.get("method")
     return f"{name} ({method})" if method and method not in name else name
 
 
-def evaluate(paths: str | os.PathLike | Sequence[str | os.PathLike], data: str, split: str = "test", points: int = 15, **kwargs: Any) -> EvalReport:
-    """Evaluate one or several bundles (or run directories) on the same split."""
+def evaluate(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    data: str,
+    split: str = "test",
+    points: int = 15,
+    names: Sequence[str | None] | None = None,
+    **kwargs: Any,
+) -> EvalReport:
+    """Evaluate one or several bundles on the same split; `kwargs` go to `evaluate_model` (device,
+    providers, threads, progress). `names` label the models (default: their directories' names)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    report = EvalReport([evaluate_model(p, data, split, points, **kwargs) for p in paths])
+    names = list(names) if names is not None else [None] * len(paths)
+    if len(names) != len(paths):
+        raise ConfigError(f"evaluate() got {len(paths)} bundles but {len(names)} names; give one name per bundle")
+    report = EvalReport([evaluate_model(p, data, split, points, name=n, **kwargs) for p, n in zip(paths, names)])
     names = [m.name for m in report.models]
     for i, m in enumerate(report.models):  # overlaid plots need distinct labels
         if names.count(m.name) > 1:
             m.name = f"{m.name} #{i + 1}"
     return report
-
-
-# --- plots (optional extra) -------------------------------------------------------------------------
-
-def plot_report(report: EvalReport, out: Path) -> list[Path]:
-    """Accuracy-versus-cost curves (all models overlaid) and exit histograms; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plots (pip install 'anytime[plot]')")
-        return []
-    written = []
-    convention = report.models[0].cost_convention
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, m in enumerate(report.models):
-        color = f"C{i}"
-        for policy, style in (("search", "-"), ("geometric", "--")):
-            pts = m.points(policy)
-            ax.plot([p.cost / 1e6 for p in pts], [100 * p.accuracy for p in pts], style, color=color,
-                    label=f"{m.name}: budgeted, {policy}")
-        ax.plot([e.cost / 1e6 for e in m.exits], [100 * e.top1 for e in m.exits], "o", color=color,
-                label=f"{m.name}: single exits")
-    ax.set_xlabel(f"average cost per image (M {convention})")
-    ax.set_ylabel(f"top-1 accuracy on {report.models[0].split} (%)")
-    ax.set_title("Budgeted classification: accuracy vs. average cost")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save_figure(fig, out / "accuracy_vs_cost.png"))
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(report.models), figsize=(5 * len(report.models), 3.5), squeeze=False)
-    for ax, m in zip(axes[0], report.models):
-        width = 0.8 / len(HISTOGRAM_FRACTIONS)
-        for j, frac in enumerate(HISTOGRAM_FRACTIONS):
-            p = _nearest_point(m, frac)
-            xs = np.arange(1, len(m.exits) + 1) + (j - (len(HISTOGRAM_FRACTIONS) - 1) / 2) * width
-            ax.bar(xs, [100 * f for f in p.exit_fractions], width=width,
-                   label=f"budget {100 * p.budget_fraction:.0f}% (acc {100 * p.accuracy:.1f}%)")
-        ax.set_xlabel("exit")
-        ax.set_ylabel("images leaving here (%)")
-        ax.set_title(m.name, fontsize=9)
-        ax.set_xticks(range(1, len(m.exits) + 1))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save_figure(fig, out / "exit_histogram.png"))
-    plt.close(fig)
-    return written
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _nearest_point(m: ModelReport, fraction: float, policy: str = "search") -> CurvePoint:
-    return min(m.points(policy), key=lambda p: abs(p.budget_fraction - fraction))
-
-
-# --- terminal summary -------------------------------------------------------------------------------
-
-def summary_lines(report: EvalReport) -> list[str]:
-    lines: list[str] = []
-    for m in report.models:
-        conv = m.cost_convention
-        lines.append(f"{m.name}: {m.count} images of split '{m.split}' ({m.data}), {m.seconds:.1f}s")
-        has_top5 = any(e.top5 is not None for e in m.exits)
-        lines.append(f"  {'exit':>4}  {'cost (' + conv + ')':>14}  {'of full':>7}  {'params':>8}  {'top-1':>7}" + ("  top-5" if has_top5 else ""))
-        for e in m.exits:
-            params = "-" if e.params is None else format_cost(e.params)
-            row = f"  {e.exit:>4}  {format_cost(e.cost):>14}  {100 * e.fraction:>6.1f}%  {params:>8}  {100 * e.top1:>6.2f}%"
-            if has_top5:
-                row += f"  {100 * e.top5:>5.2f}%" if e.top5 is not None else "      -"
-            lines.append(row)
-        lines.append(f"  budgeted (thresholds fitted on validation, measured on '{m.split}'):")
-        lines.append(f"  {'budget':>14}  {'policy':>9}  {'realised cost':>14}  {'accuracy':>8}")
-        for frac in HISTOGRAM_FRACTIONS + (1.0,):
-            for policy in CURVE_POLICIES:
-                p = _nearest_point(m, frac, policy)
-                lines.append(
-                    f"  {format_cost(p.budget) + f' ({100 * p.budget_fraction:.0f}%)':>14}  {policy:>9}  "
-                    f"{format_cost(p.cost):>14}  {100 * p.accuracy:>7.2f}%"
-                )
-    return lines
-
-
-@click.command("eval")
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, help="Labelled dataset as KIND:PATH, e.g. npz:fashion-mnist.npz.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val", "train"]),
-              help="Which split of --data to measure on (thresholds always come from the bundle's validation data).")
-@click.option("-o", "--output", "output", type=click.Path(file_okay=False), default=None,
-              help="Report directory for CSV, JSON and PNG plots.")
-@click.option("--points", default=15, show_default=True, help="Budgets in the sweep, first exit to full network.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-@click.option("--no-plots", is_flag=True, help="Skip the PNG plots even when matplotlib is installed.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(models: tuple[str, ...], data: str, split: str, output: str | None, points: int, device: str,
-                 threads: int | None, no_plots: bool, quiet: bool) -> None:
-    """Anytime table and budget curves of bundles (or run directories) on a labelled split.
-
-    \b
-    Several MODELS are overlaid in one plot, e.g. DR-MGF against joint training:
-      anytime eval runs/drmgf runs/joint --data npz:fashion-mnist.npz -o reports/compare
-    """
-    import sys
-
-    report = evaluate(list(models), data, split=split, points=points, device=device, threads=threads,
-                      progress=not quiet and sys.stderr.isatty())
-    for line in summary_lines(report):
-        click.echo(line)
-    if output:
-        files = report.save(output, plots=not no_plots)
-        click.echo(f"wrote {', '.join(f.name for f in files)} to {output}")
-        if not no_plots and not any(f.suffix == ".png" for f in files):
-            click.echo("no plots: install the plot extra with pip install 'anytime[plot]'")

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +37,15 @@ from anytime.runtime.results import Predictions, concat
 log = logging.getLogger(__name__)
 
 POLICY_CHOICES = ("best", "geometric", "search")
+PolicyLike = ExitPolicy | str | os.PathLike
+
+
+def _renamed_method(policy: PolicyLike | None, method: str | None, where: str) -> PolicyLike | None:
+    """`method=` was the old name of `policy=` (the CLI always said --policy); keep it working."""
+    if method is None:
+        return policy
+    warnings.warn(f"{where}(method=...) is deprecated; use policy={method!r}", DeprecationWarning, stacklevel=3)
+    return method
 
 
 class AnytimeModel:
@@ -127,11 +137,15 @@ class AnytimeModel:
             self._policies[key] = {"geometric": geo, "search": search, "best": best}
         return self._policies[key]
 
-    def calibrate(self, budget: BudgetLike, method: str = "best") -> ExitPolicy:
-        """The exit policy for a budget, fitted on the bundle's validation data."""
-        if method not in POLICY_CHOICES:
-            raise ConfigError(f"policy method {method!r} is unknown; use one of {', '.join(POLICY_CHOICES)}")
-        return self.calibrate_all(budget)[method]
+    def calibrate(self, budget: BudgetLike, policy: str = "best", *, method: str | None = None) -> ExitPolicy:
+        """The exit policy for a budget, fitted on the bundle's validation data.
+
+        `policy`: "geometric" (MSDNet's), "search", or "best" (whichever scores higher on validation).
+        """
+        policy = _renamed_method(policy, method, "calibrate")
+        if policy not in POLICY_CHOICES:
+            raise ConfigError(f"policy {policy!r} is unknown; use one of {', '.join(POLICY_CHOICES)}")
+        return self.calibrate_all(budget)[policy]
 
     def _exit_policy(self, exit_number: int) -> ExitPolicy:
         exit_number = check_exit(exit_number, self.num_exits)
@@ -141,20 +155,36 @@ class AnytimeModel:
             data = None
         return fixed_exit_policy(data, exit_number, self.exit_costs, self.cost_convention)
 
-    def resolve_policy(self, budget: BudgetLike | None = None, policy: ExitPolicy | str | None = None, exit: int | None = None, method: str = "best") -> ExitPolicy:
-        given = [name for name, v in (("budget", budget), ("policy", policy), ("exit", exit)) if v is not None]
-        if len(given) > 1:
-            raise ConfigError(f"give only one of budget, policy or exit (got {', '.join(given)})")
-        if exit is not None:
-            return self._exit_policy(exit)
-        if policy is not None:
+    def resolve_policy(self, budget: BudgetLike | None = None, policy: PolicyLike | None = "best", exit: int | None = None,
+                       *, method: str | None = None) -> ExitPolicy:
+        """The policy a prediction uses. `policy` is how a budget becomes thresholds (best, geometric,
+        search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget)."""
+        policy = _renamed_method(policy, method, "resolve_policy")
+        name = "best" if policy is None or policy in POLICY_CHOICES else None
+        if name is None:
+            if isinstance(policy, (str, os.PathLike)) and not os.path.isfile(policy):
+                raise ConfigError(
+                    f"policy {str(policy)!r} is neither {', '.join(POLICY_CHOICES)} nor an existing policy file "
+                    "(written by `anytime calibrate --budget B -o FILE`)"
+                )
+            given = [n for n, v in (("budget", budget), ("exit", exit)) if v is not None]
+            if given:
+                raise ConfigError(f"a ready exit policy fixes the thresholds; give it without {' or '.join(given)}")
             if isinstance(policy, (str, os.PathLike)):
                 policy = ExitPolicy.load(policy)
+            if not isinstance(policy, ExitPolicy):
+                raise ConfigError(
+                    f"policy={policy!r}: give {', '.join(POLICY_CHOICES)}, an ExitPolicy or a policy JSON file path"
+                )
             if policy.num_exits != self.num_exits:
                 raise ConfigError(f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits")
             return policy
+        if budget is not None and exit is not None:
+            raise ConfigError("give only one of budget or exit (got budget and exit)")
+        if exit is not None:
+            return self._exit_policy(exit)
         if budget is not None:
-            return self.calibrate(budget, method)
+            return self.calibrate(budget, policy or name)
         return self._exit_policy(self.num_exits)  # nothing asked: the full network
 
     # --- prediction ----------------------------------------------------------------------------------
@@ -162,22 +192,26 @@ class AnytimeModel:
         self,
         inputs: Any,
         budget: BudgetLike | None = None,
-        policy: ExitPolicy | str | None = None,
+        policy: PolicyLike | None = "best",
         exit: int | None = None,
         batch_size: int = 64,
         strict: bool = False,
-        method: str = "best",
         on_error: str = "raise",
+        *,
+        method: str | None = None,
     ) -> Predictions:
         """Classify inputs with real batched early exit under a budget, a policy or a fixed exit.
 
         `inputs`: a path, PIL image, H×W×C uint8 array, N×H×W×C array, or an iterable of these (consumed
-        lazily, `batch_size` at a time). With none of budget/policy/exit the full network answers.
+        lazily, `batch_size` at a time). `policy`: how the budget becomes thresholds ("best", "geometric",
+        "search"), or a ready `ExitPolicy` / policy JSON file. With neither budget, exit nor a ready
+        policy the full network answers.
         `strict`: each batch's total cost never exceeds images × budget. `on_error`: "raise" stops at
         the first unreadable input; "record" gives it an error row and goes on.
         """
+        policy = _renamed_method(policy, method, "predict")
         t0 = time.perf_counter()
-        parts = list(self.predict_batches(inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, method=method, on_error=on_error))
+        parts = list(self.predict_batches(inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, on_error=on_error))
         seconds = time.perf_counter() - t0
         if not parts:
             raise ConfigError("predict() got no inputs; pass a path, an image, an array or a non-empty list of them")
@@ -192,12 +226,13 @@ class AnytimeModel:
         self,
         inputs: Any,
         budget: BudgetLike | None = None,
-        policy: ExitPolicy | str | None = None,
+        policy: PolicyLike | None = "best",
         exit: int | None = None,
         batch_size: int = 64,
         strict: bool = False,
-        method: str = "best",
         on_error: str = "record",
+        *,
+        method: str | None = None,
     ) -> Iterator[Predictions]:
         """Like `predict`, but yields one `Predictions` per batch: memory stays bounded by two batches."""
         if on_error not in ("raise", "record"):
@@ -205,7 +240,7 @@ class AnytimeModel:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
         batch_size = int(batch_size)
-        chosen = self.resolve_policy(budget, policy, exit, method)
+        chosen = self.resolve_policy(budget, _renamed_method(policy, method, "predict_batches"), exit)
         thresholds = chosen.threshold_array()
         cap = chosen.budget if strict and chosen.budget is not None else None
         chunks = _chunks(iter_input_items(inputs, self.classes), batch_size)
@@ -308,7 +343,7 @@ def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
 def load(
     bundle: str | os.PathLike | None = None,
     providers: Sequence[Any] | str | None = None,
-    device: str | None = None,
+    device: str = "auto",
     threads: int | None = None,
     verify: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,

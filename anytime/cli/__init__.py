@@ -1,6 +1,7 @@
-"""The `anytime` command line: one verb per step of a model's life.
+"""The `anytime` command line: one verb per step of a model's life, one module per verb.
 
-Subcommands are imported lazily so that `anytime serve` starts without importing torch.
+Verb modules are imported lazily, and import the library inside their command function, so that
+`anytime --help` and `anytime serve` start without importing torch.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from anytime.errors import AnytimeError
 
 # verb -> (module, attribute, one-line help shown in `anytime --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "info": ("anytime.models.commands", "info", "Per-exit cost and parameter table of a model preset."),
-    "train": ("anytime.training.commands", "train", "Train a multi-exit network (DR-MGF or a baseline)."),
-    "routes": ("anytime.training.commands", "routes", "Per-exit route similarity of a DR-MGF run."),
-    "export": ("anytime.export.commands", "export", "Write (or --check) an ONNX bundle, one graph per exit stage."),
-    "calibrate": ("anytime.runtime.commands", "calibrate", "Fit exit thresholds for a compute budget."),
-    "serve": ("anytime.runtime.commands", "serve", "Budgeted batch prediction with real early exit."),
-    "eval": ("anytime.runtime.evaluation", "eval_command", "Anytime table and budget curves on a dataset."),
+    "info": ("anytime.cli.info", "info", "Per-exit cost and parameter table of a model preset."),
+    "train": ("anytime.cli.train", "train", "Train a multi-exit network (DR-MGF or a baseline)."),
+    "routes": ("anytime.cli.routes", "routes", "Per-exit route similarity of a DR-MGF run."),
+    "export": ("anytime.cli.export", "export", "Write (or --check) an ONNX bundle, one graph per exit stage."),
+    "calibrate": ("anytime.cli.calibrate", "calibrate", "Fit exit thresholds for a compute budget."),
+    "serve": ("anytime.cli.serve", "serve", "Budgeted batch prediction with real early exit."),
+    "eval": ("anytime.cli.eval", "eval_command", "Anytime table and budget curves on a dataset."),
 }
 
 EPILOG = """\b
 The whole journey:
   anytime info msdnet-tiny
-  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 --out runs/fm
-  anytime export runs/fm --out bundles/fm
+  anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 -o runs/fm
+  anytime export runs/fm -o bundles/fm
   anytime calibrate bundles/fm --budget 50%
   anytime serve bundles/fm images/ --budget 50% -o preds.jsonl
   anytime eval bundles/fm --data npz:fashion-mnist.npz -o reports/fm

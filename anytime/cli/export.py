@@ -1,7 +1,7 @@
 """`anytime export`: write a validated bundle, or `--check` an existing one.
 
-Options map one-for-one to `anytime.export.export_bundle` keyword arguments. torch is imported only
-when exporting, so `anytime export --check` runs on a machine with the runtime alone.
+Options map one-for-one to `anytime.export.export_bundle` keyword arguments (`-o/--output` is its
+`out`), and their defaults live there. torch is imported only when exporting, so `anytime export --check` runs on a machine with the runtime alone.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from pathlib import Path
 
 import click
 
+from anytime.cli._options import EXPORT_BUNDLE, api_option, given, output_option
 from anytime.errors import BundleError, ConfigError
 
 EXPORTERS = ("torchscript", "dynamo")  # as anytime.export.onnx_stages.EXPORTERS, without importing torch
 
 EPILOG = """\b
 Examples:
-  anytime export runs/fm --out bundles/fm
-  anytime export runs/fm --out bundles/fm --full-exits --force
-  anytime export runs/fm --out bundles/fm --data npz:/new/place/fashion-mnist.npz
+  anytime export runs/fm -o bundles/fm
+  anytime export runs/fm -o bundles/fm --full-exits --force
+  anytime export runs/fm -o bundles/fm --data npz:/new/place/fashion-mnist.npz
   anytime export --check bundles/fm
 """
 
@@ -35,14 +36,14 @@ def _run_check(bundle: Path) -> None:
     from anytime.formats.bundle import check_bundle, read_manifest
 
     if not bundle.is_dir():
-        raise BundleError(f"bundle directory {bundle} does not exist; give the --out directory of `anytime export`")
+        raise BundleError(f"bundle directory {bundle} does not exist; give the -o/--output directory of `anytime export`")
     problems = check_bundle(bundle)
     if problems:
         for p in problems:
             click.secho(f"  ✗ {p}", fg="red")
         raise BundleError(
             f"bundle {bundle} has {len(problems)} problem(s) (listed above); re-export it with "
-            f"`anytime export RUN_DIR --out {bundle} --force`"
+            f"`anytime export RUN_DIR -o {bundle} --force`"
         )
     manifest = read_manifest(bundle)
     files = [s["file"] for s in manifest["stages"]] + [e["file"] for e in manifest.get("full_exits", [])]
@@ -54,45 +55,41 @@ def _run_check(bundle: Path) -> None:
 
 
 @click.command("export", epilog=EPILOG)
-@click.argument("path", type=click.Path(path_type=Path), metavar="RUN_DIR")
-@click.option("--out", "-o", type=click.Path(path_type=Path), metavar="BUNDLE_DIR",
-              help="Directory to write the bundle to (written atomically).")
+@click.argument("run_dir", type=click.Path(path_type=Path), metavar="RUN_DIR")
+@output_option("Directory to write the bundle to (written atomically).", type=click.Path(path_type=Path),
+               metavar="BUNDLE_DIR", deprecated_out=True)
 @click.option("--check", is_flag=True,
               help="Re-verify the bundle given in place of RUN_DIR (manifest schema, file hashes, graphs) "
                    "instead of exporting.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
-@click.option("--full-exits", is_flag=True, help="Also write exit_k.onnx: image -> logits of exit k, per exit.")
-@click.option("--data", metavar="KIND:PATH", default=None,
-              help="Dataset to take the validation images from (default: the run's config.json).")
-@click.option("--split", type=click.Path(path_type=Path), default=None,
-              help="Validation split record (default: the run's split.json).")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
-              help="Largest allowed |ONNX Runtime - PyTorch| difference of any logit.")
-@click.option("--rtol", type=float, default=0.0, show_default=True,
-              help="Also allow rtol x the largest |logit| of the image, for models with very large logits.")
-@click.option("--exporter", type=click.Choice(EXPORTERS), default="torchscript", show_default=True,
-              help="torch.onnx exporter.")
-@click.option("--cost-convention", type=click.Choice(["macs", "msdnet"]), default="macs", show_default=True,
-              help="Convention the bundle's budgets are expressed in.")
+@api_option("--opset", type=int, api="anytime.export.onnx_stages:DEFAULT_OPSET", constant=True, help="ONNX opset.")
+@api_option("--full-exits", is_flag=True, api=EXPORT_BUNDLE,
+            help="Also write exit_k.onnx: image -> logits of exit k, per exit.")
+@api_option("--data", metavar="KIND:PATH", api=EXPORT_BUNDLE,
+            help="Dataset to take the validation images from (default: the run's config.json).")
+@api_option("--split", type=click.Path(path_type=Path), api=EXPORT_BUNDLE,
+            help="Validation split record (default: the run's split.json).")
+@api_option("--force", is_flag=True, api=EXPORT_BUNDLE, help="Replace an existing bundle at -o/--output.")
+@api_option("--atol", type=float, api=EXPORT_BUNDLE,
+            help="Largest allowed |ONNX Runtime - PyTorch| difference of any logit.")
+@api_option("--rtol", type=float, api=EXPORT_BUNDLE,
+            help="Also allow rtol x the largest |logit| of the image, for models with very large logits.")
+@api_option("--exporter", type=click.Choice(EXPORTERS), api=EXPORT_BUNDLE, help="torch.onnx exporter.")
+@api_option("--cost-convention", type=click.Choice(["macs", "msdnet"]), api=EXPORT_BUNDLE,
+            help="Convention the bundle's budgets are expressed in.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
-def export(path: Path, out: Path | None, check: bool, opset: int | None, full_exits: bool, data: str | None,
-           split: Path | None, force: bool, atol: float, rtol: float, exporter: str, cost_convention: str, quiet: bool) -> None:
+def export(run_dir: Path, output: Path | None, check: bool, quiet: bool, **options) -> None:
     """Export RUN_DIR as an ONNX bundle for `anytime serve` (or --check a bundle)."""
     if check:
-        if out is not None:
-            raise ConfigError("--check verifies an existing bundle and takes no --out; run `anytime export --check BUNDLE_DIR`")
-        _run_check(path)
+        if output is not None:
+            raise ConfigError("--check verifies an existing bundle and takes no -o/--output; run `anytime export --check BUNDLE_DIR`")
+        _run_check(run_dir)
         return
-    if out is None:
-        raise ConfigError(f"missing --out BUNDLE_DIR: where to write the bundle of {path} (e.g. --out bundles/{path.name})")
+    if output is None:
+        raise ConfigError(f"missing -o/--output BUNDLE_DIR: where to write the bundle of {run_dir} (e.g. -o bundles/{run_dir.name})")
     from anytime.export.bundle import export_bundle
 
-    result = export_bundle(
-        path, out, opset=opset, full_exits=full_exits, data=data, split=split, force=force, atol=atol, rtol=rtol,
-        exporter=exporter, cost_convention=cost_convention, report=None if quiet else _print_check,
-        progress=False if quiet else None,
-    )
+    result = export_bundle(run_dir, output, report=None if quiet else _print_check, progress=False if quiet else None,
+                           **given(**options))
     m = result.manifest
     conv = m["cost_convention"]
     click.echo(f"Export complete ({result.seconds:.1f} s)")

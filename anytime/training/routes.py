@@ -1,9 +1,9 @@
-"""`anytime routes RUN_DIR`: how similar the exits' learned routes are (DR-MGF importance variables).
+"""How similar the exits' learned routes are (DR-MGF importance variables).
 
 For every gated shared conv layer, the route of exit t is its importance |M_t| ([O, I/groups]); the
 similarity of two exits' routes is the cosine of the flattened |M_t| and |M_j|. The table lists each
 layer's mean and least similar pair, then the exit-by-exit matrix averaged over the layers both exits
-share. Identical routes (the state at initialisation) give 1.
+share. Identical routes (the state at initialisation) give 1. `anytime routes RUN_DIR` prints the report.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 
 from anytime.errors import ConfigError
@@ -81,7 +80,7 @@ def load_routes(run_dir: Path) -> dict[str, Any]:
 
     path = run_dir / CHECKPOINT
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; pass the --out directory of `anytime train`")
+        raise ConfigError(f"run directory {run_dir} does not exist; pass the -o/--output directory of `anytime train`")
     if not path.is_file():
         raise ConfigError(
             f"{run_dir} has no {CHECKPOINT}: it is not a training run directory, or its first epoch has not "
@@ -138,18 +137,3 @@ def format_report(report: dict[str, Any]) -> str:
     for t, row in zip(report["exits"], report["matrix"]):
         lines.append(f"{'exit ' + str(t):<8}" + "".join(f"{_fmt(v):>8}" for v in row))
     return "\n".join(lines)
-
-
-@click.command("routes")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def routes(run_dir: Path, as_json: bool) -> None:
-    """Per-exit route similarity of a DR-MGF run (cosine of the importance variables).
-
-    \b
-    Example:
-      anytime routes runs/fm
-      anytime routes runs/fm --json > routes.json
-    """
-    report = load_routes(run_dir)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

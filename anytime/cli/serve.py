@@ -1,0 +1,103 @@
+"""`anytime serve`: budgeted batch prediction with real early exit (torch-free: only the runtime)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from anytime.cli._options import PREDICT, api_option, given, load_bundle, output_option, runtime_device_options
+from anytime.errors import ConfigError
+from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
+
+
+@click.command("serve")
+@click.argument("args", nargs=-1, metavar="[BUNDLE] [INPUTS...]")
+@click.option("--budget", "-b", default=None, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network.")
+@click.option("--exit", "exit_", type=int, default=None, help="Answer every input at this exit (1-based) instead of a budget.")
+@api_option("--strict", is_flag=True, api=PREDICT, help="Hard cap: no batch's total cost exceeds images × budget.")
+@api_option("--policy", api=PREDICT, metavar="NAME|FILE",
+            help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file "
+                 "written by `anytime calibrate -o` (then no --budget).")
+@api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
+@output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
+@runtime_device_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
+@click.pass_context
+def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: int | None, strict: bool | None,
+          policy: str | None, batch_size: int | None, output: str | None, device: str | None, providers: str | None,
+          threads: int | None, quiet: bool) -> None:
+    """Budgeted batch prediction with real early exit.
+
+    BUNDLE is optional: the first argument is a bundle when it is a directory with a manifest.json,
+    otherwise the embedded default model answers. INPUTS are image files, directories (recursive),
+    globs, or `-` for a list of paths on standard input. Without inputs (and without a bundle) the
+    embedded sample images are used. Inputs in class-named folders also get an accuracy.
+
+    Exit status: 0 all inputs answered, 1 some input failed (it has an error row), 2 usage error.
+    """
+    from tqdm import tqdm
+
+    from anytime.formats.bundle import is_bundle_dir
+    from anytime.runtime.inputs import expand_paths
+    from anytime.runtime.model import POLICY_CHOICES
+    from anytime.runtime.results import RowWriter, RunningTotals, output_format
+
+    ready_policy = policy is not None and policy not in POLICY_CHOICES  # a policy file: thresholds already fitted
+    bundle: str | None = None
+    inputs = list(args)
+    if inputs and is_bundle_dir(inputs[0]):
+        bundle, inputs = inputs[0], inputs[1:]
+    if not inputs:
+        if bundle is not None:
+            raise click.UsageError("give the images to classify after the bundle (files, directories, globs or - for stdin)")
+        if not SAMPLES_DIR.is_dir():
+            raise ConfigError(f"no inputs given and the embedded sample images are not installed ({SAMPLES_DIR}); pass images to classify")
+        inputs = [str(SAMPLES_DIR)]
+    if budget is None and exit_ is None and not ready_policy:
+        raise click.UsageError("give a compute budget (--budget 50%, --budget 120M), a fixed exit (--exit 3) "
+                               "or a calibrated policy file (--policy FILE)")
+    if budget is not None and exit_ is not None:
+        raise click.UsageError("give either --budget or --exit, not both")
+    fmt = output_format(output) if output else None
+
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
+    chosen = model.resolve_policy(budget=budget, exit=exit_, **given(policy=policy))
+    if strict and chosen.budget is None:
+        raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
+    if not quiet:
+        click.echo(f"{model.bundle.arch} on {', '.join(model.providers)}; {chosen.describe()}", err=True)
+
+    totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
+    out_fh = open(output, "w", encoding="utf-8", newline="") if output else None
+    writer = RowWriter(out_fh, fmt) if out_fh else None
+    stream = model.predict_batches(expand_paths(inputs, stdin=sys.stdin), policy=chosen, on_error="record",
+                                   **given(batch_size=batch_size, strict=strict))
+    bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for part in stream:
+            totals.add(part)
+            bar.update(len(part))
+            if writer is not None:
+                writer.write(part.to_rows())
+            elif not quiet:
+                for p in part:
+                    if p.error is not None:
+                        bar.write(f"{p.path}\tERROR\t{p.error}", file=sys.stdout)
+                    else:
+                        bar.write(f"{p.path}\t{p.class_name}\t{p.confidence:.4f}\texit {p.exit}", file=sys.stdout)
+    finally:
+        bar.close()
+        if out_fh is not None:
+            out_fh.close()
+    totals.seconds = time.perf_counter() - t0
+    if totals.images + totals.failed == 0:
+        raise ConfigError(f"no image files found in {' '.join(inputs)}")
+    click.echo(totals.summary())
+    if output:
+        click.echo(f"rows written to {output}")
+    if totals.failed:
+        click.echo(f"{totals.failed} input(s) failed; see the error rows" + (f" in {output}" if output else " above"), err=True)
+        ctx.exit(1)
