@@ -17,7 +17,7 @@ from anytime.models import create
 from anytime.training.base import compute_routes
 from anytime.training.folding import fold_model, folded_state_dict
 from anytime.training.methods.drmgf import DRAvgF, DRMGF, DRMGFOptions, MetaGF
-from anytime.training.reparam import RouteGates, lateral_normalise
+from anytime.training.methods.drmgf.gates import RouteGates, lateral_normalise
 from anytime.training.routes_command import routes as routes_command
 
 IMAGE = 12

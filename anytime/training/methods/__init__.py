@@ -17,9 +17,9 @@ from anytime.training.base import TrainingMethod
 METHOD_MODULES: dict[str, str] = {
     "joint": "anytime.training.methods.joint",
     "ge": "anytime.training.methods.ge",
-    "drmgf": "anytime.training.methods.drmgf",
-    "meta-gf": "anytime.training.methods.drmgf",  # DR-MGF ablation: no dynamic routes
-    "dr-avgf": "anytime.training.methods.drmgf",  # DR-MGF ablation: mean fusion
+    "drmgf": "anytime.training.methods.drmgf.method",
+    "meta-gf": "anytime.training.methods.drmgf.method",  # DR-MGF ablation: no dynamic routes
+    "dr-avgf": "anytime.training.methods.drmgf.method",  # DR-MGF ablation: mean fusion
     "pcgrad": "anytime.training.methods.jd",
     "cagrad": "anytime.training.methods.jd",
     "upgrad": "anytime.training.methods.jd",

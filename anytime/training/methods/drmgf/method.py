@@ -42,8 +42,8 @@ from torch.func import functional_call
 from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
 from anytime.training.base import MethodOptions, TrainingContext, TrainingMethod
-from anytime.training.fusion import FusionScales
-from anytime.training.reparam import RouteGates
+from anytime.training.methods.drmgf.fusion import FusionScales
+from anytime.training.methods.drmgf.gates import RouteGates
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class DRMGF(TrainingMethod):
                 momentum=opts.importance_momentum,
                 weight_decay=opts.importance_weight_decay,
             )
-        # Fusion scales s, grouped into flat buffers (anytime.training.fusion); none under mean fusion.
+        # Fusion scales s, grouped into flat buffers (fusion.py); none under mean fusion.
         self.fusion: FusionScales | None = None
         self.fusion_optimizer: torch.optim.Adam | None = None
         if opts.fusion == "meta":
