@@ -141,19 +141,7 @@ def _print_summary(result) -> None:
 def __getattr__(name: str) -> Any:
     # `anytime routes` lives in anytime.training.routes_command (DR-MGF analysis); import it on demand.
     if name == "routes":
-        import importlib
+        from anytime.training.routes_command import routes
 
-        try:
-            module = importlib.import_module("anytime.training.routes_command")
-        except ModuleNotFoundError as exc:
-            if exc.name != "anytime.training.routes_command":
-                raise
-
-            @click.command(name="routes")
-            def routes_unavailable() -> None:
-                """Per-exit route similarity of a DR-MGF run (not available in this installation)."""
-                raise click.ClickException("`anytime routes` is not available: anytime.training.routes_command is missing")
-
-            return routes_unavailable
-        return module.routes
+        return routes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
