@@ -21,6 +21,7 @@ from anytime.fileio import atomic_write_bytes
 from anytime.formats.rundir import CONFIG_FILE
 from anytime.training.base import TrainingMethod
 from anytime.training.config import TrainConfig
+from anytime.training.precision import Precision
 
 CHECKPOINT_FORMAT = "anytime-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -94,6 +95,7 @@ def save_run_checkpoint(
     optimizer: torch.optim.Optimizer,
     next_lr: float,
     method: TrainingMethod,
+    precision: Precision,
     history: list[dict[str, Any]],
 ) -> None:
     """Everything a run needs to continue after `epoch` completed epochs, bit for bit."""
@@ -104,10 +106,12 @@ def save_run_checkpoint(
             "config": config.to_dict(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            # The lr schedule is a pure function of the epoch (anytime.training.schedule); its inputs are stored.
+            # The lr schedule is a pure function of the epoch (training.schedule); its inputs are stored.
             "schedule": {"kind": config.schedule, "next_lr": next_lr},
             "rng": rng_state(),
             "method": {"name": method.name, "state": method.state_dict(), "analysis": method.analysis()},
+            # the fp16 loss scale and its growth counter: a resumed run scales (and skips) as this one would
+            "precision": precision.state_dict(),
             "history": history,
         },
     )
@@ -120,6 +124,7 @@ def load_run_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     method: TrainingMethod,
+    precision: Precision,
     map_location: torch.device,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Restore model, optimiser, method and RNG state in place; return (completed epochs, history)."""
@@ -137,6 +142,7 @@ def load_run_checkpoint(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"]["state"])
+        precision.load_state_dict(state.get("precision", {}))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise TrainingError(f"checkpoint {path} does not fit this run: {exc}") from exc
     set_rng_state(state["rng"])

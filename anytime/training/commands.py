@@ -78,6 +78,7 @@ def _val_size(text: str | None) -> int | None:
 @click.option("--exit-weights", type=click.Choice(["auto", "constant", "sdn"]), default="auto", show_default=True, help="Per-exit loss weights for every method: all 1, or the SDN ramp of the internal exits; auto: sdn for SDN presets, constant otherwise.")
 @click.option("--num-classes", type=int, default=None, help="Expected number of classes; an error if the data set has another.")
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Architecture override passed to anytime.models.create (repeatable).")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True, help="Mixed precision of the training steps: bfloat16, or float16 with loss scaling.")
 @click.option("--deterministic/--no-deterministic", default=False, show_default=True, help="torch.use_deterministic_algorithms (bit-exact resume, slower).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train(**kw: Any) -> None:
@@ -108,7 +109,7 @@ def train(**kw: Any) -> None:
                 seed=kw["seed"], device=kw["device"] or "auto", val_size=_val_size(kw["val_size"]),
                 train_limit=kw["train_limit"], workers=kw["workers"] or 0, augment=kw["augment"],
                 kd_weight=kw["kd_weight"], kd_temperature=kw["kd_temperature"], deterministic=kw["deterministic"],
-                exit_weights=kw["exit_weights"],
+                exit_weights=kw["exit_weights"], amp=kw["amp"],
             )  # fmt: skip
             result = run_training(config, progress=progress)
     except KeyboardInterrupt:

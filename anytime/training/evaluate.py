@@ -12,7 +12,11 @@ from anytime.training import distributed as ddp
 
 @torch.no_grad()
 def exit_accuracy(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_exits: int, device: torch.device
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_exits: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> list[float]:
     """Top-1 accuracy of every exit over `batches` (summed over ranks); [] when there is nothing to count."""
     was_training = model.training
@@ -21,7 +25,7 @@ def exit_accuracy(
     seen = 0
     try:
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, memory_format=memory_format), y.to(device)
             for t, logits in enumerate(model(x)):
                 correct[t] += (logits.argmax(1) == y).sum().item()
             seen += int(y.shape[0])

@@ -84,6 +84,15 @@ def resume_config(run_dir: Path, overrides: Mapping[str, Any]) -> TrainConfig:
     return config.replace(out=str(run_dir), **changes)
 
 
+def check_precision(amp: str, device: torch.device) -> None:
+    """bf16 autocast on a GPU needs hardware support (Ampere or newer); fp16 runs everywhere."""
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"--amp bf16 needs a GPU with bfloat16 support (Ampere or newer), and {torch.cuda.get_device_name(device)} "
+            "has none; use --amp fp16"
+        )
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

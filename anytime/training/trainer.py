@@ -33,7 +33,8 @@ from anytime.training.config import TrainConfig, options_to_dict
 from anytime.training.evaluate import exit_accuracy
 from anytime.training.interrupts import defer_keyboard_interrupt
 from anytime.training.losses import ExitLoss, exit_weights
-from anytime.training.preflight import preflight, resolve_device, resume_config
+from anytime.training.precision import Precision
+from anytime.training.preflight import check_precision, preflight, resolve_device, resume_config
 from anytime.training.progress import Progress
 from anytime.training.records import epoch_row, write_config, write_results, write_summary
 from anytime.training.schedule import scheduled_lr, set_lr
@@ -117,6 +118,9 @@ class Trainer:
 
         cfg = self.config
         self.device = resolve_device(cfg.device, self.dist.local_rank)
+        check_precision(cfg.amp, self.device)
+        self.precision = Precision(cfg.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._started_group = ddp.init_distributed(self.dist, self.device)
         self._seed_everything(cfg.seed)
 
@@ -154,7 +158,7 @@ class Trainer:
             in_channels=info.channels,
             image_size=info.image_size,
             **dict(cfg.model_options),
-        ).to(self.device)
+        ).to(self.device, memory_format=self.memory_format)
         self.num_exits = self.model.num_exits
         spec = self.model.spec
         self.image_size = tuple(spec.image_size)
@@ -173,7 +177,7 @@ class Trainer:
         self.exit_loss = ExitLoss(cfg.kd_weight, cfg.kd_temperature)
         self.exit_weighting = self.model.default_exit_weights if cfg.exit_weights == "auto" else cfg.exit_weights
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
-        self.routes: Routes = compute_routes(self.model, example.to(self.device))
+        self.routes: Routes = compute_routes(self.model, example.to(self.device, memory_format=self.memory_format))
         self.method.setup(self)
 
     def _seed_everything(self, seed: int) -> None:
@@ -202,10 +206,16 @@ class Trainer:
         )  # fmt: skip
         label = phase if part is None else f"{phase} {part[0] + 1}/{part[1]}"
         self.progress.start_phase(epoch, label, len(loader))
-        non_blocking = self.device.type == "cuda"
+        # A copy from pageable host memory is synchronous; from pinned memory it overlaps the GPU's work.
+        pin = self.device.type == "cuda"
         try:
             for x, y in loader:
-                yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                yield (
+                    x.to(self.device, non_blocking=pin, memory_format=self.memory_format),
+                    y.to(self.device, non_blocking=pin),
+                )
         finally:
             self.progress.close()
 
@@ -246,7 +256,7 @@ class Trainer:
     def evaluate(self, model: nn.Module, split, indices) -> list[float]:
         """Per-exit top-1 accuracy; ranks evaluate disjoint shards and sum their counts."""
         batches = self._loader(split, indices, train=False, batch_size=self.config.eval_batch_size)
-        return exit_accuracy(model, batches, self.num_exits, self.device)
+        return exit_accuracy(model, batches, self.num_exits, self.device, self.memory_format)
 
     # ----------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -337,6 +347,7 @@ class Trainer:
             optimizer=self.optimizer,
             next_lr=self.lr(min(self._completed_epochs, self.epochs - 1)),
             method=self.method,
+            precision=self.precision,
             history=history,
         )
 
@@ -347,6 +358,7 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             method=self.method,
+            precision=self.precision,
             map_location=self.device,
         )
         logger.info("resumed %s after epoch %d", self.run_dir, self._completed_epochs)
