@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from anytime.errors import ConfigError, TrainingError
 from anytime.models import create
 from anytime.training.base import compute_routes
+from anytime.training.precision import Precision
 from anytime.training.folding import fold_model, folded_state_dict
 from anytime.training.methods.drmgf import DRAvgF, DRMGF, DRMGFOptions, MetaGF
-from anytime.training.reparam import RouteGates, lateral_normalise
+from anytime.training.methods.drmgf.gates import RouteGates, lateral_normalise
 from anytime.cli.routes import routes as routes_command
 
 IMAGE = 12
@@ -37,6 +38,7 @@ class FakeContext:
         self.num_exits = model.num_exits
         self.epochs = epochs
         self.rank, self.world_size = 0, 1
+        self.precision = Precision()  # full precision (no --amp)
         self.base_lr = lr
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
         g = torch.Generator().manual_seed(123)

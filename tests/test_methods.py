@@ -14,6 +14,7 @@ from anytime.errors import ConfigError, MissingDependencyError
 from anytime.models import create
 from anytime.training.base import TrainingMethod, compute_routes
 from anytime.training.methods import create_method, get_method_class, list_methods
+from anytime.training.precision import Precision
 
 
 class ToyContext:
@@ -30,6 +31,7 @@ class ToyContext:
         self.data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
         self.routes = compute_routes(self.model, self.data[0][0])
         self.rank, self.world_size = 0, 1
+        self.precision = Precision()  # full precision (no --amp)
         self.phases: list[str] = []
         self.steps = 0
 

@@ -87,6 +87,8 @@ def _method_names() -> str:
 @api_option("--exit-weights", type=click.Choice(["auto", "constant", "sdn"]), api=TRAIN_CONFIG, help="Per-exit loss weights for every method: all 1, or the SDN ramp of the internal exits; auto: sdn for SDN presets, constant otherwise.")
 @api_option("--num-classes", type=int, api=TRAIN_CONFIG, help="Expected number of classes; an error if the data set has another.")
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Architecture override passed to anytime.models.create (repeatable).")
+@api_option("--amp", type=click.Choice(["off", "bf16", "fp16"]), api=TRAIN_CONFIG, help="Mixed precision of the training steps: bfloat16, or float16 with loss scaling.")
+@api_option("--channels-last/--no-channels-last", api=TRAIN_CONFIG, help="Model and batches in channels_last memory format (faster convolutions on recent GPUs).")
 @api_option("--deterministic/--no-deterministic", api=TRAIN_CONFIG, help="torch.use_deterministic_algorithms (bit-exact resume, slower).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train(**kw: Any) -> None:

@@ -10,12 +10,15 @@ losses become gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from anytime.models.base import MultiExitNetwork
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anytime.training.precision import Precision
 
 
 class ProgressBar(Protocol):
@@ -36,6 +39,9 @@ class TrainingContext(Protocol):
     routes: "Routes"
     rank: int
     world_size: int
+    # Mixed precision (--amp): run forward passes in `precision.autocast()`, differentiate
+    # `precision.scale(loss)`, step with `precision.step(*optimizers)` once per mini-batch.
+    precision: "Precision"
 
     def train_batches(
         self, epoch: int, phase: str, part: tuple[int, int] | None = None

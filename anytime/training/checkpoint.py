@@ -14,9 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from anytime.errors import TrainingError
 from anytime.fileio import atomic_write_bytes
+from anytime.formats.rundir import CONFIG_FILE
+from anytime.training.base import TrainingMethod
+from anytime.training.config import TrainConfig
+from anytime.training.precision import Precision
 
 CHECKPOINT_FORMAT = "anytime-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -79,3 +84,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_run_checkpoint(
+    path: Path,
+    *,
+    epoch: int,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_lr: float,
+    method: TrainingMethod,
+    precision: Precision,
+    history: list[dict[str, Any]],
+) -> None:
+    """Everything a run needs to continue after `epoch` completed epochs, bit for bit."""
+    save_checkpoint(
+        path,
+        {
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            # The lr schedule is a pure function of the epoch (training.schedule); its inputs are stored.
+            "schedule": {"kind": config.schedule, "next_lr": next_lr},
+            "rng": rng_state(),
+            "method": {"name": method.name, "state": method.state_dict(), "analysis": method.analysis()},
+            # the fp16 loss scale and its growth counter: a resumed run scales (and skips) as this one would
+            "precision": precision.state_dict(),
+            "history": history,
+        },
+    )
+
+
+def load_run_checkpoint(
+    path: Path,
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: TrainingMethod,
+    precision: Precision,
+    map_location: torch.device,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Restore model, optimiser, method and RNG state in place; return (completed epochs, history)."""
+    state = load_checkpoint(path, map_location=map_location)
+    saved = state.get("config", {})
+    for key in ("arch", "method", "data", "seed"):
+        if saved.get(key) != getattr(config, key):
+            raise TrainingError(
+                f"checkpoint {path} was written with {key}={saved.get(key)!r} but "
+                f"{CONFIG_FILE} says {getattr(config, key)!r}; the run directory was modified"
+            )
+    if state["method"]["name"] != method.name:
+        raise TrainingError(f"checkpoint holds method '{state['method']['name']}', not '{method.name}'")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"]["state"])
+        precision.load_state_dict(state.get("precision", {}))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise TrainingError(f"checkpoint {path} does not fit this run: {exc}") from exc
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])

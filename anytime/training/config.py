@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 
 from anytime.errors import ConfigError
 from anytime.training.losses import EXIT_WEIGHTINGS
+from anytime.training.precision import AMP_MODES
 
 SCHEDULES = ("multistep", "cosine", "constant")
 DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -54,6 +55,8 @@ class TrainConfig:
     # networks, "constant" otherwise)
     exit_weights: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    amp: str = "off"  # mixed precision of the training steps: "bf16", "fp16" (with loss scaling) or "off"
+    channels_last: bool = False  # model and input batches in channels_last memory format
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, fix: str) -> ConfigError:
@@ -89,6 +92,8 @@ class TrainConfig:
             raise bad("kd_temperature", self.kd_temperature, "the distillation temperature must be > 0")
         if self.exit_weights not in EXIT_WEIGHTINGS:
             raise bad("exit_weights", self.exit_weights, f"choose one of {', '.join(EXIT_WEIGHTINGS)}")
+        if self.amp not in AMP_MODES:
+            raise bad("amp", self.amp, f"choose one of {', '.join(AMP_MODES)}")
         if self.num_classes is not None and self.num_classes < 2:
             raise bad("num_classes", self.num_classes, "a classifier needs at least 2 classes")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

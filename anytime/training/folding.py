@@ -13,7 +13,7 @@ import copy
 import torch
 
 from anytime.models.base import MultiExitNetwork
-from anytime.training.reparam import RouteGates
+from anytime.training.methods.drmgf.gates import RouteGates
 
 
 @torch.no_grad()

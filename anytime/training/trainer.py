@@ -1,21 +1,18 @@
 """The trainer: builds data, model, optimiser and method from a `TrainConfig`, drives the method's epochs,
 evaluates, and keeps the run directory (see docs/architecture.md) resumable at every epoch.
 
-`Trainer` implements `anytime.training.base.TrainingContext`; it never tests method names.
+`Trainer` implements `anytime.training.base.TrainingContext`; it never tests method names. The pieces it
+drives live next to it: `preflight` (configuration checks), `schedule` (lr), `progress` (bar, images/s),
+`evaluate` (per-exit accuracy), `records` (config, results, summary), `checkpoint`, `interrupts`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import logging
 import math
 import os
 import random
-import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,28 +24,22 @@ import torch
 from torch import nn
 
 from anytime.errors import ConfigError, DatasetError, TrainingError
-from anytime.fileio import atomic_write_json, atomic_write_text
-from anytime.formats.rundir import (
-    CHECKPOINT,
-    CONFIG_FILE,
-    RESULTS_CSV,
-    RESULTS_JSONL,
-    SPLIT_FILE,
-    SUMMARY_FILE,
-)
+from anytime.fileio import atomic_write_json
+from anytime.formats.rundir import CHECKPOINT, SPLIT_FILE
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
-from anytime.training.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from anytime.training.checkpoint import load_run_checkpoint, save_run_checkpoint
 from anytime.training.config import TrainConfig, options_to_dict
+from anytime.training.evaluate import exit_accuracy
+from anytime.training.interrupts import defer_keyboard_interrupt
 from anytime.training.losses import ExitLoss, exit_weights
+from anytime.training.precision import Precision
+from anytime.training.preflight import check_precision, preflight, resolve_device, resume_config
+from anytime.training.progress import Progress
+from anytime.training.records import epoch_row, write_config, write_results, write_summary
+from anytime.training.schedule import scheduled_lr, set_lr
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -91,31 +82,8 @@ def resume(
     run_dir: str | os.PathLike, *, progress: bool = False, epoch_hook: EpochHook | None = None, **overrides: Any
 ) -> RunResult:
     """Continue the run in `run_dir` from its last checkpoint. Only `device` and `workers` may change."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"cannot resume: {path} not found; '{run_dir}' is not a run directory written by anytime train")
-    allowed = {"device", "workers"}
-    bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
-    if bad:
-        raise ConfigError(
-            f"cannot change {bad} when resuming: a resumed run repeats its configuration exactly "
-            f"(only {sorted(allowed)} may change); start a new run with another --out instead"
-        )
-    config = TrainConfig.from_dict(json.loads(path.read_text()))
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    config = config.replace(out=str(run_dir), **changes)
+    config = resume_config(Path(run_dir), overrides)
     return Trainer(config, progress=progress, resume=True, epoch_hook=epoch_hook).run()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was requested but CUDA is not available here; use --device cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
 
 
 def phase_seed(seed: int, phase: str) -> int:
@@ -123,17 +91,6 @@ def phase_seed(seed: int, phase: str) -> int:
     if phase == "train":
         return seed
     return (seed * 1_000_003 + zlib.crc32(phase.encode())) % (2**63 - 1)
-
-
-def check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to the output directory '{directory}' ({exc.strerror or exc}); choose another --out"
-        ) from exc
 
 
 class Trainer:
@@ -145,54 +102,14 @@ class Trainer:
         self.config = config
         self.epoch_hook = epoch_hook
         self.resuming = resume
-        self.show_progress = progress
         self.run_dir = Path(config.out)
         self.dist = ddp.env_dist_info()
         self.rank = self.dist.rank
         self.world_size = self.dist.world_size
         self.epochs = config.epochs
-        self._bar: Any = None
-        self._phase = ""
-        self._epoch_images = 0
-        self._running_loss: float | None = None
-        self._phase_start = 0.0
-        self._phase_images = 0
+        self.progress = Progress(config.epochs, show=progress and self.dist.is_main)
         self._completed_epochs = 0
-        self.method: TrainingMethod = self._preflight()
-
-    # ----------------------------------------------------------------- checks before any training
-    def _preflight(self) -> TrainingMethod:
-        """Every configuration error is raised here, before data is loaded or a model trained."""
-        from anytime.models import is_model
-        from anytime.models.registry import unknown_model_error
-        from anytime.training.methods import create_method
-
-        cfg = self.config
-        method = create_method(cfg.method, cfg.method_options)
-        if not is_model(cfg.arch):
-            raise unknown_model_error(cfg.arch)
-        from anytime.data import parse_spec
-
-        parse_spec(cfg.data)
-        if cfg.batch_size % self.world_size:
-            raise ConfigError(
-                f"batch_size={cfg.batch_size} cannot be split evenly over {self.world_size} processes; "
-                f"give a multiple of {self.world_size} (the batch size is the global batch)"
-            )
-        if self.dist.is_main:
-            if self.resuming:
-                if not (self.run_dir / CHECKPOINT).is_file():
-                    raise TrainingError(
-                        f"cannot resume {self.run_dir}: no checkpoint at {self.run_dir / CHECKPOINT} (the run "
-                        "stopped before its first epoch ended); start it again without --resume"
-                    )
-            elif (self.run_dir / CONFIG_FILE).exists():
-                raise ConfigError(
-                    f"'{self.run_dir}' already holds a run ({CONFIG_FILE} exists); continue it with "
-                    f"`anytime train --resume {self.run_dir}` or choose another --out"
-                )
-            check_writable(self.run_dir)
-        return method
+        self.method: TrainingMethod = preflight(config, self.dist, resuming=resume)
 
     # ----------------------------------------------------------------- building
     def _build(self) -> None:
@@ -207,6 +124,9 @@ class Trainer:
 
         cfg = self.config
         self.device = resolve_device(cfg.device, self.dist.local_rank)
+        check_precision(cfg.amp, self.device)
+        self.precision = Precision(cfg.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._started_group = ddp.init_distributed(self.dist, self.device)
         self._seed_everything(cfg.seed)
 
@@ -241,7 +161,9 @@ class Trainer:
         # --model-option image_size=... chooses the input size for sources without one (image folders of
         # photos of many sizes), or overrides the data set's.
         sizing = {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size}
-        self.model = create(cfg.arch, **{**sizing, **dict(cfg.model_options)}).to(self.device)
+        self.model = create(cfg.arch, **{**sizing, **dict(cfg.model_options)}).to(
+            self.device, memory_format=self.memory_format
+        )
         self.num_exits = self.model.num_exits
         spec = self.model.spec
         self.image_size = tuple(spec.image_size)
@@ -260,7 +182,7 @@ class Trainer:
         self.exit_loss = ExitLoss(cfg.kd_weight, cfg.kd_temperature)
         self.exit_weighting = self.model.default_exit_weights if cfg.exit_weights == "auto" else cfg.exit_weights
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
-        self.routes: Routes = compute_routes(self.model, example.to(self.device))
+        self.routes: Routes = compute_routes(self.model, example.to(self.device, memory_format=self.memory_format))
         self.method.setup(self)
 
     def _seed_everything(self, seed: int) -> None:
@@ -287,31 +209,27 @@ class Trainer:
             self.dataset.train, self.train_indices, train=True, batch_size=per_rank,
             seed=phase_seed(self.config.seed, phase), epoch=epoch, part=part,
         )  # fmt: skip
-        self._phase = phase if part is None else f"{phase} {part[0] + 1}/{part[1]}"
-        self._running_loss = None
-        self._phase_start = time.perf_counter()
-        self._phase_images = 0
-        self._open_bar(epoch, self._phase, len(loader))
-        non_blocking = self.device.type == "cuda"
+        label = phase if part is None else f"{phase} {part[0] + 1}/{part[1]}"
+        self.progress.start_phase(epoch, label, len(loader))
+        # A copy from pageable host memory is synchronous; from pinned memory it overlaps the GPU's work.
+        pin = self.device.type == "cuda"
         try:
             for x, y in loader:
-                yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                yield (
+                    x.to(self.device, non_blocking=pin, memory_format=self.memory_format),
+                    y.to(self.device, non_blocking=pin),
+                )
         finally:
-            self._close_bar()
+            self.progress.close()
 
     def exit_losses(self, outputs: list[torch.Tensor], targets: torch.Tensor, epoch: int) -> list[torch.Tensor]:
         weights = exit_weights(self.exit_weighting, self.num_exits, epoch, self.epochs)
         return [w * loss if w != 1.0 else loss for w, loss in zip(weights, self.exit_loss(outputs, targets))]
 
     def lr(self, epoch: int) -> float:
-        cfg = self.config
-        if cfg.schedule == "constant":
-            return cfg.lr
-        if cfg.schedule == "cosine":
-            return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
-        # multistep: divided at the first epoch >= fraction * epochs (epochs 150/225 of 300 in MSDNet).
-        drops = sum(1 for m in cfg.milestones if epoch >= math.ceil(m * cfg.epochs))
-        return cfg.lr * cfg.lr_gamma**drops
+        return scheduled_lr(self.config, epoch)
 
     def sync_gradients(self, params: Iterable[torch.Tensor]) -> None:
         if self.world_size > 1:
@@ -332,52 +250,18 @@ class Trainer:
             else "no epoch had completed, so there is no checkpoint"
         )
         raise TrainingError(
-            f"non-finite loss ({value}) at epoch {epoch + 1}, step {step}, {where} (phase '{self._phase}'); "
+            f"non-finite loss ({value}) at epoch {epoch + 1}, step {step}, {where} (phase '{self.progress.phase}'); "
             f"training stopped and {kept}. Lower --lr (now {self.lr(epoch):g}) or check the data"
         )
 
     def log_step(self, loss: float, batch_size: int) -> None:
-        images = batch_size * self.world_size
-        self._epoch_images += images
-        self._phase_images += images
-        self._running_loss = loss if self._running_loss is None else 0.9 * self._running_loss + 0.1 * loss
-        if self._bar is not None:
-            elapsed = max(time.perf_counter() - self._phase_start, 1e-9)
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{self._running_loss:.4f}", img_s=f"{self._phase_images / elapsed:.0f}", refresh=False)
-
-    def _open_bar(self, epoch: int, phase: str, total: int) -> None:
-        self._close_bar()
-        if not (self.show_progress and self.dist.is_main and sys.stderr.isatty()):
-            return
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.epochs} {phase}", leave=False, dynamic_ncols=True)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.progress.step(loss, batch_size * self.world_size)
 
     # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, split, indices) -> list[float]:
         """Per-exit top-1 accuracy; ranks evaluate disjoint shards and sum their counts."""
-        was_training = model.training
-        model.eval()
-        correct = torch.zeros(self.num_exits, dtype=torch.float64)
-        seen = 0
-        for x, y in self._loader(split, indices, train=False, batch_size=self.config.eval_batch_size):
-            x, y = x.to(self.device), y.to(self.device)
-            for t, logits in enumerate(model(x)):
-                correct[t] += (logits.argmax(1) == y).sum().item()
-            seen += int(y.shape[0])
-        model.train(was_training)
-        totals = ddp.all_reduce_sum(torch.cat([correct, torch.tensor([float(seen)], dtype=torch.float64)]))
-        n = totals[-1].item()
-        if not n:
-            return []  # no validation hold-out (--val-size 0)
-        return [float(c / n) for c in totals[:-1].tolist()]
+        batches = self._loader(split, indices, train=False, batch_size=self.config.eval_batch_size)
+        return exit_accuracy(model, batches, self.num_exits, self.device, self.memory_format)
 
     # ----------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -394,47 +278,39 @@ class Trainer:
             if self.resuming:
                 history = self._load_checkpoint()
             elif self.dist.is_main:
-                self._write_config()
+                write_config(self.run_dir, self.config, self.method.options)
                 atomic_write_json(self.run_dir / SPLIT_FILE, self.split_record)
             resumed_from = self._completed_epochs
             for epoch in range(self._completed_epochs, cfg.epochs):
                 history.append(self._run_epoch(epoch, history))
             return self._finish(history, resumed_from)
         finally:
-            self._close_bar()
+            self.progress.close()
             if cfg.deterministic:
                 torch.use_deterministic_algorithms(previous_determinism)
             ddp.shutdown_distributed(self._started_group)
 
     def _run_epoch(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         lr = self.lr(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._epoch_images = 0
+        set_lr(self.optimizer, lr)
+        self.progress.start_epoch()
         start = time.perf_counter()
         metrics = self.method.train_epoch(self, epoch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
         val = self.evaluate(self.model, *self.val_split)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            **{k: float(v) for k, v in metrics.items()},
-            "val_acc": val,
-            "val_acc_mean": float(np.mean(val)) if val else None,
-            "train_time_s": round(train_time, 4),
-            "epoch_time_s": round(time.perf_counter() - start, 4),
-            "images_per_s": round(self._epoch_images / max(train_time, 1e-9), 2),
-        }
+        row = epoch_row(
+            epoch, lr, metrics, val, train_time, time.perf_counter() - start, self.progress.epoch_images
+        )
         if self.epoch_hook is not None:
             self.epoch_hook(self, epoch, row)
         self._completed_epochs = epoch + 1
         # Ctrl-C while the checkpoint is written must not leave the run without this epoch.
-        with _defer_keyboard_interrupt():
+        with defer_keyboard_interrupt():
             if self.dist.is_main:
                 self._save_checkpoint(history + [row])
-                self._write_results(history + [row])
+                write_results(self.run_dir, history + [row])
         ddp.barrier()
         (logger.info if self.dist.is_main else logger.debug)(
             "epoch %d/%d loss %.4f val %s (mean %s) %.1fs %.0f img/s", epoch + 1, self.epochs, row.get("loss", float("nan")),
@@ -462,107 +338,36 @@ class Trainer:
             }
             preprocessing = Preprocessing(mean=list(self.mean), std=list(self.std), resize=None)
             save_model(plain, self.run_dir, preprocessing, list(info.classes), provenance)
-            summary = {
-                "method": self.config.method,
-                "arch": self.config.arch,
-                "epochs": self.config.epochs,
-                "val_accuracy": val,
-                "val_accuracy_mean": float(np.mean(val)) if val else None,
-                "test_accuracy": test,
-                "test_accuracy_mean": None if test is None else float(np.mean(test)),
-                "train_time_s": float(sum(r["train_time_s"] for r in history)),
-                "epoch_time_s": float(np.mean([r["train_time_s"] for r in history])) if history else None,
-                "world_size": self.world_size,
-            }
-            atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+            write_summary(self.run_dir, self.config, val, test, history, self.world_size)
         ddp.barrier()
         return RunResult(self.run_dir, self.config, val, test, history, resumed_from)
 
-    # ----------------------------------------------------------------- files
-    def _write_config(self) -> None:
-        resolved = self.config.to_dict()
-        resolved["method_options"] = options_to_dict(self.method.options)
-        atomic_write_json(self.run_dir / CONFIG_FILE, resolved)
-
-    def _write_results(self, history: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.run_dir / RESULTS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
-        rows = [_flatten(r) for r in history]
-        columns: list[str] = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.run_dir / RESULTS_CSV, out.getvalue())
-
+    # ----------------------------------------------------------------- checkpoint
     def _save_checkpoint(self, history: list[dict[str, Any]]) -> None:
-        save_checkpoint(
+        save_run_checkpoint(
             self.run_dir / CHECKPOINT,
-            {
-                "epoch": self._completed_epochs,
-                "config": self.config.to_dict(),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                # The lr schedule is a pure function of the epoch (see `lr`); its inputs are stored.
-                "schedule": {"kind": self.config.schedule, "next_lr": self.lr(min(self._completed_epochs, self.epochs - 1))},
-                "rng": rng_state(),
-                "method": {"name": self.method.name, "state": self.method.state_dict(), "analysis": self.method.analysis()},
-                "history": history,
-            },
+            epoch=self._completed_epochs,
+            config=self.config,
+            model=self.model,
+            optimizer=self.optimizer,
+            next_lr=self.lr(min(self._completed_epochs, self.epochs - 1)),
+            method=self.method,
+            precision=self.precision,
+            history=history,
         )
 
     def _load_checkpoint(self) -> list[dict[str, Any]]:
-        state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
-        saved = state.get("config", {})
-        for key in ("arch", "method", "data", "seed"):
-            if saved.get(key) != getattr(self.config, key):
-                raise TrainingError(
-                    f"checkpoint {self.run_dir / CHECKPOINT} was written with {key}={saved.get(key)!r} but "
-                    f"{CONFIG_FILE} says {getattr(self.config, key)!r}; the run directory was modified"
-                )
-        if state["method"]["name"] != self.method.name:
-            raise TrainingError(f"checkpoint holds method '{state['method']['name']}', not '{self.method.name}'")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.method.load_state_dict(state["method"]["state"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise TrainingError(f"checkpoint {self.run_dir / CHECKPOINT} does not fit this run: {exc}") from exc
-        set_rng_state(state["rng"])
-        self._completed_epochs = int(state["epoch"])
+        self._completed_epochs, history = load_run_checkpoint(
+            self.run_dir / CHECKPOINT,
+            config=self.config,
+            model=self.model,
+            optimizer=self.optimizer,
+            method=self.method,
+            precision=self.precision,
+            map_location=self.device,
+        )
         logger.info("resumed %s after epoch %d", self.run_dir, self._completed_epochs)
-        return list(state["history"])
-
-
-def _flatten(row: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in row.items():
-        if isinstance(v, (list, tuple)):
-            for i, item in enumerate(v):
-                flat[f"{k}_{i}"] = item
-        else:
-            flat[k] = v
-    return flat
-
-
-@contextlib.contextmanager
-def _defer_keyboard_interrupt():
-    """Hold Ctrl-C until the block ends (main thread only), then raise it."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
+        return history
 
 
 __all__ = ["RunResult", "Trainer", "TrainConfig", "resume", "train"]

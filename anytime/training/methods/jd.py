@@ -66,13 +66,25 @@ class AggregatorMethod(StepwiseMethod):
         from torchjd.autojac import jac_to_grad
 
         jacobian_backward(losses, inputs=self.params)
+        # Under fp16 the losses carry the loss scale. Aggregators are not linear in the Jacobian (Nash-MTL's
+        # update does not even grow with it), so aggregate the true Jacobian and scale the result back for
+        # the loss scaler to unscale.
+        scale = ctx.precision.loss_scale
         with torch.no_grad():
             for p in self.specific:
                 # One owner: the rows of the other exits are zero, so the sum is the owner's gradient.
                 grad = p.jac.sum(dim=0)  # type: ignore[attr-defined]
                 p.grad = grad if p.grad is None else p.grad + grad
                 del p.jac  # type: ignore[attr-defined]
+            if scale != 1.0:
+                for p in self.shared:
+                    p.jac.div_(scale)  # type: ignore[attr-defined]
         weights = jac_to_grad(self.shared, self.aggregator)
+        if scale != 1.0:
+            with torch.no_grad():
+                for p in self.shared:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
         if weights is not None:
             self.last_weights = weights.detach().cpu()
 

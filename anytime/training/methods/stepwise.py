@@ -18,11 +18,14 @@ class StepwiseMethod(TrainingMethod):
     phase = "train"
 
     def backward(self, ctx: TrainingContext, losses: list[torch.Tensor], epoch: int) -> None:
-        """Turn the per-exit losses into parameter gradients (accumulated into `.grad`)."""
+        """Turn the per-exit losses into parameter gradients (accumulated into `.grad`).
+
+        Under fp16 the losses arrive multiplied by `ctx.precision.loss_scale`; a method whose gradients are
+        not linear in the losses must divide it out before combining them (see `methods.jd`)."""
         raise NotImplementedError
 
     def train_epoch(self, ctx: TrainingContext, epoch: int) -> dict[str, float]:
-        model = ctx.model
+        model, precision = ctx.model, ctx.precision
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         total_loss = 0.0
@@ -31,16 +34,17 @@ class StepwiseMethod(TrainingMethod):
         steps = 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, self.phase)):
             ctx.optimizer.zero_grad(set_to_none=True)
-            outputs = model(x)
-            losses = ctx.exit_losses(outputs, y, epoch)
+            with precision.autocast():
+                outputs = model(x)
+                losses = ctx.exit_losses(outputs, y, epoch)
             # One host sync per step for all exits; name the exit only when something is wrong.
             values = torch.stack([loss.detach() for loss in losses]).tolist()
             for t, value in enumerate(values):
                 if value != value or value in (float("inf"), float("-inf")):
                     ctx.check_finite(losses[t], epoch, step, t)
-            self.backward(ctx, losses, epoch)
+            self.backward(ctx, [precision.scale(loss) for loss in losses], epoch)
             ctx.sync_gradients(p for p in params if p.grad is not None)
-            ctx.optimizer.step()
+            precision.step(ctx.optimizer)
             n = int(y.shape[0])
             step_loss = float(sum(values))
             ctx.log_step(step_loss, n)

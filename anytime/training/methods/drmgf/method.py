@@ -42,8 +42,8 @@ from torch.func import functional_call
 from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
 from anytime.training.base import MethodOptions, TrainingContext, TrainingMethod
-from anytime.training.fusion import FusionScales
-from anytime.training.reparam import RouteGates
+from anytime.training.methods.drmgf.fusion import FusionScales
+from anytime.training.methods.drmgf.gates import RouteGates
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class DRMGF(TrainingMethod):
                 momentum=opts.importance_momentum,
                 weight_decay=opts.importance_weight_decay,
             )
-        # Fusion scales s, grouped into flat buffers (anytime.training.fusion); none under mean fusion.
+        # Fusion scales s, grouped into flat buffers (fusion.py); none under mean fusion.
         self.fusion: FusionScales | None = None
         self.fusion_optimizer: torch.optim.Adam | None = None
         if opts.fusion == "meta":
@@ -206,7 +206,7 @@ class DRMGF(TrainingMethod):
     def _exit_pass(
         self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool, part: tuple[int, int] | None = None
     ) -> float:
-        model, rho = ctx.model, self.options.aux_weight  # type: ignore[attr-defined]
+        model, rho, precision = ctx.model, self.options.aux_weight, ctx.precision  # type: ignore[attr-defined]
         params = [p for p in model.parameters() if p.requires_grad]
         importance = self.gates.parameters(t) if dynamic and self.gates is not None else []
         if self.gates is not None:
@@ -217,20 +217,22 @@ class DRMGF(TrainingMethod):
         phase = "exit passes" if part is not None else f"exit {t + 1}"
         total, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=phase, part=part)):
-            outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
-            losses = ctx.exit_losses(outputs, y, epoch)
-            loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
+            with precision.autocast():
+                outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
+                losses = ctx.exit_losses(outputs, y, epoch)
+                loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
             value = float(loss.detach())  # the one host sync of the step
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, t)  # raises TrainingError naming epoch, step and exit
             ctx.optimizer.zero_grad(set_to_none=True)
             for m in importance:
                 m.grad = None
-            loss.backward()
+            precision.scale(loss).backward()
             ctx.sync_gradients(params + importance)
-            ctx.optimizer.step()
-            if importance:
-                self.importance_optimizer.step()  # type: ignore[union-attr]  # only M_t has .grad
+            if importance:  # only M_t has .grad
+                precision.step(ctx.optimizer, self.importance_optimizer)  # type: ignore[arg-type]
+            else:
+                precision.step(ctx.optimizer)
             ctx.log_step(value, int(x.shape[0]))
             total, count = total + value * x.shape[0], count + int(x.shape[0])
         for m in importance:
@@ -260,17 +262,21 @@ class DRMGF(TrainingMethod):
         fusion.begin(start.params, self.gates)
         scales = fusion.parameters()
         loss_sum, count = 0.0, 0
+        precision = ctx.precision
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
-            outputs = functional_call(model, fusion.fused(), (x,), strict=False)
-            loss = sum(ctx.exit_losses(outputs, y, epoch))
+            with precision.autocast():
+                outputs = functional_call(model, fusion.fused(), (x,), strict=False)
+                loss = sum(ctx.exit_losses(outputs, y, epoch))
             value = float(loss.detach())
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, None)
-            grads = torch.autograd.grad(loss, scales)  # Δ and θ0 are constants; only s learns
+            # Δ and θ0 are constants; only s learns. The gradient is of the scaled loss under fp16, and the
+            # step unscales it (Adam is not scale-free: its eps is not scaled).
+            grads = torch.autograd.grad(precision.scale(loss), scales)
             for s, g in zip(scales, grads):
                 s.grad = g
             ctx.sync_gradients(scales)
-            self.fusion_optimizer.step()  # type: ignore[union-attr]
+            precision.step(self.fusion_optimizer)  # type: ignore[arg-type]
             ctx.log_step(value, int(x.shape[0]))
             loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
         # The network takes the fusion of the scales just learned; the EMA then smooths the scales that the
@@ -293,7 +299,8 @@ class DRMGF(TrainingMethod):
         """Mean fusion has nothing to learn; one forward pass in train mode re-estimates BN statistics."""
         loss_sum, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
-            loss = sum(ctx.exit_losses(ctx.model(x), y, epoch))
+            with ctx.precision.autocast():
+                loss = sum(ctx.exit_losses(ctx.model(x), y, epoch))
             value = float(loss)
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, None)

@@ -22,7 +22,7 @@ from torch import nn
 
 from anytime.errors import TrainingError
 from anytime.training.base import Routes
-from anytime.training.reparam import RouteGates, conv_weights
+from anytime.training.methods.drmgf.gates import RouteGates, conv_weights
 
 
 def batchnorm_params(model: nn.Module) -> set[str]:

@@ -1,0 +1,103 @@
+"""Checks that run before any data is loaded or any model trained: every configuration error of a run
+(unknown names, impossible batch split, occupied or unwritable output, nothing to resume, changed
+settings on resume) is raised here, so a bad command fails in a second with one clear line."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from anytime.errors import ConfigError, TrainingError
+from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE
+from anytime.training.base import TrainingMethod
+from anytime.training.config import TrainConfig
+from anytime.training.distributed import DistInfo
+
+RESUMABLE_CHANGES = frozenset({"device", "workers"})
+
+
+def preflight(config: TrainConfig, dist: DistInfo, *, resuming: bool) -> TrainingMethod:
+    """Validate `config` for a run on `dist`; return the (constructed, not yet set up) method."""
+    from anytime.data import parse_spec
+    from anytime.models import is_model
+    from anytime.models.registry import unknown_model_error
+    from anytime.training.methods import create_method
+
+    method = create_method(config.method, config.method_options)
+    if not is_model(config.arch):
+        raise unknown_model_error(config.arch)
+    parse_spec(config.data)
+    if config.batch_size % dist.world_size:
+        raise ConfigError(
+            f"batch_size={config.batch_size} cannot be split evenly over {dist.world_size} processes; "
+            f"give a multiple of {dist.world_size} (the batch size is the global batch)"
+        )
+    if dist.is_main:
+        check_run_dir(Path(config.out), resuming=resuming)
+    return method
+
+
+def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
+    """A resumed run needs its checkpoint; a new run needs a writable directory that holds no run."""
+    if resuming:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise TrainingError(
+                f"cannot resume {run_dir}: no checkpoint at {run_dir / CHECKPOINT} (the run "
+                "stopped before its first epoch ended); start it again without --resume"
+            )
+    elif (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(
+            f"'{run_dir}' already holds a run ({CONFIG_FILE} exists); continue it with "
+            f"`anytime train --resume {run_dir}` or choose another --out"
+        )
+    check_writable(run_dir)
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output directory '{directory}' ({exc.strerror or exc}); choose another --out"
+        ) from exc
+
+
+def resume_config(run_dir: Path, overrides: Mapping[str, Any]) -> TrainConfig:
+    """The configuration of the run in `run_dir`, with the few settings a resume may change applied."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} not found; '{run_dir}' is not a run directory written by anytime train")
+    bad = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE_CHANGES)
+    if bad:
+        raise ConfigError(
+            f"cannot change {bad} when resuming: a resumed run repeats its configuration exactly "
+            f"(only {sorted(RESUMABLE_CHANGES)} may change); start a new run with another --out instead"
+        )
+    config = TrainConfig.from_dict(json.loads(path.read_text()))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return config.replace(out=str(run_dir), **changes)
+
+
+def check_precision(amp: str, device: torch.device) -> None:
+    """bf16 autocast on a GPU needs hardware support (Ampere or newer); fp16 runs everywhere."""
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"--amp bf16 needs a GPU with bfloat16 support (Ampere or newer), and {torch.cuda.get_device_name(device)} "
+            "has none; use --amp fp16"
+        )
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was requested but CUDA is not available here; use --device cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
