@@ -250,7 +250,11 @@ def make_report(records: list[dict[str, Any]]) -> str:
         for label in [m for m in order if any(r["label"] == m for r in rs)]:
             group = sorted((r for r in rs if r["label"] == label), key=lambda r: r["seed"])
             means = [float(np.mean(r["test_accuracy"])) for r in group]
-            paired = [m - float(np.mean(joint[r["seed"]]["test_accuracy"])) for m, r in zip(means, group) if r["seed"] in joint]
+            paired = [
+                m - float(np.mean(joint[r["seed"]]["test_accuracy"]))
+                for m, r in zip(means, group)
+                if r["seed"] in joint
+            ]
             ratios = [r["train_time_s"] / joint[r["seed"]]["train_time_s"] for r in group if r["seed"] in joint]
             cells = [label, str(group[0]["epochs"]), ",".join(str(r["seed"]) for r in group)]
             cells += [pm([r["test_accuracy"][t] for r in group]) for t in range(exits)]
@@ -339,7 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("command", choices=["run", "report", "plan"])
     p.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     p.add_argument("--archs", type=lambda s: s.split(","), default=["msdnet-tiny", "sdn-tiny"])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"])
+    p.add_argument(
+        "--methods", type=lambda s: s.split(","), default=["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"]
+    )
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--train-limit", type=int, default=4000)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anytime.training.config import TrainConfig
 from anytime.fileio import atomic_write_json, atomic_write_text
+from anytime.training.config import TrainConfig
 from anytime.training.trainer import RunResult, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,9 @@ def make_table(rows: list[dict], args: argparse.Namespace, num_exits: int, n_tra
     # Load on a shared machine drifts over a long benchmark, so each run is compared with the joint run of
     # its own seed (trained minutes apart in the same process), then the ratios are averaged.
     joint_epoch = {r["seed"]: r["epoch_time_s"] for r in rows if r["method"] == "joint"}
-    head = ["method", "epochs"] + [f"exit {t + 1}" for t in range(num_exits)] + ["avg over exits", "s / epoch", "× joint"]
+    head = (
+        ["method", "epochs"] + [f"exit {t + 1}" for t in range(num_exits)] + ["avg over exits", "s / epoch", "× joint"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
@@ -183,8 +185,16 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results, f"# Training methods on {args.arch}\n\n{table}\nSum of the runs' wall times: {total / 60:.1f} min.\n")
-    raw = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "total_time_s": total, "runs": rows}
+    atomic_write_text(
+        results, f"# Training methods on {args.arch}\n\n{table}\nSum of the runs' wall times: {total / 60:.1f} min.\n"
+    )
+    raw = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "total_time_s": total,
+        "runs": rows,
+    }
     atomic_write_json(results.with_suffix(".json"), raw)
     print(f"wrote {results} and {results.with_suffix('.json')}")
 

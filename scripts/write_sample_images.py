@@ -16,8 +16,16 @@ import numpy as np
 from PIL import Image
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 
@@ -41,7 +49,7 @@ def main() -> None:
     for label, name in enumerate(FASHION_MNIST_CLASSES):
         folder = out / folder_name(name)
         folder.mkdir(parents=True)
-        for rank, index in enumerate(np.flatnonzero(y == label)[: args.per_class]):
+        for index in np.flatnonzero(y == label)[: args.per_class]:
             Image.fromarray(x[index], mode="L").save(folder / f"test{index:05d}.png", optimize=True)
     print(f"wrote {args.per_class * len(FASHION_MNIST_CLASSES)} images to {out}")
 

@@ -57,7 +57,9 @@ def train_pattern_convnet(steps: int = 80, seed: int = 0, widths=(8, 12, 16, 16)
     from anytime.models import create
 
     torch.manual_seed(seed)
-    model = create("test-convnet", num_classes=len(PATTERN_CLASSES), in_channels=1, image_size=PATTERN_SIZE, widths=widths)
+    model = create(
+        "test-convnet", num_classes=len(PATTERN_CLASSES), in_channels=1, image_size=PATTERN_SIZE, widths=widths
+    )
     x_np, y_np = make_pattern_images(2048, seed=seed + 100)
     x = _normalise(x_np, [PATTERN_MEAN], [PATTERN_STD])
     y = torch.from_numpy(y_np)
@@ -81,7 +83,8 @@ def export_pattern_bundle(root: Path, model, val_size: int = 600) -> Path:
     """
     from anytime.data import open_dataset, split_train_val
     from anytime.export import export_bundle
-    from anytime.models import Preprocessing, save_model
+    from anytime.formats.preprocessing import PreprocessingSpec
+    from anytime.models import save_model
 
     root.mkdir(parents=True, exist_ok=True)
     x_train, y_train = make_pattern_images(val_size + 200, seed=1)
@@ -91,8 +94,15 @@ def export_pattern_bundle(root: Path, model, val_size: int = 600) -> Path:
     dataset = open_dataset(f"npz:{npz}")
     _, _, record = split_train_val(dataset, val_size=val_size, seed=0)
     run = root / "run"
-    save_model(model, run, Preprocessing(mean=[PATTERN_MEAN], std=[PATTERN_STD]), PATTERN_CLASSES)
-    (run / "config.json").write_text(json.dumps({"arch": model.spec.arch, "data": dataset.spec, "method": "joint", "epochs": 0}))
+    save_model(
+        model,
+        run,
+        PreprocessingSpec.for_model(1, (PATTERN_SIZE, PATTERN_SIZE), [PATTERN_MEAN], [PATTERN_STD]),
+        PATTERN_CLASSES,
+    )
+    (run / "config.json").write_text(
+        json.dumps({"arch": model.spec.arch, "data": dataset.spec, "method": "joint", "epochs": 0})
+    )
     (run / "split.json").write_text(json.dumps(record))
     export_bundle(run, root / "bundle", full_exits=True, progress=False)
     return root / "bundle"

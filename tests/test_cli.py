@@ -72,7 +72,10 @@ def test_help_defaults_follow_the_api():
     assert _option("export", "--opset").api_default() == DEFAULT_OPSET
     import inspect
 
-    assert _option("serve", "--batch-size").api_default() == inspect.signature(AnytimeModel.predict_batches).parameters["batch_size"].default
+    assert (
+        _option("serve", "--batch-size").api_default()
+        == inspect.signature(AnytimeModel.predict_batches).parameters["batch_size"].default
+    )
     assert _option("train", "--val-size").api_default() is None  # no default shown: the data set decides
     assert ApiOption(["--x"]).api_default() is MISSING
 
@@ -137,8 +140,13 @@ def test_group_help_imports_no_torch():
 
 
 def test_old_command_modules_are_gone():
-    for old in ("anytime.models.commands", "anytime.training.commands", "anytime.training.routes_command",
-                "anytime.export.commands", "anytime.runtime.commands"):
+    for old in (
+        "anytime.models.commands",
+        "anytime.training.commands",
+        "anytime.training.routes_command",
+        "anytime.export.commands",
+        "anytime.runtime.commands",
+    ):
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(old)
 
@@ -146,9 +154,10 @@ def test_old_command_modules_are_gone():
 def test_eval_exports_a_run_directory_explicitly_to_a_temporary_bundle(tmp_path):
     import json
 
+    from test_export import make_run
+
     from anytime.errors import ConfigError
     from anytime.runtime.evaluation import evaluate
-    from test_export import make_run
 
     run = make_run(tmp_path, "test-convnet", size=16, channels=3, n_train=48, val_size=12)
     data = f"npz:{tmp_path / 'data.npz'}"

@@ -76,7 +76,7 @@ def test_image_size_override_scales_conv_work() -> None:
     model = create("test-convnet")
     small, large = stage_costs(model, "macs"), stage_costs(model, "macs", image_size=64)
     linear_w = [80, 160, 160]
-    assert [l - w for l, w in zip(large, linear_w)] == [4 * (s - w) for s, w in zip(small, linear_w)]
+    assert [big - w for big, w in zip(large, linear_w)] == [4 * (s - w) for s, w in zip(small, linear_w)]
 
 
 def test_cost_table_rows() -> None:

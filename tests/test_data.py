@@ -510,6 +510,7 @@ def test_each_augmented_image_is_a_padded_crop_or_its_mirror(small_npz):
 def test_distributed_shards_are_disjoint_equal_and_covering(small_npz):
     ds = open_dataset(small_npz)
     indices = np.arange(0, 200, 2)[:99]  # 99 images over 4 ranks: padded to 100
+
     def shard(rank: int, **kw) -> np.ndarray:
         return np.concatenate(_loader(ds.train, indices, rank=rank, world_size=4, **kw).batch_indices())
 

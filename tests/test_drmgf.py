@@ -5,21 +5,22 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from anytime.cli.routes import routes as routes_command
 from anytime.errors import ConfigError, TrainingError
 from anytime.models import create
 from anytime.training.base import compute_routes
-from anytime.training.precision import Precision
 from anytime.training.folding import fold_model, folded_state_dict
-from anytime.training.methods.drmgf import DRAvgF, DRMGF, DRMGFOptions, MetaGF
+from anytime.training.methods.drmgf import DRMGF, DRAvgF, DRMGFOptions, MetaGF
 from anytime.training.methods.drmgf.gates import RouteGates, lateral_normalise
-from anytime.cli.routes import routes as routes_command
+from anytime.training.precision import Precision
 
 IMAGE = 12
 
@@ -180,7 +181,9 @@ def test_folded_weights_load_into_fresh_network_and_match_gated_outputs():
         opt.step()
     model.eval()
     start = RouteGates.from_model(make_model(), ctx.routes, kappa=10)
-    assert not torch.allclose(gates.importance_of(t)["stages.0.block.0.weight"], start.importance_of(t)["stages.0.block.0.weight"])
+    assert not torch.allclose(
+        gates.importance_of(t)["stages.0.block.0.weight"], start.importance_of(t)["stages.0.block.0.weight"]
+    )
 
     x = torch.randn(6, 3, IMAGE, IMAGE)
     for exit_index in range(model.num_exits):
@@ -196,7 +199,9 @@ def test_folded_weights_load_into_fresh_network_and_match_gated_outputs():
             for a, b in zip(fold_model(model, gates, exit_index).eval()(x), expected):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # the folded weights differ from the stored V, so the check above was not trivially true
-    assert not torch.allclose(folded_state_dict(model, gates, t)["stages.0.block.0.weight"], model.stages[0].block[0].weight)
+    assert not torch.allclose(
+        folded_state_dict(model, gates, t)["stages.0.block.0.weight"], model.stages[0].block[0].weight
+    )
 
 
 def test_model_after_an_epoch_is_plain_and_reloads_strictly():
@@ -362,8 +367,12 @@ def test_meta_fusion_learns_scales_and_applies_the_weighted_formula():
     metrics = method.train_epoch(ctx, 0)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert set(method.scales) == {
-        "stages.0.block.0.weight", "stages.0.block.1.weight", "stages.0.block.1.bias",
-        "stages.1.block.0.weight", "stages.1.block.1.weight", "stages.1.block.1.bias",
+        "stages.0.block.0.weight",
+        "stages.0.block.1.weight",
+        "stages.0.block.1.bias",
+        "stages.1.block.0.weight",
+        "stages.1.block.1.weight",
+        "stages.1.block.1.bias",
     }
     after = state_of(model)
     for name, s in method.scales.items():
@@ -375,7 +384,11 @@ def test_meta_fusion_learns_scales_and_applies_the_weighted_formula():
             m = torch.stack([x.detach().abs() for x in method.gates.importance[name]])
             omega = omega * m / m.sum(dim=2, keepdim=True)
         expected = theta0[name].clone()
-        num = sum(omega[r].reshape(omega[r].shape + (1,) * (after[name].dim() - omega.dim() + 1)) * (ends[t][name] - theta0[name]) for r, t in enumerate(owners))
+        num = sum(
+            omega[r].reshape(omega[r].shape + (1,) * (after[name].dim() - omega.dim() + 1))
+            * (ends[t][name] - theta0[name])
+            for r, t in enumerate(owners)
+        )
         den = omega.sum(0).reshape(omega.shape[1:] + (1,) * (after[name].dim() - omega.dim() + 1))
         torch.testing.assert_close(after[name], expected + num / den, rtol=1e-5, atol=1e-6)
     # task-specific parameters take their owner's update
@@ -393,7 +406,9 @@ def test_importance_frozen_after_switch_epoch_and_scales_smoothed():
     assert any(not torch.equal(before[k], mid[k]) for k in before)
     scales_mid = {k: v.detach().clone() for k, v in method.scales.items()}
     raw: dict[str, torch.Tensor] = {}
-    ctx.on_end = lambda epoch, phase: raw.update({k: v.detach().clone() for k, v in method.scales.items()}) if phase == "fusion" else None
+    ctx.on_end = lambda epoch, phase: (
+        raw.update({k: v.detach().clone() for k, v in method.scales.items()}) if phase == "fusion" else None
+    )
     assert method.train_epoch(ctx, 1)["dynamic_routes"] == 0.0
     after = method.gates.state_dict()
     assert all(torch.equal(mid[k], after[k]) for k in mid)

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import PATTERN_CLASSES, make_pattern_images
 
 from anytime.cli import cli
 from anytime.errors import DatasetError
 from anytime.runtime.evaluation import budget_grid, evaluate
-
-from conftest import PATTERN_CLASSES, make_pattern_images
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -66,8 +65,21 @@ def test_budget_grid_includes_summary_fractions():
 
 def test_cli_writes_tables_curves_and_plots_and_overlays_models(pattern_bundle, pattern_npz, tmp_path):
     out = tmp_path / "report"
-    res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), str(pattern_bundle), "--data", pattern_npz,
-                                   "--points", "5", "-o", str(out), "-q"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(pattern_bundle),
+            str(pattern_bundle),
+            "--data",
+            pattern_npz,
+            "--points",
+            "5",
+            "-o",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "budgeted" in res.output and "top-1" in res.output
     report = json.loads((out / "report.json").read_text())

@@ -22,18 +22,27 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from anytime.cli import main as cli_main
+from anytime.cli.export import export as export_command
 from anytime.data import open_dataset, split_train_val
 from anytime.errors import BundleError, DatasetError
 from anytime.export import AtolError, OutputExistsError, ShapeError, check_bundle, export_bundle, read_manifest
-from anytime.cli.export import export as export_command
 from anytime.formats.bundle import schema_problems
-from anytime.models import Preprocessing, create, load_model, save_model
+from anytime.formats.preprocessing import PreprocessingSpec
+from anytime.models import create, load_model, save_model
 
 NUM_CLASSES = 10
 
 
-def make_run(root: Path, arch: str, size: int, channels: int, n_train: int, val_size: int, seed: int = 0,
-             with_val_split: bool = False) -> Path:
+def make_run(
+    root: Path,
+    arch: str,
+    size: int,
+    channels: int,
+    n_train: int,
+    val_size: int,
+    seed: int = 0,
+    with_val_split: bool = False,
+) -> Path:
     """A run directory as `anytime train` writes it (the parts export reads) over a random npz dataset."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -60,7 +69,12 @@ def make_run(root: Path, arch: str, size: int, channels: int, n_train: int, val_
     model.eval()
     run = root / "run"
     classes = [f"class {i}" for i in range(NUM_CLASSES)]
-    save_model(model, run, Preprocessing(mean=list(dataset.info.mean), std=list(dataset.info.std)), classes)
+    save_model(
+        model,
+        run,
+        PreprocessingSpec.for_model(model.spec.in_channels, model.spec.image_size, dataset.info.mean, dataset.info.std),
+        classes,
+    )
     (run / "config.json").write_text(json.dumps({"arch": arch, "data": dataset.spec, "method": "joint", "epochs": 3}))
     (run / "split.json").write_text(json.dumps(record))
     return run
@@ -115,11 +129,21 @@ def msdnet(tmp_path_factory):
 def test_cli_export_writes_every_file_and_prints_checks_and_next_steps(convnet):
     run, bundle, output = convnet
     assert sorted(p.name for p in bundle.iterdir()) == sorted(
-        ["manifest.json", "calibration.npz"] + [f"stage_{k}.onnx" for k in range(3)] + [f"exit_{k}.onnx" for k in range(1, 4)]
+        ["manifest.json", "calibration.npz"]
+        + [f"stage_{k}.onnx" for k in range(3)]
+        + [f"exit_{k}.onnx" for k in range(1, 4)]
     )
-    for needle in ("✓ stage_0.onnx: onnx checker", "✓ stage_2.onnx: shapes", "✓ exit 1: values", "✓ exit 2: argmax",
-                   "✓ exit_1.onnx: values", "✓ exit 3: values", "Export complete", f"anytime calibrate {bundle} --budget 50%",
-                   f"anytime serve {bundle}"):
+    for needle in (
+        "✓ stage_0.onnx: onnx checker",
+        "✓ stage_2.onnx: shapes",
+        "✓ exit 1: values",
+        "✓ exit 2: argmax",
+        "✓ exit_1.onnx: values",
+        "✓ exit 3: values",
+        "Export complete",
+        f"anytime calibrate {bundle} --budget 50%",
+        f"anytime serve {bundle}",
+    ):
         assert needle in output
     assert "✗" not in output
     # No temporary directory is left next to the bundle.
@@ -280,8 +304,15 @@ def test_a_batch_size_baked_into_a_graph_is_a_shape_error(tmp_path, monkeypatch)
 
     def export_static(stage, plan, opset=17, exporter="torchscript"):
         buffer = io.BytesIO()  # no dynamic_axes: the example's batch of 2 is baked in
-        torch.onnx.export(FlatStage(stage).eval(), plan.example, buffer, input_names=plan.io.inputs,
-                          output_names=plan.io.outputs, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            FlatStage(stage).eval(),
+            plan.example,
+            buffer,
+            input_names=plan.io.inputs,
+            output_names=plan.io.outputs,
+            opset_version=opset,
+            dynamo=False,
+        )
         return buffer.getvalue()
 
     monkeypatch.setattr(bundle_module, "export_stage", export_static)

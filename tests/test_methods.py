@@ -38,7 +38,9 @@ class ToyContext:
     def train_batches(self, epoch, phase, part=None):
         self.phases.append(phase)
         # Order depends only on (epoch, phase), as the trainer guarantees.
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(epoch * 97 + len(phase))).tolist()
+        order = torch.randperm(
+            len(self.data), generator=torch.Generator().manual_seed(epoch * 97 + len(phase))
+        ).tolist()
         if part is not None:
             k, n = part
             order = order[len(order) * k // n : len(order) * (k + 1) // n]

@@ -79,8 +79,9 @@ def test_model_contract(name: str) -> None:
 
     s = model.spec
     with torch.device("meta"):
-        rebuilt = create(s.arch, num_classes=s.num_classes, in_channels=s.in_channels, image_size=s.image_size,
-                         **s.overrides)
+        rebuilt = create(
+            s.arch, num_classes=s.num_classes, in_channels=s.in_channels, image_size=s.image_size, **s.overrides
+        )
     a, b = model.state_dict(), rebuilt.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape for k in a)
@@ -129,7 +130,13 @@ def test_msdnet_schedule_matches_reference() -> None:
     assert block_steps(5, 1, 1, "lin_grow") == [1, 2, 3, 4, 5]
     # prune=max over 16 layers and 3 scales: interval 6.
     assert [scales_of_layer("max", k, 16, 3) for k in (1, 6, 7, 8, 13, 16)] == [
-        (3, 3), (3, 3), (3, 2), (2, 2), (2, 1), (1, 1)]
+        (3, 3),
+        (3, 3),
+        (3, 2),
+        (2, 2),
+        (2, 1),
+        (1, 1),
+    ]
     model = create("msdnet-cifar100")
     transitions = [type(m).__name__ for m in model.modules()].count("Transition")
     assert transitions == 2

@@ -15,7 +15,7 @@ from PIL import Image
 
 import anytime
 from anytime.data import open_dataset
-from anytime.formats.preprocessing import Preprocessor, PreprocessingSpec, decode_file
+from anytime.formats.preprocessing import PreprocessingSpec, Preprocessor, decode_file
 
 ORIENTATION = 0x0112
 
@@ -102,8 +102,9 @@ def test_mixed_size_photo_folder_trains_exports_serves_and_evaluates(tmp_path):
 
     out = tmp_path / "preds.jsonl"
     runner = CliRunner()
-    res = runner.invoke(cli, ["serve", str(bundle), str(data / "test"), "--budget", "exit=3", "-o", str(out)],
-                        catch_exceptions=False)
+    res = runner.invoke(
+        cli, ["serve", str(bundle), str(data / "test"), "--budget", "exit=3", "-o", str(out)], catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(photos) and all(r["error"] is None for r in rows)

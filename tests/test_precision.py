@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from anytime.training.commands import train as train_command
 from click.testing import CliRunner
 
 from anytime.errors import ConfigError
-from anytime.training.commands import train as train_command
 from anytime.training.config import TrainConfig
 from anytime.training.precision import Precision
 from anytime.training.trainer import Trainer, resume, train
@@ -56,7 +56,9 @@ def test_bf16_autocast_reaches_every_training_forward_and_stays_finite(data, tmp
     expected = {"train"} if method == "joint" else {"exit", "fusion"}
     assert set(dtypes) == expected and all(d == {torch.bfloat16} for d in dtypes.values()), dtypes
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert torch.bfloat16 not in {value.dtype for value in saved.values()}  # autocast computes in bf16, the weights stay float32
+    assert torch.bfloat16 not in {
+        value.dtype for value in saved.values()
+    }  # autocast computes in bf16, the weights stay float32
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "nashmtl"])

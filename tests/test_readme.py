@@ -32,14 +32,15 @@ def test_ci_runs_exactly_the_readme_commands():
     assert tests.split("&&", 2)[-1].strip() in ci, f"{tests!r} not in .ci/run"
     assert main_job.replace(".venv", ".ci-serve-venv") in ci, f"{main_job!r} not in .ci/run"
     # The test set-up installs the CPU torch first; the main job (serving) installs no torch at all.
-    assert "pip install torch==2.13.0 && pip install -e \".[cpu,train,test]\"" in tests
+    assert 'pip install torch==2.13.0 && pip install -e ".[cpu,train,test]"' in tests
     assert "torch" not in main_job and 'pip install -e ".[cpu]"' in main_job
 
 
 def _run_anytime(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "anytime.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "anytime.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_main_job_serves_the_sample_images_with_the_embedded_model(tmp_path):

@@ -35,7 +35,9 @@ def test_parse_budget_forms(text, kind, value):
     assert b.value == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["", "fast", "12X", "-5M", "0", "0%", "1e400", "exit=", "M120", float("nan"), -3, True, None, [1]])
+@pytest.mark.parametrize(
+    "bad", ["", "fast", "12X", "-5M", "0", "0%", "1e400", "exit=", "M120", float("nan"), -3, True, None, [1]]
+)
 def test_parse_budget_rejects_malformed(bad):
     with pytest.raises(BudgetError) as info:
         parse_budget(bad)

@@ -84,7 +84,9 @@ def test_no_sample_runs_a_stage_it_does_not_need(model, pattern_test_images, mon
 def test_fixed_exit_runs_only_needed_stages(model, pattern_test_images, monkeypatch):
     x, _ = pattern_test_images
     logs = [[] for _ in range(model.num_exits)]
-    monkeypatch.setattr(model.executor, "sessions", [CountingSession(s, log) for s, log in zip(model.executor.sessions, logs)])
+    monkeypatch.setattr(
+        model.executor, "sessions", [CountingSession(s, log) for s, log in zip(model.executor.sessions, logs)]
+    )
     preds = model.predict(x[:50], exit=2)
     assert set(preds.exits.tolist()) == {2}
     assert [sum(log) for log in logs] == [50, 50, 0, 0]
@@ -103,7 +105,9 @@ def test_calibrated_cost_within_budget_on_validation_and_reported_on_test(model,
             assert policies[name].expected_cost == pytest.approx(val_cost)
         assert policies["search"].expected_accuracy >= policies["geometric"].expected_accuracy
         best = model.calibrate(budget)
-        assert best.expected_accuracy == max(policies["geometric"].expected_accuracy, policies["search"].expected_accuracy)
+        assert best.expected_accuracy == max(
+            policies["geometric"].expected_accuracy, policies["search"].expected_accuracy
+        )
         preds = model.predict(x, budget=budget)
         # Test data is not validation data: the realised cost is reported next to the budget, near it.
         assert preds.budget == pytest.approx(cost)
@@ -188,7 +192,9 @@ def test_resize_and_crop_follow_the_training_recipe(model):
 
     assert model.bundle.input.resize == 16
     rng = np.random.default_rng(5)
-    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 20, 1), (40, 30, 1), (13, 29, 3), (16, 16, 1)]]
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 20, 1), (40, 30, 1), (13, 29, 3), (16, 16, 1)]
+    ]
     for img in images:
         ours = model.preprocessor.to_array(img)
         theirs = eval_preprocess(img, 1, (16, 16), 16)
@@ -321,8 +327,8 @@ def test_runtime_never_imports_torch(pattern_bundle, tmp_path):
         model = anytime.load({str(pattern_bundle)!r})
         print(model)
         model.calibrate("50%")
-        preds = model.predict([np.zeros((16, 16), np.uint8), {str(tmp_path / 'a.png')!r}], budget="50%")
-        preds.save({str(tmp_path / 'p.csv')!r})
+        preds = model.predict([np.zeros((16, 16), np.uint8), {str(tmp_path / "a.png")!r}], budget="50%")
+        preds.save({str(tmp_path / "p.csv")!r})
         try:
             main(["serve", {str(pattern_bundle)!r}, {str(tmp_path)!r}, "--budget", "50%", "-q"])
         except SystemExit as exc:
@@ -350,11 +356,13 @@ def test_manifest_schema_problems_are_named(pattern_bundle, tmp_path):
     assert "std" in str(info.value) and "num_classes=7" in str(info.value)
 
 
-def test_predict_on_a_folder_takes_its_images_recursively_with_folder_labels(pattern_bundle, pattern_test_images, tmp_path):
+def test_predict_on_a_folder_takes_its_images_recursively_with_folder_labels(
+    pattern_bundle, pattern_test_images, tmp_path
+):
+    from conftest import PATTERN_CLASSES
     from PIL import Image
 
     import anytime
-    from conftest import PATTERN_CLASSES
 
     x, y = pattern_test_images
     for i in range(6):

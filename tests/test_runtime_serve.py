@@ -86,7 +86,10 @@ def test_serve_folder_with_broken_files(pattern_bundle_exact, image_tree, tmp_pa
     # The bundle without resizing, so that an image of another size is an error row too.
     root, truth, broken = image_tree
     out_path = tmp_path / "preds.jsonl"
-    code, out, err = run_cli(["serve", str(pattern_bundle_exact), str(root), "--budget", "50%", "-o", str(out_path), "--batch-size", "8"], capsys)
+    code, out, err = run_cli(
+        ["serve", str(pattern_bundle_exact), str(root), "--budget", "50%", "-o", str(out_path), "--batch-size", "8"],
+        capsys,
+    )
     assert code == 1, (out, err)  # some inputs failed
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(rows) == len(truth) + len(broken)
@@ -111,7 +114,9 @@ def test_serve_folder_with_broken_files(pattern_bundle_exact, image_tree, tmp_pa
 def test_serve_resizes_when_the_bundle_says_so(pattern_bundle, image_tree, tmp_path, capsys):
     root, truth, broken = image_tree
     out_path = tmp_path / "preds.jsonl"
-    code, _, _ = run_cli(["serve", str(pattern_bundle), str(root / "disc"), "--budget", "50%", "-o", str(out_path), "-q"], capsys)
+    code, _, _ = run_cli(
+        ["serve", str(pattern_bundle), str(root / "disc"), "--budget", "50%", "-o", str(out_path), "-q"], capsys
+    )
     assert code == 1
     rows = {Path(r["path"]).name: r for r in map(json.loads, out_path.read_text().splitlines())}
     assert rows["wrong_size.png"]["error"] is None and rows["wrong_size.png"]["exit"] >= 1  # 20×20 resized to 16×16
@@ -122,8 +127,12 @@ def test_serve_csv_stdin_and_exit_code_zero(pattern_bundle, image_tree, tmp_path
     root, truth, _ = image_tree
     paths = sorted(truth)[:10]
     out_path = tmp_path / "preds.csv"
-    code, out, err = run_cli(["serve", str(pattern_bundle), "-", "--budget", "60%", "-o", str(out_path), "-q"], capsys,
-                             stdin="\n".join(paths) + "\n", monkeypatch=monkeypatch)
+    code, out, err = run_cli(
+        ["serve", str(pattern_bundle), "-", "--budget", "60%", "-o", str(out_path), "-q"],
+        capsys,
+        stdin="\n".join(paths) + "\n",
+        monkeypatch=monkeypatch,
+    )
     assert code == 0, (out, err)
     with open(out_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -138,14 +147,19 @@ def test_serve_glob_exit_and_strict(pattern_bundle, image_tree, capsys):
     assert code == 0
     n = sum(1 for p in truth if "/horizontal/" in p)
     assert f"{n} image(s) predicted" in out and f"1: {n} (100.0%)" in out
-    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--budget", "30%", "--strict", "--policy", "geometric"], capsys)
+    code, out, _ = run_cli(
+        ["serve", str(pattern_bundle), str(root / "vertical"), "--budget", "30%", "--strict", "--policy", "geometric"],
+        capsys,
+    )
     assert code == 0
     assert "\texit " in out  # per-image lines without -o
 
 
 def test_serve_missing_input_is_an_error_row(pattern_bundle, image_tree, capsys):
     root, truth, _ = image_tree
-    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), str(root / "nope.png"), "--budget", "50%", "-q"], capsys)
+    code, out, _ = run_cli(
+        ["serve", str(pattern_bundle), str(root / "vertical"), str(root / "nope.png"), "--budget", "50%", "-q"], capsys
+    )
     assert code == 1
     assert "1 failed" in out
 
@@ -178,5 +192,7 @@ def test_calibrate_command(pattern_bundle, tmp_path, capsys, image_tree):
     saved = json.loads(policy_path.read_text())
     assert saved["method"] in ("geometric", "search") and len(saved["thresholds"]) == 4
     root, _, _ = image_tree
-    code, out, _ = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy_path), "-q"], capsys)
+    code, out, _ = run_cli(
+        ["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy_path), "-q"], capsys
+    )
     assert code == 0 and "against a budget of" in out

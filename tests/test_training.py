@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from anytime.errors import ConfigError, TrainingError
 from anytime.cli.train import train as train_command
+from anytime.errors import ConfigError, TrainingError
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 
@@ -31,7 +31,9 @@ def write_stripes_npz(path: Path, n_train: int = 384, n_test: int = 64, classes:
         return x.astype(np.uint8), y
 
     (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
-    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, classes=np.array([f"band{i}" for i in range(classes)]))
+    np.savez(
+        path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, classes=np.array([f"band{i}" for i in range(classes)])
+    )
     return path
 
 
@@ -192,7 +194,9 @@ def test_distillation_and_lr_schedules(stripes, tmp_path):
     trainer = Trainer(small_config(stripes, tmp_path / "a", epochs=8))
     assert [trainer.lr(e) for e in range(8)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
     cosine = Trainer(small_config(stripes, tmp_path / "b", epochs=4, schedule="cosine"))
-    assert [cosine.lr(e) for e in range(4)] == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    assert [cosine.lr(e) for e in range(4)] == pytest.approx(
+        [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    )
     result = train(
         small_config(stripes, tmp_path / "kd", epochs=1, kd_weight=0.5, kd_temperature=2.0, method="ge", val_size=0)
     )
@@ -227,7 +231,17 @@ def test_config_records_the_dataset_with_an_absolute_path(tmp_path, monkeypatch)
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "d.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
     monkeypatch.chdir(tmp_path)
-    train(TrainConfig(arch="test-convnet", data="npz:data/d.npz", method="joint", epochs=1, out="run",
-                      batch_size=32, val_size=32, device="cpu"))
+    train(
+        TrainConfig(
+            arch="test-convnet",
+            data="npz:data/d.npz",
+            method="joint",
+            epochs=1,
+            out="run",
+            batch_size=32,
+            val_size=32,
+            device="cpu",
+        )
+    )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert saved == f"npz:{(tmp_path / 'data' / 'd.npz').resolve()}"

@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -75,8 +76,15 @@ class ApiOption(click.Option):
     `help_suffix`: text computed when help is drawn (e.g. the registered method names).
     """
 
-    def __init__(self, *decls: str, api: str | None = None, api_name: str | None = None, constant: bool = False,
-                 help_suffix: Callable[[], str] | None = None, **attrs: Any) -> None:
+    def __init__(
+        self,
+        *decls: str,
+        api: str | None = None,
+        api_name: str | None = None,
+        constant: bool = False,
+        help_suffix: Callable[[], str] | None = None,
+        **attrs: Any,
+    ) -> None:
         attrs.setdefault("default", None)
         super().__init__(*decls, **attrs)
         self.api = api
@@ -101,7 +109,11 @@ class ApiOption(click.Option):
         except ImportError:
             # A runtime-only installation still gets help, without the training side's defaults.
             default = MISSING
-        if default is not MISSING and default is not None and not (self.is_flag and not self.secondary_opts and default is False):
+        if (
+            default is not MISSING
+            and default is not None
+            and not (self.is_flag and not self.secondary_opts and default is False)
+        ):
             if self.is_flag and self.secondary_opts:
                 shown = (self.opts if default else self.secondary_opts)[0].lstrip("-")
             else:
@@ -119,8 +131,9 @@ def given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and v != ()}
 
 
-def output_option(help: str, *, type: click.ParamType | None = None, metavar: str = "PATH",
-                  deprecated_out: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def output_option(
+    help: str, *, type: click.ParamType | None = None, metavar: str = "PATH", deprecated_out: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`-o/--output`, the same name in every verb that writes something.
 
     `deprecated_out`: also accept the old `--out` (train and export had it), hidden from `--help`, so
@@ -149,12 +162,21 @@ def output_option(help: str, *, type: click.ParamType | None = None, metavar: st
 
 def runtime_device_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--device, --providers, --threads: where `anytime.load` runs the bundle (serve, calibrate, eval)."""
-    f = api_option("--threads", type=click.IntRange(min=0), api=LOAD,
-                   help="onnxruntime intra-op threads (default: its own choice).")(f)
-    f = api_option("--providers", api=LOAD,
-                   help="Explicit onnxruntime providers, comma-separated (overrides --device).")(f)
-    f = api_option("--device", type=click.Choice(["auto", "cpu", "cuda"]), api=LOAD,
-                   help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.")(f)
+    f = api_option(
+        "--threads",
+        type=click.IntRange(min=0),
+        api=LOAD,
+        help="onnxruntime intra-op threads (default: its own choice).",
+    )(f)
+    f = api_option(
+        "--providers", api=LOAD, help="Explicit onnxruntime providers, comma-separated (overrides --device)."
+    )(f)
+    f = api_option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        api=LOAD,
+        help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.",
+    )(f)
     return f
 
 

@@ -19,8 +19,10 @@ def _export_run(run_dir: Path, bundle_dir: Path, quiet: bool) -> Path:
     from anytime.export import export_bundle
 
     if not quiet:
-        click.echo(f"exporting run {run_dir} to a temporary bundle (keep one with: anytime export {run_dir} -o BUNDLE_DIR)",
-                   err=True)
+        click.echo(
+            f"exporting run {run_dir} to a temporary bundle (keep one with: anytime export {run_dir} -o BUNDLE_DIR)",
+            err=True,
+        )
     export_bundle(run_dir, bundle_dir, progress=False if quiet else None)
     return bundle_dir
 
@@ -28,15 +30,29 @@ def _export_run(run_dir: Path, bundle_dir: Path, quiet: bool) -> Path:
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, help="Labelled dataset as KIND:PATH, e.g. npz:fashion-mnist.npz.")
-@api_option("--split", type=click.Choice(["test", "val", "train"]), api=EVALUATE,
-            help="Which split of --data to measure on (thresholds always come from the bundle's validation data).")
+@api_option(
+    "--split",
+    type=click.Choice(["test", "val", "train"]),
+    api=EVALUATE,
+    help="Which split of --data to measure on (thresholds always come from the bundle's validation data).",
+)
 @output_option("Report directory for CSV, JSON and PNG plots.", type=click.Path(file_okay=False), metavar="DIR")
 @api_option("--points", type=int, api=EVALUATE, help="Budgets in the sweep, first exit to full network.")
 @runtime_device_options
 @api_option("--plots/--no-plots", api=SAVE_REPORT, help="PNG plots in the report directory (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(models: tuple[str, ...], data: str, split: str | None, output: str | None, points: int | None,
-                 device: str | None, providers: str | None, threads: int | None, plots: bool | None, quiet: bool) -> None:
+def eval_command(
+    models: tuple[str, ...],
+    data: str,
+    split: str | None,
+    output: str | None,
+    points: int | None,
+    device: str | None,
+    providers: str | None,
+    threads: int | None,
+    plots: bool | None,
+    quiet: bool,
+) -> None:
     """Anytime table and budget curves of bundles (or run directories) on a labelled split.
 
     A run directory of `anytime train` is exported to a temporary bundle first (needs torch).
@@ -45,8 +61,8 @@ def eval_command(models: tuple[str, ...], data: str, split: str | None, output: 
     Several MODELS are overlaid in one plot, e.g. DR-MGF against joint training:
       anytime eval runs/drmgf runs/joint --data npz:fashion-mnist.npz -o reports/compare
     """
-    from anytime.formats.rundir import is_model_dir
     from anytime.formats.bundle import is_bundle_dir
+    from anytime.formats.rundir import is_model_dir
     from anytime.runtime.evaluation import check_bundle_dir, evaluate
     from anytime.runtime.reports import save_report, summary_lines
 
@@ -61,8 +77,13 @@ def eval_command(models: tuple[str, ...], data: str, split: str | None, output: 
             else:
                 bundles.append(check_bundle_dir(path))
                 names.append(None)
-        report = evaluate(bundles, data, names=names, progress=not quiet and sys.stderr.isatty(),
-                          **given(split=split, points=points, device=device, providers=providers, threads=threads))
+        report = evaluate(
+            bundles,
+            data,
+            names=names,
+            progress=not quiet and sys.stderr.isatty(),
+            **given(split=split, points=points, device=device, providers=providers, threads=threads),
+        )
     for m, model, name in zip(report.models, models, names):
         if name is not None:
             m.bundle = model  # the temporary bundle is gone; record where the model came from

@@ -79,15 +79,22 @@ def info(
     rows = cost_table(model)
     spec = model.spec
     if as_json:
-        click.echo(json.dumps({
-            "name": name,
-            "num_classes": spec.num_classes,
-            "in_channels": spec.in_channels,
-            "image_size": list(spec.image_size),
-            "cost_unit": "operations per image, cumulative",
-            "exits": [{"exit": r["exit"], "cost": r["cost"], "params": r["params"], "fraction": r["fraction"]}
-                      for r in rows],
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "name": name,
+                    "num_classes": spec.num_classes,
+                    "in_channels": spec.in_channels,
+                    "image_size": list(spec.image_size),
+                    "cost_unit": "operations per image, cumulative",
+                    "exits": [
+                        {"exit": r["exit"], "cost": r["cost"], "params": r["params"], "fraction": r["fraction"]}
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
         return
 
     h, w = spec.image_size

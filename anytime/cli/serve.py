@@ -14,20 +14,39 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
 @click.command("serve")
 @click.argument("args", nargs=-1, metavar="[BUNDLE] [INPUTS...]")
-@click.option("--budget", "-b", default=None, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network.")
-@click.option("--exit", "exit_", type=int, default=None, help="Answer every input at this exit (1-based) instead of a budget.")
+@click.option(
+    "--budget", "-b", default=None, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network."
+)
+@click.option(
+    "--exit", "exit_", type=int, default=None, help="Answer every input at this exit (1-based) instead of a budget."
+)
 @api_option("--strict", is_flag=True, api=PREDICT, help="Hard cap: no batch's total cost exceeds images × budget.")
-@api_option("--policy", api=PREDICT, metavar="NAME|FILE",
-            help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file "
-                 "written by `anytime calibrate -o` (then no --budget).")
+@api_option(
+    "--policy",
+    api=PREDICT,
+    metavar="NAME|FILE",
+    help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file "
+    "written by `anytime calibrate -o` (then no --budget).",
+)
 @api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
 @output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
 @runtime_device_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
-def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: int | None, strict: bool | None,
-          policy: str | None, batch_size: int | None, output: str | None, device: str | None, providers: str | None,
-          threads: int | None, quiet: bool) -> None:
+def serve(
+    ctx: click.Context,
+    args: tuple[str, ...],
+    budget: str | None,
+    exit_: int | None,
+    strict: bool | None,
+    policy: str | None,
+    batch_size: int | None,
+    output: str | None,
+    device: str | None,
+    providers: str | None,
+    threads: int | None,
+    quiet: bool,
+) -> None:
     """Budgeted batch prediction with real early exit.
 
     BUNDLE is optional: the first argument is a bundle when it is a directory with a manifest.json,
@@ -51,13 +70,19 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
         bundle, inputs = inputs[0], inputs[1:]
     if not inputs:
         if bundle is not None:
-            raise click.UsageError("give the images to classify after the bundle (files, directories, globs or - for stdin)")
+            raise click.UsageError(
+                "give the images to classify after the bundle (files, directories, globs or - for stdin)"
+            )
         if not SAMPLES_DIR.is_dir():
-            raise ConfigError(f"no inputs given and the embedded sample images are not installed ({SAMPLES_DIR}); pass images to classify")
+            raise ConfigError(
+                f"no inputs given and the embedded sample images are not installed ({SAMPLES_DIR}); pass images to classify"
+            )
         inputs = [str(SAMPLES_DIR)]
     if budget is None and exit_ is None and not ready_policy:
-        raise click.UsageError("give a compute budget (--budget 50%, --budget 120M), a fixed exit (--exit 3) "
-                               "or a calibrated policy file (--policy FILE)")
+        raise click.UsageError(
+            "give a compute budget (--budget 50%, --budget 120M), a fixed exit (--exit 3) "
+            "or a calibrated policy file (--policy FILE)"
+        )
     if budget is not None and exit_ is not None:
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
@@ -72,8 +97,12 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
     totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
     out_fh = open(output, "w", encoding="utf-8", newline="") if output else None
     writer = RowWriter(out_fh, fmt) if out_fh else None
-    stream = model.predict_batches(expand_paths(inputs, stdin=sys.stdin), policy=chosen, on_error="record",
-                                   **given(batch_size=batch_size, strict=strict))
+    stream = model.predict_batches(
+        expand_paths(inputs, stdin=sys.stdin),
+        policy=chosen,
+        on_error="record",
+        **given(batch_size=batch_size, strict=strict),
+    )
     bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -99,5 +128,7 @@ def serve(ctx: click.Context, args: tuple[str, ...], budget: str | None, exit_: 
     if output:
         click.echo(f"rows written to {output}")
     if totals.failed:
-        click.echo(f"{totals.failed} input(s) failed; see the error rows" + (f" in {output}" if output else " above"), err=True)
+        click.echo(
+            f"{totals.failed} input(s) failed; see the error rows" + (f" in {output}" if output else " above"), err=True
+        )
         ctx.exit(1)

@@ -41,7 +41,9 @@ def _milestones(text: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ConfigError(f"--milestones {text!r}: give comma-separated fractions of the epochs, e.g. 0.5,0.75") from None
+        raise ConfigError(
+            f"--milestones {text!r}: give comma-separated fractions of the epochs, e.g. 0.5,0.75"
+        ) from None
 
 
 def _val_size(text: str | None) -> int | None:
@@ -63,38 +65,93 @@ def _method_names() -> str:
 @api_option("--arch", api=TRAIN_CONFIG, help="Model preset (see `anytime info --list`).")
 @api_option("--data", api=TRAIN_CONFIG, help="Dataset as KIND:PATH, e.g. npz:fashion-mnist.npz or cifar100:~/data.")
 @api_option("--method", api=TRAIN_CONFIG, help="Training method.", help_suffix=_method_names)
-@click.option("--method-option", "-m", "method_option", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable), e.g. -m c=0.4 or -m aux_weight=0.4.")
+@click.option(
+    "--method-option",
+    "-m",
+    "method_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Method hyper-parameter (repeatable), e.g. -m c=0.4 or -m aux_weight=0.4.",
+)
 @api_option("--epochs", type=int, api=TRAIN_CONFIG, help="Number of epochs.")
 @output_option("Run directory to create.", type=click.Path(file_okay=False), metavar="RUN_DIR", deprecated_out=True)
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory from its last checkpoint.")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its last checkpoint.",
+)
 @api_option("--batch-size", type=int, api=TRAIN_CONFIG, help="Global mini-batch size (split over torchrun processes).")
 @api_option("--eval-batch-size", type=int, api=TRAIN_CONFIG)
 @api_option("--lr", type=float, api=TRAIN_CONFIG, help="Initial learning rate.")
 @api_option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), api=TRAIN_CONFIG)
-@api_option("--milestones", api=TRAIN_CONFIG, help="Multistep: fractions of the epochs where lr is multiplied by --lr-gamma.")
+@api_option(
+    "--milestones", api=TRAIN_CONFIG, help="Multistep: fractions of the epochs where lr is multiplied by --lr-gamma."
+)
 @api_option("--lr-gamma", type=float, api=TRAIN_CONFIG)
 @api_option("--momentum", type=float, api=TRAIN_CONFIG)
 @api_option("--nesterov/--no-nesterov", api=TRAIN_CONFIG)
 @api_option("--weight-decay", type=float, api=TRAIN_CONFIG)
 @api_option("--seed", type=int, api=TRAIN_CONFIG)
 @api_option("--device", api=TRAIN_CONFIG, help="auto, cpu, cuda or cuda:N.")
-@api_option("--val-size", api=TRAIN_CONFIG, help="Validation images held out of the training split [default: the data set's default].")
-@api_option("--train-limit", type=int, api=TRAIN_CONFIG, help="Train on only the first N training images (quick trials).")
+@api_option(
+    "--val-size",
+    api=TRAIN_CONFIG,
+    help="Validation images held out of the training split [default: the data set's default].",
+)
+@api_option(
+    "--train-limit", type=int, api=TRAIN_CONFIG, help="Train on only the first N training images (quick trials)."
+)
 @api_option("--workers", type=int, api=TRAIN_CONFIG, help="Loader worker processes for image folders.")
 @api_option("--augment/--no-augment", api=TRAIN_CONFIG, help="Random crop and flip of training images.")
-@api_option("--kd-weight", type=float, api=TRAIN_CONFIG, help="Distillation from the last exit (Phuong & Lampert 2019); 0 disables.")
+@api_option(
+    "--kd-weight",
+    type=float,
+    api=TRAIN_CONFIG,
+    help="Distillation from the last exit (Phuong & Lampert 2019); 0 disables.",
+)
 @api_option("--kd-temperature", type=float, api=TRAIN_CONFIG)
-@api_option("--exit-weights", type=click.Choice(["auto", "constant", "sdn"]), api=TRAIN_CONFIG, help="Per-exit loss weights for every method: all 1, or the SDN ramp of the internal exits; auto: sdn for SDN presets, constant otherwise.")
-@api_option("--num-classes", type=int, api=TRAIN_CONFIG, help="Expected number of classes; an error if the data set has another.")
-@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE", help="Architecture override passed to anytime.models.create (repeatable).")
-@api_option("--amp", type=click.Choice(["off", "bf16", "fp16"]), api=TRAIN_CONFIG, help="Mixed precision of the training steps: bfloat16, or float16 with loss scaling.")
-@api_option("--channels-last/--no-channels-last", api=TRAIN_CONFIG, help="Model and batches in channels_last memory format (faster convolutions on recent GPUs).")
-@api_option("--deterministic/--no-deterministic", api=TRAIN_CONFIG, help="torch.use_deterministic_algorithms (bit-exact resume, slower).")
+@api_option(
+    "--exit-weights",
+    type=click.Choice(["auto", "constant", "sdn"]),
+    api=TRAIN_CONFIG,
+    help="Per-exit loss weights for every method: all 1, or the SDN ramp of the internal exits; auto: sdn for SDN presets, constant otherwise.",
+)
+@api_option(
+    "--num-classes",
+    type=int,
+    api=TRAIN_CONFIG,
+    help="Expected number of classes; an error if the data set has another.",
+)
+@click.option(
+    "--model-option",
+    "model_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture override passed to anytime.models.create (repeatable).",
+)
+@api_option(
+    "--amp",
+    type=click.Choice(["off", "bf16", "fp16"]),
+    api=TRAIN_CONFIG,
+    help="Mixed precision of the training steps: bfloat16, or float16 with loss scaling.",
+)
+@api_option(
+    "--channels-last/--no-channels-last",
+    api=TRAIN_CONFIG,
+    help="Model and batches in channels_last memory format (faster convolutions on recent GPUs).",
+)
+@api_option(
+    "--deterministic/--no-deterministic",
+    api=TRAIN_CONFIG,
+    help="torch.use_deterministic_algorithms (bit-exact resume, slower).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train(**kw: Any) -> None:
     """Train a multi-exit network (DR-MGF or a baseline) into a run directory."""
     from anytime.training.config import TrainConfig, parse_key_values
-    from anytime.training.trainer import resume, train as run_training
+    from anytime.training.trainer import resume
+    from anytime.training.trainer import train as run_training
 
     quiet = kw.pop("quiet")
     logging.getLogger("anytime.training").setLevel(logging.WARNING if quiet else logging.INFO)
@@ -108,8 +165,16 @@ def train(**kw: Any) -> None:
             # Only what was given overrides the run's saved configuration.
             result = resume(resume_dir, progress=progress, device=kw["device"], workers=kw["workers"])
         else:
-            missing = [name for name, v in (("--arch", kw["arch"]), ("--data", kw["data"]), ("--epochs", kw["epochs"]),
-                                            ("-o/--output", output)) if v is None]
+            missing = [
+                name
+                for name, v in (
+                    ("--arch", kw["arch"]),
+                    ("--data", kw["data"]),
+                    ("--epochs", kw["epochs"]),
+                    ("-o/--output", output),
+                )
+                if v is None
+            ]
             if missing:
                 raise click.UsageError(f"missing {', '.join(missing)} (or give --resume RUN_DIR)")
             kw["method_options"] = parse_key_values(kw.pop("method_option"))
@@ -120,7 +185,10 @@ def train(**kw: Any) -> None:
             result = run_training(config, progress=progress)
     except KeyboardInterrupt:
         run_dir = resume_dir or output
-        click.echo(f"\nInterrupted. The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}", err=True)
+        click.echo(
+            f"\nInterrupted. The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}",
+            err=True,
+        )
         raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         _print_summary(result)

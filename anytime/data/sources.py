@@ -17,7 +17,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "fashion-mnist": ("anytime.data.mnist", "open_fashion_mnist", "directory with train-images-idx3-ubyte[.gz] etc."),
     "npz": ("anytime.data.npz", "open_npz", "file with x_train, y_train, x_test, y_test"),
     "imagefolder": (
-        "anytime.data.imagefolder", "open_imagefolder", "one sub-directory per class, optional train/val/test"
+        "anytime.data.imagefolder",
+        "open_imagefolder",
+        "one sub-directory per class, optional train/val/test",
     ),
 }
 

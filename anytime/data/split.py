@@ -107,8 +107,10 @@ def restore_split(dataset: Dataset, record: dict[str, Any]) -> tuple[np.ndarray,
             f"not a validation split record (format={found!r}); expected the split.json written by split_train_val"
         )
     if record.get("format_version") != SPLIT_FORMAT_VERSION:
-        raise DatasetError(f"split record format_version {record.get('format_version')!r} is not supported "
-                           f"(this version reads {SPLIT_FORMAT_VERSION})")
+        raise DatasetError(
+            f"split record format_version {record.get('format_version')!r} is not supported "
+            f"(this version reads {SPLIT_FORMAT_VERSION})"
+        )
     try:
         source = record["source"]
         train_idx = np.asarray(record["train_indices"], dtype=np.int64)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from anytime.errors import require_torch
 
-require_torch("Exporting (anytime export, anytime.export)")  # before any torch import: one clear line instead of a traceback
+require_torch(
+    "Exporting (anytime export, anytime.export)"
+)  # before any torch import: one clear line instead of a traceback
 
 import datetime as _dt
 import logging
@@ -142,14 +144,16 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _calibration(chain: StageExecutor, src: ExportSource, preprocessor: Preprocessor, batch_size: int,
-                 progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+def _calibration(
+    chain: StageExecutor, src: ExportSource, preprocessor: Preprocessor, batch_size: int, progress: bool | None
+) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
     n, k = len(src.val_split), chain.num_exits
     logits = np.empty((k, n, src.model.spec.num_classes), dtype=np.float32)
-    with tqdm(total=n, desc="calibration logits", unit="img", disable=None if progress is None else not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=n, desc="calibration logits", unit="img", disable=None if progress is None else not progress, leave=False
+    ) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             logits[:, start:stop] = chain.run_all(_images(src.val_split, range(start, stop), preprocessor))
@@ -245,7 +249,9 @@ def export_bundle(
         ratio = weight_bytes / max(1, 4 * param_count)
         weights_ok = weight_bytes <= allowed
         weight_check = Check(
-            "stage graphs", "weights stored once", weights_ok,
+            "stage graphs",
+            "weights stored once",
+            weights_ok,
             f"{weight_bytes / 1e6:.3f} MB of weights = {ratio:.3f} x params x 4 bytes",
             error=None if weights_ok else WeightSizeError,
         )
@@ -257,8 +263,9 @@ def export_bundle(
                 "x 4 bytes: weights are duplicated across stages or constant folding inflated them; nothing was written"
             )
         ios = [p.io for p in plans]
-        checks = [weight_check] + validate_stages(model, stage_paths, ios, val_images, atol=atol, rtol=rtol,
-                                                  report=report)
+        checks = [weight_check] + validate_stages(
+            model, stage_paths, ios, val_images, atol=atol, rtol=rtol, report=report
+        )
         full_entries = []
         if full_exits:
             example = torch.from_numpy(val_images[np.arange(2) % len(val_images)])
@@ -271,8 +278,13 @@ def export_bundle(
             # "exit" counts from 1 as users do (serve's exit=3, result rows): exit_{k+1}.onnx answers
             # what stage_k's logits_k answer.
             full_entries = [
-                {"exit": k + 1, "file": p.name, "inputs": [mf.IMAGE_INPUT], "logits": mf.logits_name(k),
-                 "sha256": mf.sha256_file(p)}
+                {
+                    "exit": k + 1,
+                    "file": p.name,
+                    "inputs": [mf.IMAGE_INPUT],
+                    "logits": mf.logits_name(k),
+                    "sha256": mf.sha256_file(p),
+                }
                 for k, p in exit_paths.items()
             ]
 
@@ -288,32 +300,55 @@ def export_bundle(
         max_diff = [c.max_diff for c in checks if c.what == "values" and c.subject.startswith("exit ")]
         stages = []
         for k, (path, io) in enumerate(zip(stage_paths, ios)):
-            stages.append({
-                "index": k, "file": path.name, "inputs": io.inputs, "outputs": io.outputs, "logits": io.logits,
-                "cost": {conv: int(costs[conv][k]) for conv in mf.COST_CONVENTIONS},
-                "params": int(params[k]), "val_accuracy": round(accuracy[k], 6),
-                "sha256": mf.sha256_file(path), "bytes": path.stat().st_size,
-            })
+            stages.append(
+                {
+                    "index": k,
+                    "file": path.name,
+                    "inputs": io.inputs,
+                    "outputs": io.outputs,
+                    "logits": io.logits,
+                    "cost": {conv: int(costs[conv][k]) for conv in mf.COST_CONVENTIONS},
+                    "params": int(params[k]),
+                    "val_accuracy": round(accuracy[k], 6),
+                    "sha256": mf.sha256_file(path),
+                    "bytes": path.stat().st_size,
+                }
+            )
         classes = [str(c) for c in src.meta.get("classes") or range(num_classes)]
         manifest = {
-            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
-            "arch": model.spec.arch, "num_classes": num_classes, "classes": classes,
+            "format": mf.FORMAT,
+            "format_version": mf.FORMAT_VERSION,
+            "arch": model.spec.arch,
+            "num_classes": num_classes,
+            "classes": classes,
             "input": input_spec.to_manifest(),
             "cost_convention": cost_convention,
             "cost_note": "cost is cumulative per image: all stages and heads up to and including this exit",
             "stages": stages,
             "full_exits": full_entries,
             "calibration": {
-                "file": cal_path.name, "sha256": mf.sha256_file(cal_path), "split": "validation",
-                "source": src.split_source, "count": int(len(cal_labels)),
-                "arrays": {"logits": "float32 (exits, count, classes)", "labels": "int64 (count,)",
-                           "indices": "int64 (count,): positions in the dataset split the images come from"},
+                "file": cal_path.name,
+                "sha256": mf.sha256_file(cal_path),
+                "split": "validation",
+                "source": src.split_source,
+                "count": int(len(cal_labels)),
+                "arrays": {
+                    "logits": "float32 (exits, count, classes)",
+                    "labels": "int64 (count,)",
+                    "indices": "int64 (count,): positions in the dataset split the images come from",
+                },
             },
             "provenance": _provenance(src),
             "export": {
-                "exporter": exporter, "opset": opset, "atol": atol, "rtol": rtol, "max_abs_diff": max_diff,
-                "validation_images": int(len(val_images)), "param_count": int(param_count),
-                "weight_bytes": int(weight_bytes), "torch": torch.__version__,
+                "exporter": exporter,
+                "opset": opset,
+                "atol": atol,
+                "rtol": rtol,
+                "max_abs_diff": max_diff,
+                "validation_images": int(len(val_images)),
+                "param_count": int(param_count),
+                "weight_bytes": int(weight_bytes),
+                "torch": torch.__version__,
             },
         }
         atomic_write_json(tmp / mf.MANIFEST_FILE, manifest)

@@ -70,7 +70,6 @@ class FullExit(nn.Module):
         return logits
 
 
-
 @dataclass
 class StageIO:
     """A stage graph's input names, output names and which output is the exit's logits."""
@@ -81,6 +80,7 @@ class StageIO:
 
     def as_tuple(self) -> tuple[list[str], list[str], str]:
         return self.inputs, self.outputs, self.logits
+
 
 @dataclass
 class StagePlan:
@@ -105,8 +105,14 @@ def plan_stages(model: MultiExitNetwork, example_image: torch.Tensor) -> list[St
     return plans
 
 
-def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
-            output_names: list[str], opset: int, exporter: str) -> bytes:
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    exporter: str,
+) -> bytes:
     module.eval()
     if exporter == "torchscript":
         buffer = io.BytesIO()
@@ -115,10 +121,15 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             torch.onnx.export(
-                module, args, buffer,
-                input_names=input_names, output_names=output_names,
+                module,
+                args,
+                buffer,
+                input_names=input_names,
+                output_names=output_names,
                 dynamic_axes={name: {0: BATCH_AXIS} for name in input_names + output_names},
-                opset_version=opset, do_constant_folding=True, dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
             )
         return buffer.getvalue()
     if exporter == "dynamo":
@@ -126,15 +137,28 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list
         # *state is one var-positional argument: its dynamic shapes are one tuple, one dict per tensor.
         shapes = (tuple({0: batch} for _ in args),) if isinstance(module, FlatStage) else ({0: batch},)
         program = torch.onnx.export(
-            module, args, input_names=input_names, output_names=output_names,
-            dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
+            module,
+            args,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
         )
         return program.model_proto.SerializeToString()
     raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
 
 
-def _export_or_explain(what: str, module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
-                       output_names: list[str], opset: int, exporter: str) -> bytes:
+def _export_or_explain(
+    what: str,
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    exporter: str,
+) -> bytes:
     try:
         with torch.no_grad():
             return _export(module, args, input_names, output_names, opset, exporter)
@@ -149,18 +173,36 @@ def _export_or_explain(what: str, module: nn.Module, args: tuple[torch.Tensor, .
         ) from exc
 
 
-def export_stage(stage: nn.Module, plan: StagePlan, opset: int = DEFAULT_OPSET,
-                 exporter: str = "torchscript") -> bytes:
+def export_stage(stage: nn.Module, plan: StagePlan, opset: int = DEFAULT_OPSET, exporter: str = "torchscript") -> bytes:
     """Serialised ONNX graph of one stage."""
-    return _export_or_explain(f"stage {plan.io.logits.split('_')[-1]}", FlatStage(stage), plan.example,
-                              plan.io.inputs, plan.io.outputs, opset, exporter)
+    return _export_or_explain(
+        f"stage {plan.io.logits.split('_')[-1]}",
+        FlatStage(stage),
+        plan.example,
+        plan.io.inputs,
+        plan.io.outputs,
+        opset,
+        exporter,
+    )
 
 
-def export_full_exit(model: MultiExitNetwork, exit_index: int, example_image: torch.Tensor,
-                     opset: int = DEFAULT_OPSET, exporter: str = "torchscript") -> bytes:
+def export_full_exit(
+    model: MultiExitNetwork,
+    exit_index: int,
+    example_image: torch.Tensor,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "torchscript",
+) -> bytes:
     """Serialised ONNX graph image -> logits of exit `exit_index` (holds the weights of stages 0..k)."""
-    return _export_or_explain(f"full exit {exit_index}", FullExit(model, exit_index), (example_image,),
-                              [IMAGE_INPUT], [logits_name(exit_index)], opset, exporter)
+    return _export_or_explain(
+        f"full exit {exit_index}",
+        FullExit(model, exit_index),
+        (example_image,),
+        [IMAGE_INPUT],
+        [logits_name(exit_index)],
+        opset,
+        exporter,
+    )
 
 
 def initializer_bytes(onnx_bytes: bytes) -> int:

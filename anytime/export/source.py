@@ -17,7 +17,6 @@ from anytime.models.base import MultiExitNetwork
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ExportSource:
     run_dir: Path
@@ -45,8 +44,9 @@ def _open_dataset(spec: str, run_dir: Path, overridden: bool):
         ) from exc
 
 
-def load_source(run_dir: str | os.PathLike, data: str | None = None,
-                split: str | os.PathLike | None = None) -> ExportSource:
+def load_source(
+    run_dir: str | os.PathLike, data: str | None = None, split: str | os.PathLike | None = None
+) -> ExportSource:
     """Load the model of `run_dir` and find its validation images.
 
     `data` overrides the run's dataset spec (config.json "data"); `split` overrides its split.json.
@@ -89,4 +89,6 @@ def load_source(run_dir: str | os.PathLike, data: str | None = None,
         )
     if len(val_split) == 0:
         raise DatasetError(f"the validation split of {dataset.spec} is empty; calibration needs held-out images")
-    return ExportSource(run_dir, model, meta, config, dataset.spec, val_split, np.asarray(val_indices, np.int64), source)
+    return ExportSource(
+        run_dir, model, meta, config, dataset.spec, val_split, np.asarray(val_indices, np.int64), source
+    )

@@ -10,9 +10,9 @@ PyTorch in eval mode (max absolute difference within `atol`; with `rtol` > 0, wi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,14 +27,15 @@ from anytime.export.errors import (
 )
 from anytime.export.onnx_stages import StageIO
 from anytime.formats.bundle import IMAGE_INPUT, logits_name
+from anytime.models.base import MultiExitNetwork, State
 from anytime.runtime.engine import CPU, StageExecutor, create_session
+
+log = logging.getLogger(__name__)
 
 
 def make_session(path: Path):
     return create_session(path, [CPU])
-from anytime.models.base import MultiExitNetwork, State
 
-log = logging.getLogger(__name__)
 
 DEFAULT_ATOL = 1e-4
 SHAPE_BATCHES = (1, 3)
@@ -115,8 +116,13 @@ def _check_names(v: Validator, session, subject: str, inputs: list[str], outputs
     return ok
 
 
-def _check_shapes(v: Validator, session, subject: str, feeds_by_batch: dict[int, dict[str, np.ndarray]],
-                  expected_by_batch: dict[int, list[tuple[int, ...]]]) -> bool:
+def _check_shapes(
+    v: Validator,
+    session,
+    subject: str,
+    feeds_by_batch: dict[int, dict[str, np.ndarray]],
+    expected_by_batch: dict[int, list[tuple[int, ...]]],
+) -> bool:
     mismatches = []
     for b, feeds in feeds_by_batch.items():
         try:
@@ -127,15 +133,12 @@ def _check_shapes(v: Validator, session, subject: str, feeds_by_batch: dict[int,
         if got != expected_by_batch[b]:
             mismatches.append(f"batch {b}: got {got}, PyTorch {expected_by_batch[b]}")
     ok = not mismatches
-    detail = (
-        "batch " + ", ".join(str(b) for b in feeds_by_batch) + " match PyTorch" if ok else "; ".join(mismatches)
-    )
+    detail = "batch " + ", ".join(str(b) for b in feeds_by_batch) + " match PyTorch" if ok else "; ".join(mismatches)
     v.add(Check(subject, "shapes", ok, detail, error=None if ok else ShapeError))
     return ok
 
 
-def _check_values(v: Validator, subject: str, got: np.ndarray, ref: np.ndarray, atol: float,
-                  rtol: float = 0.0) -> None:
+def _check_values(v: Validator, subject: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float = 0.0) -> None:
     err = np.abs(got - ref)
     diff = float(err.max()) if got.size else 0.0
     finite = bool(np.isfinite(got).all())
@@ -164,8 +167,15 @@ def _check_values(v: Validator, subject: str, got: np.ndarray, ref: np.ndarray, 
     v.add(Check(subject, "argmax", real == 0, detail, error=None if real == 0 else ArgmaxError))
 
 
-def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence[StageIO], images: np.ndarray,
-                    atol: float = DEFAULT_ATOL, rtol: float = 0.0, report: Report | None = None) -> list[Check]:
+def validate_stages(
+    model: MultiExitNetwork,
+    paths: Sequence[Path],
+    io: Sequence[StageIO],
+    images: np.ndarray,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = 0.0,
+    report: Report | None = None,
+) -> list[Check]:
     """Check the stage graphs against `model` on `images` (float32 NCHW, real validation images)."""
     v = Validator(report)
     model.eval()
@@ -191,8 +201,14 @@ def validate_stages(model: MultiExitNetwork, paths: Sequence[Path], io: Sequence
     return v.checks
 
 
-def validate_full_exits(model: MultiExitNetwork, paths: dict[int, Path], images: np.ndarray,
-                        atol: float = DEFAULT_ATOL, rtol: float = 0.0, report: Report | None = None) -> list[Check]:
+def validate_full_exits(
+    model: MultiExitNetwork,
+    paths: dict[int, Path],
+    images: np.ndarray,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = 0.0,
+    report: Report | None = None,
+) -> list[Check]:
     """Check the image -> logits graphs of single exits against `model`."""
 
     v = Validator(report)

@@ -94,12 +94,8 @@ def format_problems(manifest: Any) -> list[str]:
         problems.append(f"format_version is {version!r}, expected an integer")
     elif version not in SUPPORTED_FORMAT_VERSIONS:
         supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
-        hint = (
-            "upgrade anytime to read it" if version > max(SUPPORTED_FORMAT_VERSIONS) else "re-export the bundle"
-        )
-        problems.append(
-            f"unknown format_version {version} (this anytime reads version {supported}); {hint}"
-        )
+        hint = "upgrade anytime to read it" if version > max(SUPPORTED_FORMAT_VERSIONS) else "re-export the bundle"
+        problems.append(f"unknown format_version {version} (this anytime reads version {supported}); {hint}")
     return problems
 
 
@@ -282,7 +278,8 @@ def _graph_problems(path: Path, inputs: list[str], outputs: list[str]) -> list[s
         graph_inputs = [i.name for i in model.graph.input]
         graph_outputs = [o.name for o in model.graph.output]
         batch_dims = [
-            v.type.tensor_type.shape.dim[0] for v in list(model.graph.input) + list(model.graph.output)
+            v.type.tensor_type.shape.dim[0]
+            for v in list(model.graph.input) + list(model.graph.output)
             if v.type.tensor_type.shape.dim
         ]
         fixed = [d.dim_value for d in batch_dims if d.HasField("dim_value")]
@@ -518,13 +515,19 @@ def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False) -
             sha256=s["sha256"],
         )
         if not (path / stage.file).is_file():
-            raise BundleError(f"bundle {path} is incomplete: {stage.file} (stage {i}) is missing; re-export or re-copy it")
+            raise BundleError(
+                f"bundle {path} is incomplete: {stage.file} (stage {i}) is missing; re-export or re-copy it"
+            )
         stages.append(stage)
     if any(st.cost <= 0 for st in stages):
-        raise BundleError(f"{where}: exit costs must be positive, got {[st.cost for st in stages]}; re-export the bundle")
+        raise BundleError(
+            f"{where}: exit costs must be positive, got {[st.cost for st in stages]}; re-export the bundle"
+        )
     cal = manifest["calibration"]
     if not (path / cal["file"]).is_file():
-        raise BundleError(f"bundle {path} is incomplete: calibration file {cal['file']} is missing; re-export or re-copy it")
+        raise BundleError(
+            f"bundle {path} is incomplete: calibration file {cal['file']} is missing; re-export or re-copy it"
+        )
     bundle_obj = Bundle(path, manifest, input_spec, tuple(stages), tuple(manifest["classes"]), convention)
     if verify:
         bundle_obj.verify_checksums()

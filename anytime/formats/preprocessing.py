@@ -22,9 +22,10 @@ import io
 import os
 import struct
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -78,7 +79,9 @@ class PreprocessingSpec:
                 f"input mean/std must have {self.channels} value(s) and std > 0, got {list(self.mean)}/{list(self.std)}"
             )
         if self.interpolation not in RESAMPLE:
-            raise ValueError(f"input interpolation {self.interpolation!r} is unknown; expected one of {sorted(RESAMPLE)}")
+            raise ValueError(
+                f"input interpolation {self.interpolation!r} is unknown; expected one of {sorted(RESAMPLE)}"
+            )
         if self.crop != "center":
             raise ValueError(f"input crop {self.crop!r} is not supported (only 'center')")
         if self.resize is not None and self.resize < max(self.height, self.width):
@@ -281,7 +284,9 @@ def resize_crop(image: Image.Image, spec: PreprocessingSpec, name: str = "<image
         image = image.resize((nw, nh), RESAMPLE[spec.interpolation])
         w, h = image.size
     if w < spec.width or h < spec.height:
-        raise InputImageError(f"{name}: after resizing to {h}×{w} the image is smaller than the {spec.height}×{spec.width} crop")
+        raise InputImageError(
+            f"{name}: after resizing to {h}×{w} the image is smaller than the {spec.height}×{spec.width} crop"
+        )
     if (w, h) != (spec.width, spec.height):
         top, left = center_crop_offsets(h, w, spec.size)
         image = image.crop((left, top, left + spec.width, top + spec.height))
@@ -337,7 +342,9 @@ def resize_target(image_hw: tuple[int, int], image_size: tuple[int, int], resize
     """
     if resize is not None:
         if resize < max(image_size):
-            raise ConfigError(f"resize={resize} is smaller than the crop {image_size}; give resize >= {max(image_size)}")
+            raise ConfigError(
+                f"resize={resize} is smaller than the crop {image_size}; give resize >= {max(image_size)}"
+            )
         return resize
     if tuple(image_hw) == tuple(image_size):
         return None
@@ -345,7 +352,10 @@ def resize_target(image_hw: tuple[int, int], image_size: tuple[int, int], resize
 
 
 def eval_preprocess(
-    image: np.ndarray, channels: int, image_size: tuple[int, int], resize: int | None = None,
+    image: np.ndarray,
+    channels: int,
+    image_size: tuple[int, int],
+    resize: int | None = None,
     interpolation: str = "bilinear",
 ) -> np.ndarray:
     """uint8 H×W×C -> uint8 image_size×channels: channel conversion, shorter-side resize, centre crop."""

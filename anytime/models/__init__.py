@@ -7,13 +7,12 @@ require_torch("Building models (anytime.models)")  # before any torch import: on
 
 from anytime.models.base import ModelSpec, MultiExitNetwork, Stage, State
 from anytime.models.costs import cost_table, exit_costs, exit_params
-from anytime.models.io import Preprocessing, load_model, read_model_meta, save_model
+from anytime.models.io import load_model, read_model_meta, save_model
 from anytime.models.registry import create, is_model, list_models, register_model
 
 __all__ = [
     "ModelSpec",
     "MultiExitNetwork",
-    "Preprocessing",
     "Stage",
     "State",
     "cost_table",

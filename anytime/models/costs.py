@@ -15,7 +15,8 @@ Each stage is run on a batch of one image, in eval mode and without gradients.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,9 @@ def _stage_inputs(model: MultiExitNetwork, image_size: int | tuple[int, int] | N
     return (torch.zeros(1, model.spec.in_channels, h, w, device=device),)
 
 
-def _per_stage(model: MultiExitNetwork, image_size, measure: Callable[[nn.Module, State], tuple[State, int]]) -> list[int]:
+def _per_stage(
+    model: MultiExitNetwork, image_size, measure: Callable[[nn.Module, State], tuple[State, int]]
+) -> list[int]:
     was_training = model.training
     model.eval()
     try:

@@ -3,17 +3,17 @@
 A model directory (a run directory, or any folder) holds:
 - `model.safetensors`: the plain state dict (no importance variables, no optimiser state);
 - `model.json`: {"format": "anytime-model", "format_version": 1, "spec": ModelSpec,
-  "preprocessing": Preprocessing, "classes": [...], "info": {...free-form provenance...}}.
+  "preprocessing": PreprocessingSpec.to_manifest() (the bundle's `input` block), "classes": [...], "info": {...free-form provenance...}}.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anytime.fileio import atomic_write_bytes, atomic_write_json
+from anytime.formats.preprocessing import PreprocessingSpec
 from anytime.formats.rundir import (
     MODEL_META,
     MODEL_WEIGHTS,
@@ -23,32 +23,10 @@ from anytime.formats.rundir import (
 from anytime.models.base import ModelSpec, MultiExitNetwork
 
 
-@dataclass
-class Preprocessing:
-    """How raw pixels become the network's input; the bundle manifest copies this."""
-
-    mean: list[float]
-    std: list[float]
-    # Shorter side resized to `resize` (None: no resize), then a centre crop to the model's image_size.
-    resize: int | None = None
-    interpolation: str = "bilinear"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(
-            mean=[float(v) for v in d["mean"]],
-            std=[float(v) for v in d["std"]],
-            resize=None if d.get("resize") is None else int(d["resize"]),
-            interpolation=str(d.get("interpolation", "bilinear")),
-            extra=dict(d.get("extra", {})),
-        )
-
-
 def save_model(
     model: MultiExitNetwork,
     directory: str | os.PathLike,
-    preprocessing: Preprocessing,
+    preprocessing: PreprocessingSpec,
     classes: list[str] | None = None,
     info: dict[str, Any] | None = None,
 ) -> Path:
@@ -60,7 +38,12 @@ def save_model(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / MODEL_WEIGHTS, st_save(state))
     n = model.spec.num_classes
-    meta = model_meta(model.spec.to_dict(), asdict(preprocessing), list(classes) if classes is not None else [str(i) for i in range(n)], info or {})
+    meta = model_meta(
+        model.spec.to_dict(),
+        preprocessing.to_manifest(),
+        list(classes) if classes is not None else [str(i) for i in range(n)],
+        info or {},
+    )
     atomic_write_json(directory / MODEL_META, meta)
     return directory
 
@@ -84,5 +67,3 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> tuple
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, meta
-
-

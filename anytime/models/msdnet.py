@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -287,8 +287,21 @@ class MSDNet(MultiExitNetwork):
     ) -> None:
         super().__init__(spec)
         gr_factor, bn_factor = [int(g) for g in gr_factor], [int(b) for b in bn_factor]
-        _check_config(spec, n_blocks, base, step, step_mode, n_channels, growth_rate, gr_factor, bn_factor,
-                      prune, reduction, stem, head_channels)
+        _check_config(
+            spec,
+            n_blocks,
+            base,
+            step,
+            step_mode,
+            n_channels,
+            growth_rate,
+            gr_factor,
+            bn_factor,
+            prune,
+            reduction,
+            stem,
+            head_channels,
+        )
         n_scales = len(gr_factor)
         steps = block_steps(n_blocks, base, step, step_mode)
         n_layers = sum(steps)
@@ -308,19 +321,40 @@ class MSDNet(MultiExitNetwork):
                 layer += 1
                 in_scales, out_scales = scales_of_layer(prune, layer, n_layers, n_scales)
                 final = layer == n_layers
-                modules.append(MSDLayer(width, growth_rate, gr_factor, bn_factor, in_scales, out_scales,
-                                        bottleneck, norm_layer, act_layer, coarsest_only=final))
+                modules.append(
+                    MSDLayer(
+                        width,
+                        growth_rate,
+                        gr_factor,
+                        bn_factor,
+                        in_scales,
+                        out_scales,
+                        bottleneck,
+                        norm_layer,
+                        act_layer,
+                        coarsest_only=final,
+                    )
+                )
                 width += growth_rate
                 if reduction > 0 and _has_transition(prune, layer, n_layers, in_scales, out_scales):
                     offset = n_scales - (1 if final else out_scales)
                     reduced = math.floor(reduction * width)
-                    modules.append(Transition([width * g for g in gr_factor[offset:]],
-                                              [reduced * g for g in gr_factor[offset:]], norm_layer, act_layer))
+                    modules.append(
+                        Transition(
+                            [width * g for g in gr_factor[offset:]],
+                            [reduced * g for g in gr_factor[offset:]],
+                            norm_layer,
+                            act_layer,
+                        )
+                    )
                     width = reduced
             head_in = width * gr_factor[-1]
             head = Classifier(head_in, head_channels or head_in, head_pool, spec.num_classes, norm_layer, act_layer)
-            first = MultiScaleStem(spec.in_channels, [n_channels * g for g in gr_factor], stem, norm_layer,
-                                   act_layer) if b == 0 else None
+            first = (
+                MultiScaleStem(spec.in_channels, [n_channels * g for g in gr_factor], stem, norm_layer, act_layer)
+                if b == 0
+                else None
+            )
             self.stages.append(MSDNetStage(first, modules, head, last=b == n_blocks - 1))
         self.steps = steps
         self.apply(he_fan_out_init)  # as the reference
@@ -332,9 +366,21 @@ def _has_transition(prune: str, layer: int, n_layers: int, in_scales: int, out_s
     return layer in (math.floor(n_layers / 3), math.floor(2 * n_layers / 3))
 
 
-def _check_config(spec: ModelSpec, n_blocks: int, base: int, step: int, step_mode: str, n_channels: int,
-                  growth_rate: int, gr_factor: list[int], bn_factor: list[int], prune: str, reduction: float,
-                  stem: str, head_channels: int | None) -> None:
+def _check_config(
+    spec: ModelSpec,
+    n_blocks: int,
+    base: int,
+    step: int,
+    step_mode: str,
+    n_channels: int,
+    growth_rate: int,
+    gr_factor: list[int],
+    bn_factor: list[int],
+    prune: str,
+    reduction: float,
+    stem: str,
+    head_channels: int | None,
+) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
@@ -345,10 +391,14 @@ def _check_config(spec: ModelSpec, n_blocks: int, base: int, step: int, step_mod
     need(n_blocks >= 1, f"n_blocks (number of exits) must be >= 1, got {n_blocks}")
     need(base >= 1 and step >= 1, f"base and step must be >= 1, got base={base}, step={step}")
     need(step_mode in ("even", "lin_grow"), f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
-    need(n_channels >= 1 and growth_rate >= 2, f"need n_channels >= 1 and growth_rate >= 2, got "
-                                               f"{n_channels}, {growth_rate}")
-    need(len(gr_factor) >= 1 and len(gr_factor) == len(bn_factor),
-         f"gr_factor and bn_factor need one entry per scale, got {gr_factor} and {bn_factor}")
+    need(
+        n_channels >= 1 and growth_rate >= 2,
+        f"need n_channels >= 1 and growth_rate >= 2, got {n_channels}, {growth_rate}",
+    )
+    need(
+        len(gr_factor) >= 1 and len(gr_factor) == len(bn_factor),
+        f"gr_factor and bn_factor need one entry per scale, got {gr_factor} and {bn_factor}",
+    )
     need(all(g >= 1 for g in gr_factor + bn_factor), f"gr_factor/bn_factor must be >= 1: {gr_factor}, {bn_factor}")
     need(prune in ("max", "min"), f"prune must be 'max' or 'min', got {prune!r}")
     need(0 <= reduction <= 1, f"reduction must be in [0, 1], got {reduction}")
@@ -371,17 +421,49 @@ def _create_msdnet(
 # ------------------------------------------------------------------------------------------- presets
 
 # The 7-exit CIFAR configuration of the paper, DR-MGF and most follow-ups.
-_CIFAR_7 = dict(n_blocks=7, base=4, step=2, step_mode="even", n_channels=16, growth_rate=16,
-                gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), in_channels=3, image_size=32)
-_IMAGENET = dict(n_blocks=5, step_mode="even", n_channels=32, growth_rate=16, gr_factor=(1, 2, 4, 4),
-                 bn_factor=(1, 2, 4, 4), stem="imagenet", head_channels=None, num_classes=1000,
-                 in_channels=3, image_size=224)
+_CIFAR_7 = dict(
+    n_blocks=7,
+    base=4,
+    step=2,
+    step_mode="even",
+    n_channels=16,
+    growth_rate=16,
+    gr_factor=(1, 2, 4),
+    bn_factor=(1, 2, 4),
+    in_channels=3,
+    image_size=32,
+)
+_IMAGENET = dict(
+    n_blocks=5,
+    step_mode="even",
+    n_channels=32,
+    growth_rate=16,
+    gr_factor=(1, 2, 4, 4),
+    bn_factor=(1, 2, 4, 4),
+    stem="imagenet",
+    head_channels=None,
+    num_classes=1000,
+    in_channels=3,
+    image_size=224,
+)
 # Fashion-MNIST sized: 4 exits at about 22/52/87/100% of 2.3 M MACs, 50 k parameters. Small convs on
 # 28x28 maps are overhead-bound on CPU, so it is kept narrow and without 1x1 bottlenecks: a training step
 # at batch 64 takes about 0.1 s on 2 cores, i.e. 1.5 minutes per 60k-image epoch.
-_TINY = dict(n_blocks=4, base=1, step=1, step_mode="even", n_channels=4, growth_rate=4, gr_factor=(1, 2, 4),
-             bn_factor=(1, 2, 4), bottleneck=False, head_channels=16, num_classes=10, in_channels=1,
-             image_size=28)
+_TINY = dict(
+    n_blocks=4,
+    base=1,
+    step=1,
+    step_mode="even",
+    n_channels=4,
+    growth_rate=4,
+    gr_factor=(1, 2, 4),
+    bn_factor=(1, 2, 4),
+    bottleneck=False,
+    head_channels=16,
+    num_classes=10,
+    in_channels=1,
+    image_size=28,
+)
 
 
 @register_model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from anytime.errors import ConfigError
 
@@ -83,7 +84,5 @@ def create(
     except TypeError as exc:
         raise ConfigError(f"invalid option for model '{name}': {exc}") from exc
     model.spec.arch = name
-    model.spec.overrides = {
-        k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels", "image_size")
-    }
+    model.spec.overrides = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels", "image_size")}
     return model

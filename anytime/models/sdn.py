@@ -12,7 +12,7 @@ here a ResNet block returns that sum and the next unit starts with the ReLU.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,8 +67,9 @@ class InternalClassifier(nn.Module):
 class ResidualBlock(nn.Module):
     """ResNet basic block returning the residual sum before its ReLU (applied by the next unit)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, relu_input: bool, norm_layer: NormLayer,
-                 act_layer: ActLayer) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, relu_input: bool, norm_layer: NormLayer, act_layer: ActLayer
+    ) -> None:
         super().__init__()
         # The block after another block activates the previous block's sum; the first block follows the stem.
         self.act_in = act_layer() if relu_input else None
@@ -93,8 +94,9 @@ class ResidualBlock(nn.Module):
 class WideBlock(nn.Module):
     """Pre-activation wide ResNet block (BN-ReLU-conv-dropout-BN-ReLU-conv, biased convs as the reference)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float, norm_layer: NormLayer,
-                 act_layer: ActLayer) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, dropout: float, norm_layer: NormLayer, act_layer: ActLayer
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [norm_layer(in_ch), act_layer(), nn.Conv2d(in_ch, out_ch, 3, padding=1)]
         if dropout > 0:
@@ -110,8 +112,16 @@ class WideBlock(nn.Module):
         return self.body(x) + skip
 
 
-def _conv_unit(in_ch: int, out_ch: int, kernel: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
-               bias: bool = False, groups: int = 1) -> nn.Sequential:
+def _conv_unit(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    stride: int,
+    norm_layer: NormLayer,
+    act_layer: ActLayer,
+    bias: bool = False,
+    groups: int = 1,
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=bias, groups=groups),
         norm_layer(out_ch),
@@ -143,11 +153,19 @@ class SDN(MultiExitNetwork):
     # deep SDN backbones diverge at the paper's lr 0.1 (measured: NaN within 8 steps for resnet56).
     default_exit_weights = "sdn"
 
-    def __init__(self, spec: ModelSpec, units: Sequence[nn.Module], ic_after: Sequence[int], end_head: nn.Module,
-                 init: Callable[[nn.Module], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        units: Sequence[nn.Module],
+        ic_after: Sequence[int],
+        end_head: nn.Module,
+        init: Callable[[nn.Module], None] | None = None,
+    ) -> None:
         super().__init__(spec)
         if sorted(set(ic_after)) != list(ic_after) or not ic_after or ic_after[0] < 0 or ic_after[-1] >= len(units) - 1:
-            raise ConfigError(f"IC positions must be increasing unit indices below {len(units) - 1}, got {list(ic_after)}")
+            raise ConfigError(
+                f"IC positions must be increasing unit indices below {len(units) - 1}, got {list(ic_after)}"
+            )
         shapes = _unit_output_shapes(spec, units)
         start = 0
         for i in ic_after:
@@ -266,8 +284,9 @@ def sdn_resnet(
     for s, (n, width) in enumerate(zip(blocks, widths), start=1):
         for b in range(1, n + 1):
             stride = 2 if s > 1 and b == 1 else 1
-            units.append(ResidualBlock(ch, width, stride, relu_input=len(units) > 1, norm_layer=norm_layer,
-                                       act_layer=act_layer))
+            units.append(
+                ResidualBlock(ch, width, stride, relu_input=len(units) > 1, norm_layer=norm_layer, act_layer=act_layer)
+            )
             position[(s, b)] = len(units) - 1
             ch = width
     head = nn.Sequential(act_layer(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, spec.num_classes))
@@ -301,8 +320,9 @@ def sdn_wide_resnet(
             units.append(WideBlock(ch, width, stride, dropout, norm_layer, act_layer))
             position[(s, b)] = len(units) - 1
             ch = width
-    head = nn.Sequential(norm_layer(ch), act_layer(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(ch, spec.num_classes))
+    head = nn.Sequential(
+        norm_layer(ch), act_layer(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, spec.num_classes)
+    )
     return SDN(spec, units, _positions(position, ic_after), head, init=he_fan_out_init)
 
 
@@ -326,10 +346,12 @@ def sdn_mobilenet_v1(
     ch = stem_width
     for entry in cfg:
         width, stride = (entry, 1) if isinstance(entry, int) else (int(entry[0]), int(entry[1]))
-        units.append(nn.Sequential(
-            *_conv_unit(ch, ch, 3, stride, norm_layer, act_layer, groups=ch),
-            *_conv_unit(ch, width, 1, 1, norm_layer, act_layer),
-        ))
+        units.append(
+            nn.Sequential(
+                *_conv_unit(ch, ch, 3, stride, norm_layer, act_layer, groups=ch),
+                *_conv_unit(ch, width, 1, 1, norm_layer, act_layer),
+            )
+        )
         ch = width
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, spec.num_classes))
     return SDN(spec, units, list(ic_after), head)  # the reference keeps PyTorch's default init here
@@ -345,18 +367,29 @@ def _positions(position: dict[tuple[int, int], int], ic_after: Sequence[tuple[in
 # ------------------------------------------------------------------------------------------------- presets
 
 _CIFAR = dict(num_classes=10, in_channels=3, image_size=32)
-_VGG16 = dict(channels=(64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512),
-              pool_after=(1, 3, 6, 9, 12), ic_after=(1, 3, 5, 6, 8, 9))  # 0-based: after conv 2, 4, 6, 7, 9, 10
+_VGG16 = dict(
+    channels=(64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512),
+    pool_after=(1, 3, 6, 9, 12),
+    ic_after=(1, 3, 5, 6, 8, 9),
+)  # 0-based: after conv 2, 4, 6, 7, 9, 10
 _RESNET56 = dict(blocks=(9, 9, 9), widths=(16, 32, 64), ic_after=((1, 4), (1, 8), (2, 3), (2, 7), (3, 2), (3, 6)))
 _WRN32_4 = dict(blocks=(5, 5, 5), widen_factor=4, ic_after=((1, 3), (1, 5), (2, 2), (2, 4), (3, 1), (3, 3)))
 # CPU-sized member of the family for 28x28 grey images: a narrow ResNet-14 (widths 8/16/32) with one IC
 # after the first block of each stage (4 exits, 5.1 M MACs, 64 k parameters; about msdnet-tiny's
 # training time per image on one CPU thread).
-_TINY = dict(num_classes=10, in_channels=1, image_size=28, blocks=(2, 2, 2), widths=(8, 16, 32),
-             ic_after=((1, 1), (2, 1), (3, 1)))
+_TINY = dict(
+    num_classes=10,
+    in_channels=1,
+    image_size=28,
+    blocks=(2, 2, 2),
+    widths=(8, 16, 32),
+    ic_after=((1, 1), (2, 1), (3, 1)),
+)
 # Unit 0 is the stem, so unit i is MobileNet block i (1-based); the reference attaches 5 ICs.
-_MOBILENET = dict(cfg=(64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024),
-                  ic_after=(3, 5, 7, 9, 12))
+_MOBILENET = dict(
+    cfg=(64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024),
+    ic_after=(3, 5, 7, 9, 12),
+)
 
 
 @register_model

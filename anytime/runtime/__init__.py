@@ -1,10 +1,10 @@
 """Budgeted early-exit inference on ONNX Runtime (numpy, pillow and onnxruntime only; never torch).
 
-    model = anytime.load("bundles/fm")          # or anytime.load() for the embedded default
-    print(model)                                # exits with cost and validation accuracy
-    policy = model.calibrate("50%")             # thresholds fitted on the bundle's validation logits
-    preds = model.predict("images/", budget="50%")
-    preds.save("preds.jsonl")
+model = anytime.load("bundles/fm")          # or anytime.load() for the embedded default
+print(model)                                # exits with cost and validation accuracy
+policy = model.calibrate("50%")             # thresholds fitted on the bundle's validation logits
+preds = model.predict("images/", budget="50%")
+preds.save("preds.jsonl")
 """
 
 from anytime.formats.bundle import Bundle, read_bundle

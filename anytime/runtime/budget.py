@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 from anytime.errors import BudgetError
 
@@ -27,7 +27,7 @@ class Budget:
         return self.text
 
 
-BudgetLike = Union[str, float, int, Budget]
+BudgetLike = str | float | int | Budget
 
 
 def format_cost(cost: float, convention: str | None = None) -> str:
@@ -53,7 +53,9 @@ def parse_budget(budget: BudgetLike) -> Budget:
             raise BudgetError(f"budget {budget!r} must be a positive finite cost per image")
         return Budget("cost", float(budget), format_cost(budget))
     if not isinstance(budget, str):
-        raise BudgetError(f"budget {budget!r} has type {type(budget).__name__}; give a string like 120M, 40% or exit=3, or a number")
+        raise BudgetError(
+            f"budget {budget!r} has type {type(budget).__name__}; give a string like 120M, 40% or exit=3, or a number"
+        )
     if m := _PERCENT.match(budget):
         frac = float(m.group(1)) / 100.0
         if frac <= 0:

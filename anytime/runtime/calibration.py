@@ -99,7 +99,9 @@ class ExitPolicy:
                 info=dict(d.get("info", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ConfigError(f"not an exit policy: {exc!r}; write one with `anytime calibrate BUNDLE --budget B -o policy.json`") from exc
+            raise ConfigError(
+                f"not an exit policy: {exc!r}; write one with `anytime calibrate BUNDLE --budget B -o policy.json`"
+            ) from exc
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
@@ -114,7 +116,9 @@ class ExitPolicy:
     def describe(self) -> str:
         from anytime.runtime.budget import format_cost
 
-        ths = ", ".join("never" if t == math.inf else ("all" if t == -math.inf else f"{t:.4f}") for t in self.thresholds)
+        ths = ", ".join(
+            "never" if t == math.inf else ("all" if t == -math.inf else f"{t:.4f}") for t in self.thresholds
+        )
         fr = " ".join(f"{100 * f:.1f}%" for f in self.exit_fractions)
         budget = f" for budget {self.budget_text or format_cost(self.budget or 0)}" if self.budget is not None else ""
         return (
@@ -141,7 +145,15 @@ class ValidationData:
         fractions = np.bincount(exits, minlength=self.num_exits) / self.count
         return cost, acc, fractions
 
-    def policy(self, thresholds: np.ndarray, method: str, budget: float | None, convention: str, budget_text: str = "", **info: Any) -> ExitPolicy:
+    def policy(
+        self,
+        thresholds: np.ndarray,
+        method: str,
+        budget: float | None,
+        convention: str,
+        budget_text: str = "",
+        **info: Any,
+    ) -> ExitPolicy:
         thresholds = np.asarray(thresholds, dtype=np.float64).copy()
         thresholds[-1] = -math.inf
         cost, acc, fractions = self.evaluate(thresholds)
@@ -179,7 +191,9 @@ def geometric_thresholds(data: ValidationData, r: float) -> np.ndarray:
     return thresholds
 
 
-def fit_geometric(data: ValidationData, budget: float, convention: str, budget_text: str = "", iterations: int = 60) -> ExitPolicy:
+def fit_geometric(
+    data: ValidationData, budget: float, convention: str, budget_text: str = "", iterations: int = 60
+) -> ExitPolicy:
     """Solve the geometric ratio r for the budget: the largest r (bisection on log r) whose cost fits."""
     lo, hi = math.log(1e-4), math.log(1e4)
     lo_th = geometric_thresholds(data, math.exp(lo))
@@ -204,7 +218,9 @@ def fit_geometric(data: ValidationData, budget: float, convention: str, budget_t
     return data.policy(best_th, "geometric", budget, convention, budget_text, r=best_r)
 
 
-def _best_split_for_exit(data: ValidationData, thresholds: np.ndarray, k: int, budget: float) -> tuple[float, float, float]:
+def _best_split_for_exit(
+    data: ValidationData, thresholds: np.ndarray, k: int, budget: float
+) -> tuple[float, float, float]:
     """Best threshold for exit k with the others fixed: (threshold, accuracy, cost) within the budget."""
     n = data.count
     exits = first_exit(data.confidence, thresholds)
@@ -251,14 +267,21 @@ def _best_split_for_exit(data: ValidationData, thresholds: np.ndarray, k: int, b
     return th, float(correct[j]) / n, float(cost[j]) / n
 
 
-def fit_search(data: ValidationData, budget: float, convention: str, start: ExitPolicy | None = None, budget_text: str = "", max_rounds: int = 20) -> ExitPolicy:
+def fit_search(
+    data: ValidationData,
+    budget: float,
+    convention: str,
+    start: ExitPolicy | None = None,
+    budget_text: str = "",
+    max_rounds: int = 20,
+) -> ExitPolicy:
     """Coordinate ascent on thresholds maximising validation accuracy with average cost <= budget."""
     if start is None:
         start = fit_geometric(data, budget, convention, budget_text)
     thresholds = np.asarray(start.thresholds, dtype=np.float64).copy()
     cost, acc, _ = data.evaluate(thresholds)
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):  # noqa: B007 (read after the loop: how many rounds ran)
         improved = False
         for k in range(data.num_exits - 1):
             th, new_acc, new_cost = _best_split_for_exit(data, thresholds, k, budget)
@@ -271,7 +294,9 @@ def fit_search(data: ValidationData, budget: float, convention: str, start: Exit
     return data.policy(thresholds, "search", budget, convention, budget_text, rounds=rounds, start=start.method)
 
 
-def fixed_exit_policy(data: ValidationData | None, exit_number: int, exit_costs: np.ndarray, convention: str) -> ExitPolicy:
+def fixed_exit_policy(
+    data: ValidationData | None, exit_number: int, exit_costs: np.ndarray, convention: str
+) -> ExitPolicy:
     """Every sample answers at one exit (1-based); stages after it never run."""
     k = len(exit_costs)
     thresholds = np.full(k, math.inf)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ def resolve_providers(providers: Sequence[Any] | str | None, device: str | None 
         unknown = [p for p in names if p not in available]
         if unknown:
             extra = " Install onnxruntime-gpu: pip install 'anytime[gpu]'." if CUDA in unknown else ""
-            raise ConfigError(f"execution provider(s) {unknown} are not available in this onnxruntime; available: {available}.{extra}")
+            raise ConfigError(
+                f"execution provider(s) {unknown} are not available in this onnxruntime; available: {available}.{extra}"
+            )
         return list(providers)
     device = (device or "auto").lower()
     if device not in DEVICES:
@@ -57,8 +60,9 @@ def resolve_providers(providers: Sequence[Any] | str | None, device: str | None 
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def create_session(path: str | Path, providers: Sequence[Any], threads: int | None = None,
-                   spinning: bool = False) -> Any:
+def create_session(
+    path: str | Path, providers: Sequence[Any], threads: int | None = None, spinning: bool = False
+) -> Any:
     """One onnxruntime session for one graph, with the options every anytime session uses."""
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     ort = import_onnxruntime(gpu=CUDA in names)
@@ -93,14 +97,27 @@ class BatchTrace:
 class StageExecutor:
     """One onnxruntime session per stage plus the early-exit loop over them."""
 
-    def __init__(self, bundle: Bundle, providers: Sequence[Any] | str | None = None, device: str | None = None,
-                 threads: int | None = None, spinning: bool = False) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[Any] | str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        spinning: bool = False,
+    ) -> None:
         self.bundle = bundle
-        self._setup(bundle.path, bundle.stages, bundle.input.name, bundle.exit_costs, providers, device, threads, spinning)
+        self._setup(
+            bundle.path, bundle.stages, bundle.input.name, bundle.exit_costs, providers, device, threads, spinning
+        )
 
     @classmethod
-    def for_graphs(cls, paths: Sequence[str | Path], io: Sequence[tuple[Sequence[str], Sequence[str], str]],
-                   input_name: str, providers: Sequence[Any] | str | None = None) -> "StageExecutor":
+    def for_graphs(
+        cls,
+        paths: Sequence[str | Path],
+        io: Sequence[tuple[Sequence[str], Sequence[str], str]],
+        input_name: str,
+        providers: Sequence[Any] | str | None = None,
+    ) -> "StageExecutor":
         """An executor over stage graphs that have no manifest yet (the export validates with it):
         `io` holds each graph's (inputs, outputs, logits name)."""
         paths = [Path(p) for p in paths]
@@ -112,12 +129,29 @@ class StageExecutor:
         )
         executor = cls.__new__(cls)
         executor.bundle = None
-        executor._setup(paths[0].parent, stages, input_name, np.array([s.cost for s in stages]), providers or [CPU],
-                        None, None, False)
+        executor._setup(
+            paths[0].parent,
+            stages,
+            input_name,
+            np.array([s.cost for s in stages]),
+            providers or [CPU],
+            None,
+            None,
+            False,
+        )
         return executor
 
-    def _setup(self, directory: Path, stages: Sequence[StageSpec], input_name: str, costs: np.ndarray,
-               providers: Sequence[Any] | str | None, device: str | None, threads: int | None, spinning: bool) -> None:
+    def _setup(
+        self,
+        directory: Path,
+        stages: Sequence[StageSpec],
+        input_name: str,
+        costs: np.ndarray,
+        providers: Sequence[Any] | str | None,
+        device: str | None,
+        threads: int | None,
+        spinning: bool,
+    ) -> None:
         wanted = resolve_providers(providers, device)
         self.sessions = []
         for stage in stages:
@@ -129,7 +163,9 @@ class StageExecutor:
         missing = [p for p in wanted_names if p not in in_use]
         if missing:
             # A CUDA provider that fails to initialise falls back to CPU without an error; say so.
-            log.warning("execution provider(s) %s were requested but are not in use (onnxruntime uses %s)", missing, in_use)
+            log.warning(
+                "execution provider(s) %s were requested but are not in use (onnxruntime uses %s)", missing, in_use
+            )
         self.providers = list(in_use)
         self.on_gpu = CUDA in in_use
         self.input_name = input_name

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,6 @@ class EvalReport:
         from anytime.runtime.reports import save_report
 
         return save_report(self, directory, plots=plots)
-
 
 
 def _split_images(data: str, split: str):

@@ -8,8 +8,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,9 @@ class AnytimeModel:
     runs batched early exit and returns `Predictions`.
     """
 
-    def __init__(self, bundle: Bundle, executor: StageExecutor, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, executor: StageExecutor, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+    ) -> None:
         self.bundle = bundle
         self.executor = executor
         self.preprocessor = Preprocessor(bundle.input, max_pixels=max_pixels)
@@ -155,8 +158,14 @@ class AnytimeModel:
             data = None
         return fixed_exit_policy(data, exit_number, self.exit_costs, self.cost_convention)
 
-    def resolve_policy(self, budget: BudgetLike | None = None, policy: PolicyLike | None = "best", exit: int | None = None,
-                       *, method: str | None = None) -> ExitPolicy:
+    def resolve_policy(
+        self,
+        budget: BudgetLike | None = None,
+        policy: PolicyLike | None = "best",
+        exit: int | None = None,
+        *,
+        method: str | None = None,
+    ) -> ExitPolicy:
         """The policy a prediction uses. `policy` is how a budget becomes thresholds (best, geometric,
         search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget)."""
         policy = _renamed_method(policy, method, "resolve_policy")
@@ -177,7 +186,9 @@ class AnytimeModel:
                     f"policy={policy!r}: give {', '.join(POLICY_CHOICES)}, an ExitPolicy or a policy JSON file path"
                 )
             if policy.num_exits != self.num_exits:
-                raise ConfigError(f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits")
+                raise ConfigError(
+                    f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits"
+                )
             return policy
         if budget is not None and exit is not None:
             raise ConfigError("give only one of budget or exit (got budget and exit)")
@@ -211,7 +222,11 @@ class AnytimeModel:
         """
         policy = _renamed_method(policy, method, "predict")
         t0 = time.perf_counter()
-        parts = list(self.predict_batches(inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, on_error=on_error))
+        parts = list(
+            self.predict_batches(
+                inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, on_error=on_error
+            )
+        )
         seconds = time.perf_counter() - t0
         if not parts:
             raise ConfigError("predict() got no inputs; pass a path, an image, an array or a non-empty list of them")
@@ -293,7 +308,9 @@ class AnytimeModel:
             "seconds": time.perf_counter() - t0,
         }
 
-    def _infer_batch(self, loaded: dict[str, Any], thresholds: np.ndarray, cap: float | None, chosen: ExitPolicy) -> Predictions:
+    def _infer_batch(
+        self, loaded: dict[str, Any], thresholds: np.ndarray, cap: float | None, chosen: ExitPolicy
+    ) -> Predictions:
         n = len(loaded["names"])
         labels = np.full(n, -1, dtype=np.int64)
         conf = np.zeros(n, dtype=np.float32)

@@ -32,17 +32,41 @@ def save_report(report: EvalReport, directory: str | os.PathLike, plots: bool = 
         written[1],
         _csv(
             ["model", "exit", "cost", "cost_convention", "fraction", "params", "top1", "top5"],
-            [[m.name, e.exit, e.cost, m.cost_convention, e.fraction, e.params, e.top1, e.top5] for m in report.models for e in m.exits],
+            [
+                [m.name, e.exit, e.cost, m.cost_convention, e.fraction, e.params, e.top1, e.top5]
+                for m in report.models
+                for e in m.exits
+            ],
         ),
     )
     atomic_write_text(
         written[2],
         _csv(
-            ["model", "policy", "budget", "budget_fraction", "cost", "accuracy", "val_cost", "val_accuracy", "exit_fractions"],
             [
-                [m.name, p.policy, p.budget, p.budget_fraction, p.cost, p.accuracy, p.val_cost, p.val_accuracy,
-                 " ".join(f"{f:.4f}" for f in p.exit_fractions)]
-                for m in report.models for p in m.curve
+                "model",
+                "policy",
+                "budget",
+                "budget_fraction",
+                "cost",
+                "accuracy",
+                "val_cost",
+                "val_accuracy",
+                "exit_fractions",
+            ],
+            [
+                [
+                    m.name,
+                    p.policy,
+                    p.budget,
+                    p.budget_fraction,
+                    p.cost,
+                    p.accuracy,
+                    p.val_cost,
+                    p.val_accuracy,
+                    " ".join(f"{f:.4f}" for f in p.exit_fractions),
+                ]
+                for m in report.models
+                for p in m.curve
             ],
         ),
     )
@@ -76,10 +100,20 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
         color = f"C{i}"
         for policy, style in (("search", "-"), ("geometric", "--")):
             pts = m.points(policy)
-            ax.plot([p.cost / 1e6 for p in pts], [100 * p.accuracy for p in pts], style, color=color,
-                    label=f"{m.name}: budgeted, {policy}")
-        ax.plot([e.cost / 1e6 for e in m.exits], [100 * e.top1 for e in m.exits], "o", color=color,
-                label=f"{m.name}: single exits")
+            ax.plot(
+                [p.cost / 1e6 for p in pts],
+                [100 * p.accuracy for p in pts],
+                style,
+                color=color,
+                label=f"{m.name}: budgeted, {policy}",
+            )
+        ax.plot(
+            [e.cost / 1e6 for e in m.exits],
+            [100 * e.top1 for e in m.exits],
+            "o",
+            color=color,
+            label=f"{m.name}: single exits",
+        )
     ax.set_xlabel(f"average cost per image (M {convention})")
     ax.set_ylabel(f"top-1 accuracy on {report.models[0].split} (%)")
     ax.set_title("Budgeted classification: accuracy vs. average cost")
@@ -95,8 +129,12 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
         for j, frac in enumerate(HISTOGRAM_FRACTIONS):
             p = _nearest_point(m, frac)
             xs = np.arange(1, len(m.exits) + 1) + (j - (len(HISTOGRAM_FRACTIONS) - 1) / 2) * width
-            ax.bar(xs, [100 * f for f in p.exit_fractions], width=width,
-                   label=f"budget {100 * p.budget_fraction:.0f}% (acc {100 * p.accuracy:.1f}%)")
+            ax.bar(
+                xs,
+                [100 * f for f in p.exit_fractions],
+                width=width,
+                label=f"budget {100 * p.budget_fraction:.0f}% (acc {100 * p.accuracy:.1f}%)",
+            )
         ax.set_xlabel("exit")
         ax.set_ylabel("images leaving here (%)")
         ax.set_title(m.name, fontsize=9)
@@ -121,13 +159,17 @@ def _nearest_point(m: ModelReport, fraction: float, policy: str = "search") -> C
 
 # --- terminal summary -------------------------------------------------------------------------------
 
+
 def summary_lines(report: EvalReport) -> list[str]:
     lines: list[str] = []
     for m in report.models:
         conv = m.cost_convention
         lines.append(f"{m.name}: {m.count} images of split '{m.split}' ({m.data}), {m.seconds:.1f}s")
         has_top5 = any(e.top5 is not None for e in m.exits)
-        lines.append(f"  {'exit':>4}  {'cost (' + conv + ')':>14}  {'of full':>7}  {'params':>8}  {'top-1':>7}" + ("  top-5" if has_top5 else ""))
+        lines.append(
+            f"  {'exit':>4}  {'cost (' + conv + ')':>14}  {'of full':>7}  {'params':>8}  {'top-1':>7}"
+            + ("  top-5" if has_top5 else "")
+        )
         for e in m.exits:
             params = "-" if e.params is None else format_cost(e.params)
             row = f"  {e.exit:>4}  {format_cost(e.cost):>14}  {100 * e.fraction:>6.1f}%  {params:>8}  {100 * e.top1:>6.2f}%"

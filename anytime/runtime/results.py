@@ -7,9 +7,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -80,8 +81,16 @@ class Predictions:
 
     def __getitem__(self, i: int) -> Prediction:
         if self.error_list[i] is not None:
-            return Prediction(self.paths[i], None, None, None, None, None, self.error_list[i],
-                              None if self.true_label_array[i] < 0 else int(self.true_label_array[i]))
+            return Prediction(
+                self.paths[i],
+                None,
+                None,
+                None,
+                None,
+                None,
+                self.error_list[i],
+                None if self.true_label_array[i] < 0 else int(self.true_label_array[i]),
+            )
         label = int(self.label_array[i])
         return Prediction(
             path=self.paths[i],
@@ -247,13 +256,21 @@ class RunningTotals:
         if self.images:
             cost = f"average cost {format_cost(self.average_cost, self.cost_convention)} per image"
             if self.budget is not None:
-                cost += (f" against a budget of {format_cost(self.budget, self.cost_convention)}"
-                         f" ({100 * self.average_cost / self.budget:.1f}% of it)")
+                cost += (
+                    f" against a budget of {format_cost(self.budget, self.cost_convention)}"
+                    f" ({100 * self.average_cost / self.budget:.1f}% of it)"
+                )
             lines.append(cost)
-            lines.append("exits: " + "  ".join(
-                f"{i + 1}: {c} ({100 * c / self.images:.1f}%)" for i, c in enumerate(self.exit_counts.tolist())))
+            lines.append(
+                "exits: "
+                + "  ".join(
+                    f"{i + 1}: {c} ({100 * c / self.images:.1f}%)" for i, c in enumerate(self.exit_counts.tolist())
+                )
+            )
         if self.labelled:
-            lines.append(f"accuracy {100 * self.correct / self.labelled:.2f}% on {self.labelled} image(s) in class-named folders")
+            lines.append(
+                f"accuracy {100 * self.correct / self.labelled:.2f}% on {self.labelled} image(s) in class-named folders"
+            )
         return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from anytime.errors import require_torch
 
-require_torch("Training (anytime train, anytime.training)")  # before any torch import: one clear line instead of a traceback
+require_torch(
+    "Training (anytime train, anytime.training)"
+)  # before any torch import: one clear line instead of a traceback
 
 from typing import TYPE_CHECKING
 

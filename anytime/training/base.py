@@ -9,8 +9,9 @@ losses become gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -147,9 +148,7 @@ def compute_routes(model: MultiExitNetwork, example: torch.Tensor) -> Routes:
     try:
         for t in range(model.num_exits):
             outputs = model.forward_until(example, t)
-            grads = torch.autograd.grad(
-                outputs[t].sum(), [params[n] for n in names], allow_unused=True
-            )
+            grads = torch.autograd.grad(outputs[t].sum(), [params[n] for n in names], allow_unused=True)
             per_exit.append({n for n, g in zip(names, grads) if g is not None})
     finally:
         with torch.no_grad():

@@ -44,7 +44,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a damaged or foreign file; say which
-        raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not an anytime checkpoint") from exc
+        raise TrainingError(
+            f"cannot read checkpoint {path} ({exc}); it is damaged or not an anytime checkpoint"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not an anytime training checkpoint")
     if state.get("format_version") != CHECKPOINT_VERSION:

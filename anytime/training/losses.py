@@ -12,8 +12,8 @@ The tau^2 factor keeps the soft-target gradients on the scale of the hard-target
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -13,7 +13,8 @@ non-linearly (the TorchJD aggregators) undoes `loss_scale` first.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -32,11 +33,9 @@ class Precision:
         self.mode = mode
         self.device_type = torch.device(device).type
         self.dtype = _DTYPES.get(mode)
-        self.scaler: torch.amp.GradScaler | None = (
-            torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
-        )
+        self.scaler: torch.amp.GradScaler | None = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         """Run forward passes (and the losses) of a training step inside this."""
         if self.dtype is None:
             return contextlib.nullcontext()

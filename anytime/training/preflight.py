@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -72,7 +73,9 @@ def resume_config(run_dir: Path, overrides: Mapping[str, Any]) -> TrainConfig:
     """The configuration of the run in `run_dir`, with the few settings a resume may change applied."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"cannot resume: {path} not found; '{run_dir}' is not a run directory written by anytime train")
+        raise ConfigError(
+            f"cannot resume: {path} not found; '{run_dir}' is not a run directory written by anytime train"
+        )
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE_CHANGES)
     if bad:
         raise ConfigError(

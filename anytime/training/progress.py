@@ -33,7 +33,9 @@ class Progress:
         if self.show and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.epochs} {phase}", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, desc=f"epoch {epoch + 1}/{self.epochs} {phase}", leave=False, dynamic_ncols=True
+            )
 
     def step(self, loss: float, images: int) -> None:
         """One optimisation step over `images` images (all ranks together)."""
@@ -43,7 +45,9 @@ class Progress:
         if self._bar is not None:
             elapsed = max(time.perf_counter() - self._phase_start, 1e-9)
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{self.running_loss:.4f}", img_s=f"{self._phase_images / elapsed:.0f}", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{self.running_loss:.4f}", img_s=f"{self._phase_images / elapsed:.0f}", refresh=False
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -15,9 +15,10 @@ import os
 import random
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,7 +191,18 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _loader(self, split, indices, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0, shard: bool = True, part=None):
+    def _loader(
+        self,
+        split,
+        indices,
+        *,
+        train: bool,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        shard: bool = True,
+        part=None,
+    ):
         from anytime.data import make_loader
 
         return make_loader(
@@ -300,9 +312,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
         val = self.evaluate(self.model, *self.val_split)
-        row = epoch_row(
-            epoch, lr, metrics, val, train_time, time.perf_counter() - start, self.progress.epoch_images
-        )
+        row = epoch_row(epoch, lr, metrics, val, train_time, time.perf_counter() - start, self.progress.epoch_images)
         if self.epoch_hook is not None:
             self.epoch_hook(self, epoch, row)
         self._completed_epochs = epoch + 1
@@ -320,7 +330,8 @@ class Trainer:
         return row
 
     def _finish(self, history: list[dict[str, Any]], resumed_from: int) -> RunResult:
-        from anytime.models import Preprocessing, save_model
+        from anytime.formats.preprocessing import PreprocessingSpec
+        from anytime.models import save_model
 
         plain = self.method.plain_model(self.model)
         val = self.evaluate(plain, *self.val_split)
@@ -336,7 +347,7 @@ class Trainer:
                 "data": self.dataset.spec,
                 "val_accuracy": val,
             }
-            preprocessing = Preprocessing(mean=list(self.mean), std=list(self.std), resize=None)
+            preprocessing = PreprocessingSpec.for_model(self.channels, self.image_size, self.mean, self.std)
             save_model(plain, self.run_dir, preprocessing, list(info.classes), provenance)
             write_summary(self.run_dir, self.config, val, test, history, self.world_size)
         ddp.barrier()

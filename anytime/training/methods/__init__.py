@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from anytime.errors import ConfigError
 from anytime.training.base import TrainingMethod

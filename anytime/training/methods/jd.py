@@ -161,7 +161,9 @@ class MGDAOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and self.max_iters >= 1):
-            raise ConfigError(f"mgda epsilon={self.epsilon!r}, max_iters={self.max_iters!r}: need epsilon > 0, max_iters >= 1")
+            raise ConfigError(
+                f"mgda epsilon={self.epsilon!r}, max_iters={self.max_iters!r}: need epsilon > 0, max_iters >= 1"
+            )
 
 
 class MGDAMethod(AggregatorMethod):
@@ -247,8 +249,10 @@ class NashMTLMethod(AggregatorMethod):
 
         o = self.options
         return NashMTL(
-            n_tasks=ctx.num_exits, max_norm=o.max_norm,
-            update_weights_every=o.update_weights_every, optim_niter=o.optim_niter,
+            n_tasks=ctx.num_exits,
+            max_norm=o.max_norm,
+            update_weights_every=o.update_weights_every,
+            optim_niter=o.optim_niter,
         )
 
     def state_dict(self) -> dict[str, Any]:

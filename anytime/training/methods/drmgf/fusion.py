@@ -15,7 +15,7 @@ per-parameter views stay available for state and analysis.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

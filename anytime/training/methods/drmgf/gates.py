@@ -24,8 +24,9 @@ Choices beyond the paper (see docs/drmgf.md):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -201,4 +202,3 @@ class RouteGates:
         """Layer name -> {"exits": [0-based exits on the route], "values": [R, O, I/groups] importance}."""
         stacked = self.state_dict()
         return {layer.name: {"exits": list(layer.exits), "values": stacked[layer.name]} for layer in self.layers}
-

@@ -81,10 +81,21 @@ class DRMGFOptions(MethodOptions):
         need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
         need(self.fusion_lr > 0, f"fusion_lr must be > 0, got {self.fusion_lr}")
         need(self.fusion_init != 0, "fusion_init must be non-zero (the fusion weights are |s|)")
-        need(0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}")
-        need(self.importance_weight_decay >= 0, f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}")
-        need(self.exit_order in EXIT_ORDERS, f"exit_order must be one of {', '.join(EXIT_ORDERS)}, got '{self.exit_order}'")
-        need(self.momentum in MOMENTUM_RULES, f"momentum must be one of {', '.join(MOMENTUM_RULES)}, got '{self.momentum}'")
+        need(
+            0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}"
+        )
+        need(
+            self.importance_weight_decay >= 0,
+            f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}",
+        )
+        need(
+            self.exit_order in EXIT_ORDERS,
+            f"exit_order must be one of {', '.join(EXIT_ORDERS)}, got '{self.exit_order}'",
+        )
+        need(
+            self.momentum in MOMENTUM_RULES,
+            f"momentum must be one of {', '.join(MOMENTUM_RULES)}, got '{self.momentum}'",
+        )
         need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
 
 
@@ -141,7 +152,8 @@ class DRMGF(TrainingMethod):
         }
         # switch_epoch is 0-based internally; the log counts epochs from 1 like the progress bar.
         routes_until = (
-            f"dynamic routes in epochs 1-{self.switch_epoch}" if self.gates is not None and self.switch_epoch > 0
+            f"dynamic routes in epochs 1-{self.switch_epoch}"
+            if self.gates is not None and self.switch_epoch > 0
             else "no dynamic routes"
         )
         logger.info(
@@ -220,7 +232,7 @@ class DRMGF(TrainingMethod):
             with precision.autocast():
                 outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
                 losses = ctx.exit_losses(outputs, y, epoch)
-                loss = losses[t] + rho * sum(l for j, l in enumerate(losses) if j != t)
+                loss = losses[t] + rho * sum(other for j, other in enumerate(losses) if j != t)
             value = float(loss.detach())  # the one host sync of the step
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, t)  # raises TrainingError naming epoch, step and exit
@@ -423,4 +435,3 @@ def restore(model: nn.Module, start: Snapshot) -> None:
         p.copy_(start.params[name])
     for name, b in model.named_buffers():
         b.copy_(start.buffers[name])
-
