@@ -55,7 +55,8 @@ def test_exif_orientation_is_applied_when_decoding(tmp_path):
     exif = Image.Exif()
     exif[ORIENTATION] = 6
     stored.save(tmp_path / "tagged.png", exif=exif)  # lossless, so the comparison is exact
-    assert Image.open(tmp_path / "tagged.png").size == (30, 50)  # stored sideways: 30 wide, 50 high
+    with Image.open(tmp_path / "tagged.png") as stored_file:
+        assert stored_file.size == (30, 50)  # stored sideways: 30 wide, 50 high
     decoded = decode_file(tmp_path / "tagged.png", "RGB")
     np.testing.assert_array_equal(decoded, upright)
     spec = PreprocessingSpec(3, 30, 50, (0.5,) * 3, (0.25,) * 3, resize=None)
@@ -68,7 +69,8 @@ def test_sixteen_bit_greyscale_is_scaled_to_eight_bit(tmp_path):
     rng = np.random.default_rng(2)
     eight = rng.integers(0, 256, (20, 24), dtype=np.uint8)
     Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "wide.png")
-    assert Image.open(tmp_path / "wide.png").mode.startswith("I;16")
+    with Image.open(tmp_path / "wide.png") as wide_file:
+        assert wide_file.mode.startswith("I;16")
     np.testing.assert_array_equal(decode_file(tmp_path / "wide.png", "L")[..., 0], eight)
     spec = PreprocessingSpec(1, 20, 24, (0.5,), (0.25,), resize=None)
     np.testing.assert_array_equal(Preprocessor(spec).to_array(tmp_path / "wide.png")[..., 0], eight)

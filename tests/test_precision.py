@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anytime.training.commands import train as train_command
 from click.testing import CliRunner
 
+from anytime.cli.train import train as train_command
 from anytime.errors import ConfigError
 from anytime.training.config import TrainConfig
 from anytime.training.precision import Precision

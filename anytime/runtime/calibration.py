@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,7 @@ class ExitPolicy:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExitPolicy":
         try:
-            return cls.from_dict(json.loads(open(path, encoding="utf-8").read()))
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read exit policy '{path}': {exc}") from exc
 
