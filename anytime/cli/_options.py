@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -78,7 +78,8 @@ class ApiOption(click.Option):
 
     def __init__(
         self,
-        *decls: str,
+        param_decls: Sequence[str] | None = None,
+        *,
         api: str | None = None,
         api_name: str | None = None,
         constant: bool = False,
@@ -86,7 +87,7 @@ class ApiOption(click.Option):
         **attrs: Any,
     ) -> None:
         attrs.setdefault("default", None)
-        super().__init__(*decls, **attrs)
+        super().__init__(param_decls, **attrs)
         self.api = api
         self.api_name = None if constant else (api_name or self.name)
         self.help_suffix = help_suffix

@@ -96,7 +96,7 @@ def serve(
 
     totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
     out_fh = open(output, "w", encoding="utf-8", newline="") if output else None
-    writer = RowWriter(out_fh, fmt) if out_fh else None
+    writer = RowWriter(out_fh, fmt) if out_fh is not None and fmt is not None else None
     stream = model.predict_batches(
         expand_paths(inputs, stdin=sys.stdin),
         policy=chosen,

@@ -58,10 +58,10 @@ class ImageFolderSplit(Split):
 
 
 def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]:
-    classes = {}
+    classes: dict[str, list[str]] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
-            files = []
+            files: list[str] = []
             for root, dirs, names in os.walk(entry.path, followlinks=True):
                 dirs.sort()
                 files.extend(

@@ -48,13 +48,14 @@ def shard_positions(n: int, *, train: bool, seed: int, epoch: int, rank: int, wo
 
 
 def _as_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size: tuple[int, ...]
     if isinstance(image_size, (int, np.integer)):
         size = (int(image_size), int(image_size))
     else:
         size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
         raise ConfigError(f"image_size={image_size!r} is invalid; give an int or (height, width) of positive ints")
-    return size  # type: ignore[return-value]
+    return size[0], size[1]
 
 
 class _BaseLoader:

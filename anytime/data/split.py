@@ -146,7 +146,9 @@ def restore_split(dataset: Dataset, record: dict[str, Any]) -> tuple[np.ndarray,
     for name, idx, n in (("train", train_idx, n_train), ("val", val_idx, n_val)):
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise DatasetError(f"split record has {name} index {int(idx.max())} out of range for {n} images")
-    val_labels = (dataset.val.labels if source == "dataset-val" else dataset.train.labels)[val_idx]
+    val_split = dataset.val if source == "dataset-val" else dataset.train
+    assert val_split is not None  # a dataset-val split without dataset.val was rejected above
+    val_labels = val_split.labels[val_idx]
     if record.get("val_labels_sha256") not in (None, labels_sha256(val_labels)):
         raise DatasetError(
             f"the validation labels of {dataset.spec} differ from those of {made_from}; "

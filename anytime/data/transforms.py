@@ -13,6 +13,7 @@ normalise with the per-channel mean/std. Evaluation images are never augmented.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def batch_crop_nchw(
         raise ConfigError(f"cannot crop {ch}×{cw} from {h + 2 * pad}×{w + 2 * pad} images; resize them first")
     top = rng.integers(0, span_h + 1, n)
     left = rng.integers(0, span_w + 1, n)
-    mirror = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    mirror = rng.random((n,)) < 0.5 if flip else np.zeros(n, bool)
     # Strided views of every crop position (of the images and of their mirrors), then one gather each.
     windows = np.lib.stride_tricks.sliding_window_view(padded, (ch, cw), axis=(2, 3))
     out = np.empty((n, c, ch, cw), np.uint8)
@@ -143,7 +144,8 @@ class ImageTransform:
         flip: bool = True,
         resize: int | None = None,
     ) -> None:
-        self.train, self.image_size, self.channels = train, tuple(image_size), channels
+        # tuple(): a list from a config file becomes the (height, width) pair the annotation promises.
+        self.train, self.image_size, self.channels = train, cast(tuple[int, int], tuple(image_size)), channels
         self.pad, self.flip, self.resize = pad, flip, resize
         self.scale, self.shift = normalization_constants(mean, std, channels)
 

@@ -123,7 +123,7 @@ def _export(
             torch.onnx.export(
                 module,
                 args,
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch's stub says path only; a BytesIO works (file-like f)
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_axes={name: {0: BATCH_AXIS} for name in input_names + output_names},
@@ -146,6 +146,8 @@ def _export(
             dynamo=True,
             verbose=False,
         )
+        if program is None:  # torch returns an ONNXProgram whenever dynamo=True
+            raise ExportError("torch.onnx.export(dynamo=True) returned no ONNX program")
         return program.model_proto.SerializeToString()
     raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
 

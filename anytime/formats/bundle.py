@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 # --------------------------------------------------------------------------------------------- schema
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -73,7 +73,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_str_list(v: Any) -> bool:
+def _is_str_list(v: Any) -> TypeGuard[list[str]]:
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
@@ -104,8 +104,9 @@ def _input_problems(block: Any) -> list[str]:
         return ["input: missing or not an object"]
     problems = []
     for key in ("channels", "height", "width"):
-        if not _is_int(block.get(key)) or block.get(key) <= 0:
-            problems.append(f"input.{key} is {block.get(key)!r}, expected a positive integer")
+        size = block.get(key)
+        if not _is_int(size) or size <= 0:
+            problems.append(f"input.{key} is {size!r}, expected a positive integer")
     channels = block.get("channels")
     for key in ("mean", "std"):
         v = block.get(key)
@@ -267,9 +268,11 @@ def _graph_problems(path: Path, inputs: list[str], outputs: list[str]) -> list[s
     name = path.name
     try:
         import onnx
+
+        have_onnx = True
     except ImportError:
-        onnx = None
-    if onnx is not None:
+        have_onnx = False
+    if have_onnx:
         try:
             model = onnx.load(str(path))
             onnx.checker.check_model(model)

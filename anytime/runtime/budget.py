@@ -6,8 +6,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from anytime.errors import BudgetError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)\s*$")
@@ -81,7 +85,7 @@ def check_exit(exit_number: int | float, num_exits: int) -> int:
     return int(exit_number)
 
 
-def resolve_budget_cost(budget: Budget, exit_costs: Sequence[float], convention: str) -> float:
+def resolve_budget_cost(budget: Budget, exit_costs: Sequence[float] | np.ndarray, convention: str) -> float:
     """The budget as an average cost per image; raise with the feasible range when outside it."""
     first, full = float(exit_costs[0]), float(exit_costs[-1])
     if budget.kind == "exit":

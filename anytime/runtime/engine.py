@@ -97,6 +97,8 @@ class BatchTrace:
 class StageExecutor:
     """One onnxruntime session per stage plus the early-exit loop over them."""
 
+    bundle: Bundle | None  # None for `for_graphs` (graphs without a manifest)
+
     def __init__(
         self,
         bundle: Bundle,
@@ -120,17 +122,17 @@ class StageExecutor:
     ) -> "StageExecutor":
         """An executor over stage graphs that have no manifest yet (the export validates with it):
         `io` holds each graph's (inputs, outputs, logits name)."""
-        paths = [Path(p) for p in paths]
-        if len({p.parent for p in paths}) > 1:
+        graph_paths = [Path(p) for p in paths]
+        if len({p.parent for p in graph_paths}) > 1:
             raise ConfigError("stage graphs must be in one directory")
         stages = tuple(
             StageSpec(k, p.name, tuple(i), tuple(o), logits, float(k + 1), None, None, None)
-            for k, (p, (i, o, logits)) in enumerate(zip(paths, io))
+            for k, (p, (i, o, logits)) in enumerate(zip(graph_paths, io))
         )
         executor = cls.__new__(cls)
         executor.bundle = None
         executor._setup(
-            paths[0].parent,
+            graph_paths[0].parent,
             stages,
             input_name,
             np.array([s.cost for s in stages]),

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,7 +41,10 @@ POLICY_CHOICES = ("best", "geometric", "search")
 PolicyLike = ExitPolicy | str | os.PathLike
 
 
-def _renamed_method(policy: PolicyLike | None, method: str | None, where: str) -> PolicyLike | None:
+_P = TypeVar("_P", bound="PolicyLike | None")
+
+
+def _renamed_method(policy: _P, method: str | None, where: str) -> _P | str:
     """`method=` was the old name of `policy=` (the CLI always said --policy); keep it working."""
     if method is None:
         return policy
@@ -169,7 +172,13 @@ class AnytimeModel:
         """The policy a prediction uses. `policy` is how a budget becomes thresholds (best, geometric,
         search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget)."""
         policy = _renamed_method(policy, method, "resolve_policy")
-        name = "best" if policy is None or policy in POLICY_CHOICES else None
+        name: str | None
+        if policy is None:
+            name = "best"
+        elif isinstance(policy, str) and policy in POLICY_CHOICES:
+            name = policy
+        else:
+            name = None
         if name is None:
             if isinstance(policy, (str, os.PathLike)) and not os.path.isfile(policy):
                 raise ConfigError(
@@ -195,7 +204,7 @@ class AnytimeModel:
         if exit is not None:
             return self._exit_policy(exit)
         if budget is not None:
-            return self.calibrate(budget, policy or name)
+            return self.calibrate(budget, name)
         return self._exit_policy(self.num_exits)  # nothing asked: the full network
 
     # --- prediction ----------------------------------------------------------------------------------
@@ -297,8 +306,9 @@ class AnytimeModel:
             for e in errors:
                 if e is not None:
                     raise InputImageError(e)
-        ok = [i for i, a in enumerate(arrays) if a is not None]
-        x = self.preprocessor.normalise(np.stack([arrays[i] for i in ok])) if ok else None
+        loaded = [(i, a) for i, a in enumerate(arrays) if a is not None]
+        ok = [i for i, _ in loaded]
+        x = self.preprocessor.normalise(np.stack([a for _, a in loaded])) if loaded else None
         return {
             "names": names,
             "errors": errors,

@@ -233,6 +233,7 @@ class RunningTotals:
         self.images += int(ok.sum())
         self.failed += int((~ok).sum())
         self.cost_sum += float(preds.cost_array[ok].sum())
+        assert self.exit_counts is not None  # set by __post_init__
         self.exit_counts += np.bincount(preds.exit_array[ok] - 1, minlength=self.num_exits)
         known = ok & (preds.true_label_array >= 0)
         self.labelled += int(known.sum())
@@ -261,6 +262,7 @@ class RunningTotals:
                     f" ({100 * self.average_cost / self.budget:.1f}% of it)"
                 )
             lines.append(cost)
+            assert self.exit_counts is not None  # set by __post_init__
             lines.append(
                 "exits: "
                 + "  ".join(

@@ -59,7 +59,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def rng_state() -> dict[str, Any]:
     """Global RNG states of torch, CUDA, numpy and Python as tensors and lists."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default; numpy's stubs type the no-argument call as a dict
+    if isinstance(np_state, dict):  # only when the global generator is not MT19937
+        raise TrainingError("numpy's global random generator is not MT19937; its state cannot be checkpointed")
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

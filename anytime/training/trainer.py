@@ -176,7 +176,7 @@ class Trainer:
         # The probe runs before any training step, so the first epoch is identical with and without it.
         ddp.broadcast_module(self.model)
 
-        self.optimizer = torch.optim.SGD(
+        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
             weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
         )  # fmt: skip

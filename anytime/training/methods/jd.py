@@ -15,7 +15,7 @@ A solver dependency that is missing (cvxpy for CAGrad and Nash-MTL, quadprog for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 
@@ -218,7 +218,9 @@ class AlignedMTLMethod(AggregatorMethod):
     def make_aggregator(self, ctx: TrainingContext) -> Any:
         from torchjd.aggregation import AlignedMTL
 
-        return AlignedMTL(scale_mode=self.options.scale_mode)
+        # __post_init__ has checked that scale_mode is one of these
+        scale_mode = cast(Literal["min", "median", "rmse"], self.options.scale_mode)
+        return AlignedMTL(scale_mode=scale_mode)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,13 @@ MOMENTUM_RULES = ("carry", "fused", "reset")
 PASS_DATA = ("full", "split")
 
 
+def _sum_losses(losses: list[torch.Tensor]) -> torch.Tensor:
+    """sum() of the per-exit losses, typed as the tensor it is (a network has at least one exit)."""
+    total = sum(losses)
+    assert isinstance(total, torch.Tensor), "no exit losses to sum"
+    return total
+
+
 @dataclass(frozen=True)
 class DRMGFOptions(MethodOptions):
     aux_weight: float = 0.4  # ρ, weight of the other exits' losses in exit t's pass
@@ -144,7 +151,7 @@ class DRMGF(TrainingMethod):
         in_fusion = self.fusion.delta_views() if self.fusion is not None else {}
         params = dict(model.named_parameters())
         self.deltas = {
-            name: in_fusion.get(name)
+            name: in_fusion[name]
             if name in in_fusion
             else torch.zeros((len(owners), *params[name].shape), dtype=params[name].dtype, device=params[name].device)
             for name, owners in self.owners.items()
@@ -278,7 +285,7 @@ class DRMGF(TrainingMethod):
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
             with precision.autocast():
                 outputs = functional_call(model, fusion.fused(), (x,), strict=False)
-                loss = sum(ctx.exit_losses(outputs, y, epoch))
+                loss = _sum_losses(ctx.exit_losses(outputs, y, epoch))
             value = float(loss.detach())
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, None)
@@ -294,8 +301,8 @@ class DRMGF(TrainingMethod):
         # The network takes the fusion of the scales just learned; the EMA then smooths the scales that the
         # next epoch starts from (the original's order: write, then smooth).
         with torch.no_grad():
-            for name, value in fusion.fused().items():
-                params[name].copy_(value)
+            for name, fused in fusion.fused().items():
+                params[name].copy_(fused)
         if epoch >= self.switch_epoch:
             fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
         fusion.remember()
@@ -312,7 +319,7 @@ class DRMGF(TrainingMethod):
         loss_sum, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
             with ctx.precision.autocast():
-                loss = sum(ctx.exit_losses(ctx.model(x), y, epoch))
+                loss = _sum_losses(ctx.exit_losses(ctx.model(x), y, epoch))
             value = float(loss)
             if not math.isfinite(value):
                 ctx.check_finite(loss, epoch, step, None)
