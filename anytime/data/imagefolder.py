@@ -20,13 +20,11 @@ from PIL import Image, UnidentifiedImageError
 
 from anytime.data.base import Dataset, Split, stats_from_histograms
 from anytime.errors import DatasetError, InputImageError
-from anytime.formats.preprocessing import GREY_MODES as PREPROCESSING_GREY_MODES
-from anytime.formats.preprocessing import decode_file, to_color
+from anytime.formats.preprocessing import GREY_MODES, decode_file, to_color
 
 logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-GREY_MODES = PREPROCESSING_GREY_MODES
 SIZE_SCAN_LIMIT = 4096  # headers read to learn a common image size; beyond this, image_size is None
 MODE_SAMPLE = 256  # images whose header decides "L" or "RGB" in larger folders
 STATS_SAMPLE = 200  # images decoded (reduced) to estimate mean/std

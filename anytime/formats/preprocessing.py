@@ -22,8 +22,8 @@ import io
 import os
 import struct
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class PreprocessingSpec:
     interpolation: str = "bilinear"
     crop: str = "center"
     name: str = "image"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -435,10 +434,3 @@ class Preprocessor:
         """N×H×W×C uint8 -> N×C×H×W float32, normalised."""
         x = batch.astype(np.float32) * self._scale + self._offset
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-    def batch(self, items: Iterable[Any]) -> np.ndarray:
-        """Images of any sizes -> one normalised N×C×H×W batch (each preprocessed before stacking)."""
-        arrays = [self.to_array(item, f"<image {i}>") for i, item in enumerate(items)]
-        if not arrays:
-            return np.zeros((0, self.spec.channels, *self.spec.size), dtype=np.float32)
-        return self.normalise(np.stack(arrays))
