@@ -32,8 +32,11 @@ def epoch_row(
     train_time_s: float,
     epoch_time_s: float,
     images: int,
+    train_cpu_s: float | None = None,
 ) -> dict[str, Any]:
-    """The results row of `epoch` (0-based; the row counts from 1)."""
+    """The results row of `epoch` (0-based; the row counts from 1). `train_cpu_s` is the process's CPU time
+    over the training phase (all threads): on a shared machine it measures a one-thread run's compute where
+    wall time also counts the waits for a core."""
     return {
         "epoch": epoch + 1,
         "lr": lr,
@@ -42,6 +45,7 @@ def epoch_row(
         "val_acc_mean": float(np.mean(val)) if val else None,
         "train_time_s": round(train_time_s, 4),
         "epoch_time_s": round(epoch_time_s, 4),
+        **({"train_cpu_s": round(train_cpu_s, 4)} if train_cpu_s is not None else {}),
         "images_per_s": round(images / max(train_time_s, 1e-9), 2),
     }
 

@@ -306,13 +306,15 @@ class Trainer:
         lr = self.lr(epoch)
         set_lr(self.optimizer, lr)
         self.progress.start_epoch()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         metrics = self.method.train_epoch(self, epoch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        train_time = time.perf_counter() - start
+        train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         val = self.evaluate(self.model, *self.val_split)
-        row = epoch_row(epoch, lr, metrics, val, train_time, time.perf_counter() - start, self.progress.epoch_images)
+        row = epoch_row(
+            epoch, lr, metrics, val, train_time, time.perf_counter() - start, self.progress.epoch_images, train_cpu
+        )
         if self.epoch_hook is not None:
             self.epoch_hook(self, epoch, row)
         self._completed_epochs = epoch + 1
