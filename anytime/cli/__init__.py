@@ -76,7 +76,14 @@ _python_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> None:
-    warnings.showwarning = _show_warning
+    with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        # Our warnings are for the person at the terminal: always shown, as one line each.
+        warnings.simplefilter("always", AnytimeWarning)
+        warnings.showwarning = _show_warning
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False returns ctx.exit()'s code instead of exiting; keep it.
         rv = cli.main(args=argv, prog_name="anytime", standalone_mode=False)
