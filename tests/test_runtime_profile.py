@@ -349,6 +349,8 @@ def test_cli_profile_then_serve_calibrate_and_eval_in_time(pattern_bundle, tmp_p
     prof = LatencyProfile.load(path)
     assert prof.rows == [1, 2, 4, 8, 16] and prof.threads == 1
     full = prof.full_seconds
+    # Between the first exit's and the full network's measured time: feasible whatever the timings were.
+    budget_us = f"{1e6 * (prof.exit_seconds[0] + full) / 2:.4f}us"
 
     images = tmp_path / "images"
     images.mkdir()
@@ -358,11 +360,10 @@ def test_cli_profile_then_serve_calibrate_and_eval_in_time(pattern_bundle, tmp_p
     for i, img in enumerate(x):
         Image.fromarray(img[:, :, 0]).save(images / f"i{i:02d}.png")
     common = ["--profile", str(path), "--threads", "1"]
-    code, out, err = run_cli(["serve", str(pattern_bundle), str(images), "--budget", "60%", "-q", *common], capsys)
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(images), "--budget", budget_us, "-q", *common], capsys)
     assert code == 0, err
     assert "average time (latency profile estimate)" in out and "measured inference time" in out
 
-    budget_us = f"{1e6 * 0.6 * full:.3f}us"
     code, out, err = run_cli(["calibrate", str(pattern_bundle), "--budget", budget_us, *common], capsys)
     assert code == 0, err
     assert "µs per image" in out
@@ -409,3 +410,12 @@ def test_cli_warns_in_one_line_for_another_thread_count(pattern_bundle, tmp_path
     assert code == 0, err
     assert "Warning: latency profile" in err and "threads 1 when measured, 2 now" in err
     assert "Traceback" not in err
+
+
+def test_a_policy_fitted_in_time_needs_the_profile(timed_model, pattern_bundle, tmp_path):
+    path = tmp_path / "policy.json"
+    timed_model.calibrate("60us").save(path)
+    assert timed_model.resolve_policy(policy=str(path)).budget == pytest.approx(60e-6)
+    plain = anytime.load(pattern_bundle, device="cpu")
+    with pytest.raises(anytime.AnytimeError, match="budget is in seconds but this model's costs are in macs"):
+        plain.resolve_policy(policy=str(path))

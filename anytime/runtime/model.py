@@ -271,6 +271,16 @@ class AnytimeModel:
                 raise ConfigError(
                     f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits"
                 )
+            if policy.budget is not None and policy.cost_convention != self.cost_convention:
+                hint = (
+                    "load the model with the latency profile it was calibrated with (--profile FILE)"
+                    if policy.cost_convention == TIME_CONVENTION
+                    else "calibrate it again with the latency profile in use"
+                )
+                raise ConfigError(
+                    f"the exit policy's budget is in {policy.cost_convention} but this model's costs are in "
+                    f"{self.cost_convention}; {hint}"
+                )
             return policy
         if budget is not None and exit is not None:
             raise ConfigError("give only one of budget or exit (got budget and exit)")
