@@ -4,7 +4,7 @@ row counts, on one machine, provider and thread count, for one bundle.
     {"format": "anytime-latency-profile", "format_version": 1,
      "bundle": {"arch": "msdnet-tiny", "identity": "<sha256>", "num_exits": 4},
      "provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"], "threads": 1,
-     "batch_size": 64, "repeats": 15, "onnxruntime_version": "1.22.0", "anytime_version": "0.1.0",
+     "batch_size": 64, "repeats": 15, "onnxruntime_version": "1.32.0", "anytime_version": "0.1.0",
      "machine": {"cpu": "...", "cpu_count": 2, "platform": "Linux-...", "hostname": "..."},
      "created": "2026-12-02T15:00:00Z",
      "rows": [1, 2, 4, 8, 16, 32, 64],
