@@ -34,6 +34,18 @@ class BudgetError(AnytimeError, ValueError):
     """A budget is malformed or outside the feasible range of the model."""
 
 
+class ProfileError(AnytimeError, ValueError):
+    """A latency profile is malformed, of an unknown version, or was measured for another bundle or provider."""
+
+
+class AnytimeWarning(UserWarning):
+    """Base class of the warnings anytime gives on purpose (the CLI prints them as one `Warning:` line)."""
+
+
+class ProfileMismatchWarning(AnytimeWarning):
+    """A latency profile was measured under other conditions (threads, machine) than the model now runs in."""
+
+
 class InputImageError(AnytimeError, ValueError):
     """An input image cannot be read or has an unexpected mode or size."""
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from typing import Any
 
 import click
 
 from anytime import __version__
-from anytime.errors import AnytimeError
+from anytime.errors import AnytimeError, AnytimeWarning
 
 # verb -> (module, attribute, one-line help shown in `anytime --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -20,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("anytime.cli.train", "train", "Train a multi-exit network (DR-MGF or a baseline)."),
     "routes": ("anytime.cli.routes", "routes", "Per-exit route similarity of a DR-MGF run."),
     "export": ("anytime.cli.export", "export", "Write (or --check) an ONNX bundle, one graph per exit stage."),
+    "profile": ("anytime.cli.profile", "profile", "Measure each stage's time per image: budgets in time."),
     "calibrate": ("anytime.cli.calibrate", "calibrate", "Fit exit thresholds for a compute budget."),
     "serve": ("anytime.cli.serve", "serve", "Budgeted batch prediction with real early exit."),
     "eval": ("anytime.cli.eval", "eval_command", "Anytime table and budget curves on a dataset."),
@@ -31,6 +34,8 @@ The whole journey:
   anytime train --arch msdnet-tiny --data npz:fashion-mnist.npz --method drmgf --epochs 8 -o runs/fm
   anytime export runs/fm -o bundles/fm
   anytime calibrate bundles/fm --budget 50%
+  anytime profile bundles/fm --threads 1 -o fm-profile.json
+  anytime serve bundles/fm images/ --profile fm-profile.json --threads 1 --budget 0.3ms
   anytime serve bundles/fm images/ --budget 50% -o preds.jsonl
   anytime eval bundles/fm --data npz:fashion-mnist.npz -o reports/fm
   anytime serve --budget 50%        # the embedded default model on its sample images
@@ -59,7 +64,26 @@ def cli() -> None:
     """Anytime and budgeted inference with multi-exit image classifiers."""
 
 
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Our own warnings as one `Warning: ...` line on stderr, like errors; others as Python shows them."""
+    if issubclass(category, AnytimeWarning):
+        click.secho(f"Warning: {message}", fg="yellow", err=True)
+    else:
+        _python_show_warning(message, category, *args, **kwargs)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
+    with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        # Our warnings are for the person at the terminal: always shown, as one line each.
+        warnings.simplefilter("always", AnytimeWarning)
+        warnings.showwarning = _show_warning
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False returns ctx.exit()'s code instead of exiting; keep it.
         rv = cli.main(args=argv, prog_name="anytime", standalone_mode=False)

@@ -24,6 +24,7 @@ MISSING = object()
 TRAIN_CONFIG = "anytime.training.config:TrainConfig"
 EXPORT_BUNDLE = "anytime.export.bundle:export_bundle"
 LOAD = "anytime.runtime.model:load"
+PROFILE = "anytime.runtime.model:AnytimeModel.profile"
 PREDICT = "anytime.runtime.model:AnytimeModel.predict_batches"
 CALIBRATE = "anytime.runtime.model:AnytimeModel.calibrate"
 EVALUATE = "anytime.runtime.evaluation:evaluate"
@@ -177,6 +178,26 @@ def runtime_device_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Choice(["auto", "cpu", "cuda"]),
         api=LOAD,
         help="auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU.",
+    )(f)
+    return f
+
+
+def profile_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--profile, --cost-mode: budgets in time from a latency profile (serve, calibrate, eval)."""
+    f = api_option(
+        "--cost-mode",
+        type=click.Choice(["full-batches", "per-batch"]),
+        api=LOAD,
+        help="With --profile, how a policy's time is counted: every stage on full batches (a refilling "
+        "scheduler) or each batch compacted stage by stage (--strict always fits this way).",
+    )(f)
+    f = api_option(
+        "--profile",
+        type=click.Path(dir_okay=False),
+        api=LOAD,
+        metavar="FILE",
+        help="Latency profile (written by `anytime profile`): budgets become time per image (0.3ms, 300us; "
+        "40% of the full network's measured time).",
     )(f)
     return f
 

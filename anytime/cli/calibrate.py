@@ -6,13 +6,25 @@ import time
 
 import click
 
-from anytime.cli._options import CALIBRATE, LOAD, api_option, given, load_bundle, output_option, runtime_device_options
+from anytime.cli._options import (
+    CALIBRATE,
+    LOAD,
+    api_option,
+    given,
+    load_bundle,
+    output_option,
+    profile_options,
+    runtime_device_options,
+)
 
 
 @click.command("calibrate")
 @click.argument("bundle", required=False, type=click.Path(file_okay=False))
 @click.option(
-    "--budget", "-b", required=True, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network."
+    "--budget",
+    "-b",
+    required=True,
+    help="Average cost per image: 120M, 1.5G, 3e8, a time with --profile (0.3ms, 300us), or 40% of the full network.",
 )
 @api_option(
     "--policy", type=click.Choice(["best", "geometric", "search"]), api=CALIBRATE, help="Which policy -o writes."
@@ -20,6 +32,7 @@ from anytime.cli._options import CALIBRATE, LOAD, api_option, given, load_bundle
 @output_option("Write the chosen policy as JSON (for serve --policy).", type=click.Path(dir_okay=False))
 @api_option("--verify", is_flag=True, api=LOAD, help="Check every bundle file's sha256 against the manifest first.")
 @runtime_device_options
+@profile_options
 def calibrate(
     bundle: str | None,
     budget: str,
@@ -29,6 +42,8 @@ def calibrate(
     device: str | None,
     providers: str | None,
     threads: int | None,
+    profile: str | None,
+    cost_mode: str | None,
 ) -> None:
     """Fit exit thresholds for a budget on the bundle's validation data; print both policies.
 
@@ -39,7 +54,15 @@ def calibrate(
 
     if providers is None and device in (None, "auto"):
         device = "cpu"  # no graph runs: starting CUDA would only cost time
-    model = load_bundle(bundle, device=device, providers=providers, threads=threads, verify=verify)
+    model = load_bundle(
+        bundle,
+        device=device,
+        providers=providers,
+        threads=threads,
+        verify=verify,
+        profile=profile,
+        cost_mode=cost_mode,
+    )
     t0 = time.perf_counter()
     policies = model.calibrate_all(budget)
     seconds = time.perf_counter() - t0

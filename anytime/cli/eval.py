@@ -12,7 +12,15 @@ from pathlib import Path
 
 import click
 
-from anytime.cli._options import EVALUATE, SAVE_REPORT, api_option, given, output_option, runtime_device_options
+from anytime.cli._options import (
+    EVALUATE,
+    SAVE_REPORT,
+    api_option,
+    given,
+    output_option,
+    profile_options,
+    runtime_device_options,
+)
 
 
 def _export_run(run_dir: Path, bundle_dir: Path, quiet: bool) -> Path:
@@ -39,6 +47,7 @@ def _export_run(run_dir: Path, bundle_dir: Path, quiet: bool) -> Path:
 @output_option("Report directory for CSV, JSON and PNG plots.", type=click.Path(file_okay=False), metavar="DIR")
 @api_option("--points", type=int, api=EVALUATE, help="Budgets in the sweep, first exit to full network.")
 @runtime_device_options
+@profile_options
 @api_option("--plots/--no-plots", api=SAVE_REPORT, help="PNG plots in the report directory (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(
@@ -50,6 +59,8 @@ def eval_command(
     device: str | None,
     providers: str | None,
     threads: int | None,
+    profile: str | None,
+    cost_mode: str | None,
     plots: bool | None,
     quiet: bool,
 ) -> None:
@@ -82,7 +93,15 @@ def eval_command(
             data,
             names=names,
             progress=not quiet and sys.stderr.isatty(),
-            **given(split=split, points=points, device=device, providers=providers, threads=threads),
+            **given(
+                split=split,
+                points=points,
+                device=device,
+                providers=providers,
+                threads=threads,
+                profile=profile,
+                cost_mode=cost_mode,
+            ),
         )
     for m, model, name in zip(report.models, models, names):
         if name is not None:

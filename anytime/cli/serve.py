@@ -7,7 +7,15 @@ import time
 
 import click
 
-from anytime.cli._options import PREDICT, api_option, given, load_bundle, output_option, runtime_device_options
+from anytime.cli._options import (
+    PREDICT,
+    api_option,
+    given,
+    load_bundle,
+    output_option,
+    profile_options,
+    runtime_device_options,
+)
 from anytime.errors import ConfigError
 from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
@@ -15,7 +23,10 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 @click.command("serve")
 @click.argument("args", nargs=-1, metavar="[BUNDLE] [INPUTS...]")
 @click.option(
-    "--budget", "-b", default=None, help="Average cost per image: 120M, 1.5G, 3e8, or 40% of the full network."
+    "--budget",
+    "-b",
+    default=None,
+    help="Average cost per image: 120M, 1.5G, 3e8, a time with --profile (0.3ms, 300us), or 40% of the full network.",
 )
 @click.option(
     "--exit", "exit_", type=int, default=None, help="Answer every input at this exit (1-based) instead of a budget."
@@ -31,6 +42,7 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 @api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
 @output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
 @runtime_device_options
+@profile_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
 def serve(
@@ -45,6 +57,8 @@ def serve(
     device: str | None,
     providers: str | None,
     threads: int | None,
+    profile: str | None,
+    cost_mode: str | None,
     quiet: bool,
 ) -> None:
     """Budgeted batch prediction with real early exit.
@@ -87,8 +101,13 @@ def serve(
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
 
-    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
-    chosen = model.resolve_policy(budget=budget, exit=exit_, **given(policy=policy))
+    model = load_bundle(
+        bundle, device=device, providers=providers, threads=threads, profile=profile, cost_mode=cost_mode
+    )
+    # As predict(strict=True) does: a strict cap holds per batch, so time is counted per batch.
+    chosen = model.resolve_policy(
+        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if strict else None)
+    )
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
     if not quiet:

@@ -468,6 +468,22 @@ class Bundle:
         return checked
 
 
+def bundle_identity(bundle: Bundle) -> str:
+    """A content hash that tells one bundle from another (a latency profile records it).
+
+    The manifest carries no hash of itself, so this is sha256 over the manifest's bytes followed by every
+    stage graph's bytes, in stage order: a copy of the bundle has the same identity, a re-export or an edited
+    graph a different one.
+    """
+    digest = hashlib.sha256()
+    digest.update((bundle.path / MANIFEST_FILE).read_bytes())
+    for stage in bundle.stages:
+        with open(bundle.file(stage.file), "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def is_bundle_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / MANIFEST_FILE).is_file()

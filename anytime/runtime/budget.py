@@ -1,4 +1,8 @@
-"""Compute budgets: parsing (`120M`, `1.5G`, `3e8`, `40%`, `exit=3`) and the feasible range check."""
+"""Compute budgets: parsing (`120M`, `1.5G`, `3e8`, `0.3ms`, `300us`, `40%`, `exit=3`) and the feasible range check.
+
+A budget is an average cost per image in the model's cost convention: the bundle's (MACs, say), or time
+(`TIME_CONVENTION`, seconds per image) when a latency profile is in use. Time budgets carry a unit.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +21,28 @@ _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)\s*$")
 _PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 _EXIT = re.compile(r"^\s*exit\s*[=:]\s*([0-9]+)\s*$", re.IGNORECASE)
+# Time per image; µ is accepted as the micro sign (U+00B5) and as the Greek letter mu (U+03BC).
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ns": 1e-9}
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(s|ms|us|\u00b5s|\u03bcs|ns)\s*$")
+_WITH_UNIT = re.compile(r"^\s*[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?\s*([^\s0-9.%][^\s]*)\s*$")
+ACCEPTED_FORMS = (
+    "an average cost per image in the bundle's convention (120M, 1.5G, 3e8; suffixes K, M, G, T), "
+    "a time per image with a latency profile (0.3ms, 300us, 2e-4s; units s, ms, us or µs, ns), "
+    "a fraction of the full network (40%), or a fixed exit (exit=3)"
+)
+TIME_CONVENTION = "seconds"
+PROFILE_HINT = (
+    "make a latency profile with `anytime profile BUNDLE -o profile.json` and pass --profile profile.json "
+    "(Python: anytime.load(bundle, profile='profile.json'))"
+)
 
 
 @dataclass(frozen=True)
 class Budget:
     """A parsed budget: an average cost per image, a fraction of the full network, or a fixed exit."""
 
-    kind: str  # "cost" | "fraction" | "exit"
-    value: float  # cost per image / fraction in (0, 1] / 1-based exit
+    kind: str  # "cost" | "time" | "fraction" | "exit"
+    value: float  # cost per image / seconds per image / fraction in (0, 1] / 1-based exit
     text: str
 
     def __str__(self) -> str:
@@ -34,8 +52,20 @@ class Budget:
 BudgetLike = str | float | int | Budget
 
 
+def format_seconds(seconds: float) -> str:
+    """Human-readable time: 312.4 µs, 1.25 ms, 2.1 s."""
+    t = float(seconds)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(t) >= scale:
+            return f"{t / scale:.4g} {unit}"
+    return f"{t / 1e-9:.4g} ns"
+
+
 def format_cost(cost: float, convention: str | None = None) -> str:
-    """Human-readable cost: 123.4M, 1.50G, 980 (with the convention name when given)."""
+    """Human-readable cost: 123.4M, 1.50G, 980 (with the convention name when given); times (the
+    `seconds` convention) as 312.4 µs."""
+    if convention == TIME_CONVENTION:
+        return format_seconds(cost)
     c = float(cost)
     for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(c) >= scale:
@@ -67,15 +97,19 @@ def parse_budget(budget: BudgetLike) -> Budget:
         return Budget("fraction", frac, budget.strip())
     if m := _EXIT.match(budget):
         return Budget("exit", float(int(m.group(1))), f"exit={int(m.group(1))}")
+    if m := _TIME.match(budget):
+        value = float(m.group(1)) * _TIME_UNITS[m.group(2)]
+        if value <= 0 or not math.isfinite(value):
+            raise BudgetError(f"budget {budget!r} must be a positive finite time per image")
+        return Budget("time", value, budget.strip())
     if m := _NUMBER.match(budget):
         value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
         if value <= 0 or not math.isfinite(value):
             raise BudgetError(f"budget {budget!r} must be a positive finite cost per image")
         return Budget("cost", value, budget.strip())
-    raise BudgetError(
-        f"cannot read budget {budget!r}: give an average cost per image (120M, 1.5G, 3e8), "
-        "a fraction of the full network (40%), or a fixed exit (exit=3)"
-    )
+    if m := _WITH_UNIT.match(budget):
+        raise BudgetError(f"budget {budget!r} has an unknown unit {m.group(1)!r}; give {ACCEPTED_FORMS}")
+    raise BudgetError(f"cannot read budget {budget!r}: give {ACCEPTED_FORMS}")
 
 
 def check_exit(exit_number: int | float, num_exits: int) -> int:
@@ -86,15 +120,32 @@ def check_exit(exit_number: int | float, num_exits: int) -> int:
 
 
 def resolve_budget_cost(budget: Budget, exit_costs: Sequence[float] | np.ndarray, convention: str) -> float:
-    """The budget as an average cost per image; raise with the feasible range when outside it."""
+    """The budget as an average cost per image; raise with the feasible range when outside it.
+
+    `convention` is `TIME_CONVENTION` when a latency profile is in use: then `exit_costs` are seconds per
+    image, `40%` is 40% of the full network's measured time, and a time budget is what it says.
+    """
     first, full = float(exit_costs[0]), float(exit_costs[-1])
     if budget.kind == "exit":
         return float(exit_costs[check_exit(budget.value, len(exit_costs)) - 1])
+    timed = convention == TIME_CONVENTION
+    if budget.kind == "time" and not timed:
+        raise BudgetError(
+            f"budget {budget.text} is a time per image, but this model's costs are in {convention} "
+            f"(no latency profile in use); {PROFILE_HINT}"
+        )
+    suffixed = (m := _NUMBER.match(budget.text)) is not None and bool(m.group(2))
+    if budget.kind == "cost" and timed and suffixed:
+        raise BudgetError(
+            f"budget {budget.text} is a cost count, but with a latency profile in use budgets are times per image "
+            "(0.3ms, 300us, 2e-4s) or a fraction of the full network's measured time (40%)"
+        )
     cost = budget.value * full if budget.kind == "fraction" else budget.value
     # A relative tolerance so that `100%` or a cost printed with rounding still counts as feasible.
     tol = 1e-9 * full
     if cost < first - tol or cost > full + tol:
-        side = "below the cost of the first exit" if cost < first else "above the cost of the last exit"
+        what = "time" if timed else "cost"
+        side = f"below the {what} of the first exit" if cost < first else f"above the {what} of the last exit"
         raise BudgetError(
             f"budget {budget.text} ({format_cost(cost, convention)} per image) is {side}; feasible budgets are "
             f"{format_cost(first, convention)} to {format_cost(full, convention)} per image "

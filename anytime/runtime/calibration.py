@@ -14,12 +14,13 @@ that exit's threshold; the last exit always answers. Two fitting procedures:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,19 +130,58 @@ class ExitPolicy:
         )
 
 
-class ValidationData:
-    """Per-exit confidence, correctness and cost of the calibration split, precomputed once."""
+class CostModel(Protocol):
+    """How a policy's cost per image follows from how many images run each stage (`costmodel.TimeCost`)."""
 
-    def __init__(self, logits: np.ndarray, labels: np.ndarray, exit_costs: np.ndarray) -> None:
+    @property
+    def linear(self) -> bool: ...
+
+    @property
+    def exit_costs(self) -> np.ndarray: ...
+
+    def reach_cost(self, reach: np.ndarray, count: int) -> np.ndarray: ...
+
+
+class ValidationData:
+    """Per-exit confidence, correctness and cost of the calibration split, precomputed once.
+
+    Without a `cost_model` (or with a linear one) a policy's cost is the mean of its exits' cumulative
+    `exit_costs`; a non-linear model (time with per-batch compaction) prices the number of images that run
+    each stage instead.
+    """
+
+    def __init__(
+        self, logits: np.ndarray, labels: np.ndarray, exit_costs: np.ndarray, cost_model: CostModel | None = None
+    ) -> None:
         self.confidence, predictions = softmax_confidence(logits)  # (K, N)
         self.correct = predictions == np.asarray(labels)[None, :]
-        self.costs = np.asarray(exit_costs, dtype=np.float64)
         self.num_exits, self.count = self.confidence.shape
+        self._set_costs(exit_costs, cost_model)
+
+    def _set_costs(self, exit_costs: np.ndarray, cost_model: CostModel | None) -> None:
+        self.costs = np.asarray(exit_costs if cost_model is None else cost_model.exit_costs, dtype=np.float64)
+        self.cost_model = cost_model
+        self.linear = cost_model is None or cost_model.linear
+
+    def with_cost_model(self, cost_model: CostModel | None, exit_costs: np.ndarray | None = None) -> "ValidationData":
+        """The same validation data priced by another cost model (the softmax is not recomputed)."""
+        other = copy.copy(self)
+        other._set_costs(self.costs if exit_costs is None else exit_costs, cost_model)
+        return other
+
+    def reach_counts(self, exits: np.ndarray) -> np.ndarray:
+        """How many samples run each stage, (K,), given their 0-based exits."""
+        taken = np.bincount(exits, minlength=self.num_exits)
+        return taken[::-1].cumsum()[::-1]
 
     def evaluate(self, thresholds: np.ndarray) -> tuple[float, float, np.ndarray]:
         """(average cost, accuracy, exit fractions) of a threshold vector on the validation data."""
         exits = first_exit(self.confidence, thresholds)
-        cost = float(self.costs[exits].mean())
+        if self.linear:
+            cost = float(self.costs[exits].mean())
+        else:
+            assert self.cost_model is not None  # not linear means a model was given
+            cost = float(self.cost_model.reach_cost(self.reach_counts(exits), self.count))
         acc = float(self.correct[exits, np.arange(self.count)].mean())
         fractions = np.bincount(exits, minlength=self.num_exits) / self.count
         return cost, acc, fractions
@@ -247,11 +287,14 @@ def _best_split_for_exit(
     # j = number of the most confident reaching samples that leave at exit k (0..m).
     zero = np.zeros(1)
     cum_lc = np.concatenate([zero, np.cumsum(leave_correct)])
-    cum_lcost = np.concatenate([zero, np.cumsum(leave_cost)])
     cum_sc = np.concatenate([zero, np.cumsum(stay_correct)])
-    cum_scost = np.concatenate([zero, np.cumsum(stay_cost)])
     correct = base_correct + cum_lc + (cum_sc[-1] - cum_sc)
-    cost = base_cost + cum_lcost + (cum_scost[-1] - cum_scost)
+    if data.linear:
+        cum_lcost = np.concatenate([zero, np.cumsum(leave_cost)])
+        cum_scost = np.concatenate([zero, np.cumsum(stay_cost)])
+        cost = base_cost + cum_lcost + (cum_scost[-1] - cum_scost)
+    else:
+        cost = _split_costs(data, exits, fallback[r_idx][order], k) * n
     m = order.size
     # A threshold can only separate j samples when the j-th and (j+1)-th confidences differ.
     valid = np.ones(m + 1, dtype=bool)
@@ -266,6 +309,21 @@ def _best_split_for_exit(
     j = int(best[np.argmin(cost[best])])
     th = math.inf if j == 0 else float(conf_sorted[j - 1])
     return th, float(correct[j]) / n, float(cost[j]) / n
+
+
+def _split_costs(data: ValidationData, exits: np.ndarray, stay_fallback: np.ndarray, k: int) -> np.ndarray:
+    """Cost per image for j = 0..m of the m samples reaching exit k leaving there (most confident first),
+    under a non-linear cost model: price the number of samples that run each stage for every j."""
+    assert data.cost_model is not None
+    m = stay_fallback.size
+    reach = np.empty((data.num_exits, m + 1))
+    # Stages up to k are run by the same samples whatever exit k does.
+    reach[: k + 1] = data.reach_counts(exits)[: k + 1, None]
+    for stage in range(k + 1, data.num_exits):
+        # Stage `stage` runs for the samples that stay at exit k (order[j:]) and would answer at or after it.
+        goes_on = np.concatenate([[0.0], np.cumsum(stay_fallback >= stage)])
+        reach[stage] = goes_on[-1] - goes_on
+    return np.asarray(data.cost_model.reach_cost(reach, data.count), dtype=np.float64)
 
 
 def fit_search(

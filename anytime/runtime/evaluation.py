@@ -25,7 +25,7 @@ import numpy as np
 from anytime.errors import ConfigError, DatasetError
 from anytime.formats.bundle import is_bundle_dir
 from anytime.formats.rundir import is_model_dir
-from anytime.runtime.calibration import first_exit, softmax_confidence
+from anytime.runtime.calibration import ValidationData, first_exit, softmax_confidence
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,17 @@ def evaluate_model(
     threads: int | None = None,
     progress: bool = False,
     name: str | None = None,
+    profile: Any = None,
+    cost_mode: str = "full-batches",
 ) -> ModelReport:
-    """One bundle on one split. `name` labels it in tables and plots (default: the directory's name)."""
+    """One bundle on one split. `name` labels it in tables and plots (default: the directory's name).
+    `profile` (a latency profile of this bundle) puts costs and budgets in seconds per image."""
     from anytime.runtime.model import load
 
     t0 = time.perf_counter()
     label = name or Path(path).expanduser().resolve().name
     bundle_dir = check_bundle_dir(path)
-    model = load(bundle_dir, providers=providers, device=device, threads=threads)
+    model = load(bundle_dir, providers=providers, device=device, threads=threads, profile=profile, cost_mode=cost_mode)
     ds, images = _split_images(data, split)
     if ds.info.num_classes != len(model.classes):
         raise DatasetError(
@@ -180,6 +183,7 @@ def evaluate_model(
     costs = model.exit_costs
     full = float(costs[-1])
     params = [s.params for s in model.bundle.stages]
+    data_for_cost = model.validation_data()  # prices a policy on the split as calibration does (cost_mode)
 
     exits = []
     for k in range(model.num_exits):
@@ -202,7 +206,7 @@ def evaluate_model(
                     policy=name,
                     budget=float(budget),
                     budget_fraction=float(budget) / full,
-                    cost=float(costs[chosen].mean()),
+                    cost=_realised_cost(data_for_cost, costs, chosen),
                     accuracy=float(correct[chosen, np.arange(n)].mean()),
                     val_cost=policy.expected_cost,
                     val_accuracy=policy.expected_accuracy,
@@ -222,6 +226,14 @@ def evaluate_model(
         seconds=time.perf_counter() - t0,
         method=provenance.get("method"),
     )
+
+
+def _realised_cost(data: ValidationData, costs: np.ndarray, exits: np.ndarray) -> float:
+    """Average cost per image of the exits taken on the split, counted as calibration counts it."""
+    if data.linear:
+        return float(costs[exits].mean())
+    assert data.cost_model is not None  # not linear means a model was given
+    return float(data.cost_model.reach_cost(data.reach_counts(exits), exits.size))
 
 
 def _model_name(name: str, provenance: dict[str, Any]) -> str:

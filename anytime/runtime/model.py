@@ -17,10 +17,13 @@ import numpy as np
 from anytime.errors import AnytimeError, ConfigError, InputImageError
 from anytime.formats.bundle import Bundle, read_bundle
 from anytime.formats.preprocessing import DEFAULT_MAX_PIXELS, Preprocessor
+from anytime.formats.profile import LatencyProfile
 from anytime.runtime.budget import (
+    TIME_CONVENTION,
     BudgetLike,
     check_exit,
     format_cost,
+    format_seconds,
     parse_budget,
     resolve_budget_cost,
 )
@@ -31,14 +34,17 @@ from anytime.runtime.calibration import (
     fit_search,
     fixed_exit_policy,
 )
+from anytime.runtime.costmodel import COST_MODES, TimeCost
 from anytime.runtime.engine import StageExecutor
 from anytime.runtime.inputs import InputItem, MissingInput, iter_input_items
+from anytime.runtime.profiling import check_profile, measure_profile
 from anytime.runtime.results import Predictions, concat
 
 log = logging.getLogger(__name__)
 
 POLICY_CHOICES = ("best", "geometric", "search")
 PolicyLike = ExitPolicy | str | os.PathLike
+ProfileLike = LatencyProfile | str | os.PathLike
 
 
 _P = TypeVar("_P", bound="PolicyLike | None")
@@ -60,14 +66,55 @@ class AnytimeModel:
     """
 
     def __init__(
-        self, bundle: Bundle, executor: StageExecutor, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+        self,
+        bundle: Bundle,
+        executor: StageExecutor,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int | None = None,
+        profile: ProfileLike | None = None,
+        cost_mode: str = "full-batches",
     ) -> None:
         self.bundle = bundle
         self.executor = executor
         self.preprocessor = Preprocessor(bundle.input, max_pixels=max_pixels)
         self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
         self._validation: ValidationData | None = None
-        self._policies: dict[tuple[float, str], dict[str, ExitPolicy]] = {}
+        self._policies: dict[tuple[float, str, str], dict[str, ExitPolicy]] = {}
+        if cost_mode not in COST_MODES:
+            raise ConfigError(f"cost_mode={cost_mode!r} is unknown; use one of {', '.join(COST_MODES)}")
+        self.cost_mode = cost_mode
+        self.latency_profile: LatencyProfile | None = None
+        if profile is not None:
+            self.use_profile(profile)
+
+    # --- latency profiles ----------------------------------------------------------------------------
+    def profile(self, batch_size: int = 64, repeats: int = 15, warmup: int = 2) -> LatencyProfile:
+        """Measure each stage's time per call on this machine and provider at the row counts early exit
+        produces (1, 2, 4, ..., batch_size); `.save(path)` it, or `use_profile` it to budget in time."""
+        return measure_profile(self.bundle, self.executor, batch_size=batch_size, repeats=repeats, warmup=warmup)
+
+    def use_profile(self, profile: ProfileLike | None) -> None:
+        """Make time the cost convention (a `LatencyProfile` or its JSON file), or go back to the bundle's
+        convention with None. A profile of another bundle or provider is refused."""
+        if profile is None:
+            self.latency_profile = None
+        else:
+            where = ""
+            if not isinstance(profile, LatencyProfile):
+                where = f"'{profile}'"
+                profile = LatencyProfile.load(profile)
+            check_profile(profile, self.bundle, self.executor, where)
+            self.latency_profile = profile
+        # The executor's strict cap and each result row's cost are priced per image in the convention in use.
+        self.executor.costs = self.exit_costs
+        self._validation = None
+        self._policies.clear()
+
+    def time_cost(self, cost_mode: str | None = None) -> TimeCost | None:
+        """The time cost model in use (None without a profile); `cost_mode` overrides the model's."""
+        if self.latency_profile is None:
+            return None
+        return TimeCost(self.latency_profile, cost_mode or self.cost_mode)
 
     # --- description ---------------------------------------------------------------------------------
     @property
@@ -80,11 +127,15 @@ class AnytimeModel:
 
     @property
     def exit_costs(self) -> np.ndarray:
+        """Cumulative cost per image of each exit in the convention in use: the bundle's, or seconds
+        (every stage on full batches) with a latency profile."""
+        if self.latency_profile is not None:
+            return self.latency_profile.exit_seconds
         return self.bundle.exit_costs
 
     @property
     def cost_convention(self) -> str:
-        return self.bundle.cost_convention
+        return TIME_CONVENTION if self.latency_profile is not None else self.bundle.cost_convention
 
     @property
     def full_cost(self) -> float:
@@ -103,34 +154,49 @@ class AnytimeModel:
             + (f", resize {spec.resize}" if spec.resize else ""),
             f"  {len(self.classes)} classes: {classes}",
             f"  providers: {', '.join(self.providers)}",
-            f"  exit  cost ({self.cost_convention})  of full  val accuracy",
+            f"  exit  cost ({b.cost_convention})  of full  val accuracy",
         ]
+        full = float(b.exit_costs[-1])
         for i, s in enumerate(b.stages):
             acc = "-" if s.val_accuracy is None else f"{100 * s.val_accuracy:.2f}%"
-            lines.append(f"  {i + 1:>4}  {format_cost(s.cost):>12}  {100 * s.cost / self.full_cost:>6.1f}%  {acc:>12}")
+            lines.append(f"  {i + 1:>4}  {format_cost(s.cost):>12}  {100 * s.cost / full:>6.1f}%  {acc:>12}")
+        if self.latency_profile is not None:
+            secs = self.latency_profile.exit_seconds
+            lines.append(
+                "  time per image (latency profile, full batches): "
+                + ", ".join(f"{format_seconds(t)} ({100 * t / secs[-1]:.0f}%)" for t in secs)
+            )
         return "\n".join(lines)
 
     # --- calibration ---------------------------------------------------------------------------------
-    def validation_data(self) -> ValidationData:
+    def validation_data(self, cost_mode: str | None = None) -> ValidationData:
+        """The calibration split, priced in the convention in use (`cost_mode`: how time is counted)."""
         if self._validation is None:
             logits, labels = self.bundle.load_calibration()
             self._validation = ValidationData(logits, labels, self.exit_costs)
-        return self._validation
+        time_cost = self.time_cost(cost_mode)
+        if time_cost is None or time_cost.linear:
+            return self._validation
+        return self._validation.with_cost_model(time_cost)
 
     def budget_cost(self, budget: BudgetLike) -> float:
         """A budget as an average cost per image; raises BudgetError with the feasible range."""
         return resolve_budget_cost(parse_budget(budget), self.exit_costs, self.cost_convention)
 
-    def calibrate_all(self, budget: BudgetLike) -> dict[str, ExitPolicy]:
-        """Both policies for a budget: {"geometric", "search", "best"} (best: higher validation accuracy)."""
+    def calibrate_all(self, budget: BudgetLike, cost_mode: str | None = None) -> dict[str, ExitPolicy]:
+        """Both policies for a budget: {"geometric", "search", "best"} (best: higher validation accuracy).
+
+        `cost_mode` (with a latency profile): "full-batches" or "per-batch", how the time of a policy is
+        counted; default the model's `cost_mode`."""
         parsed = parse_budget(budget)
         if parsed.kind == "exit":
             p = self._exit_policy(int(parsed.value))
             return {"geometric": p, "search": p, "best": p}
         cost = resolve_budget_cost(parsed, self.exit_costs, self.cost_convention)
-        key = (cost, parsed.text)
+        mode = (cost_mode or self.cost_mode) if self.latency_profile is not None else ""
+        key = (cost, parsed.text, mode)
         if key not in self._policies:
-            data = self.validation_data()
+            data = self.validation_data(cost_mode)
             t0 = time.perf_counter()
             geo = fit_geometric(data, cost, self.cost_convention, parsed.text)
             t1 = time.perf_counter()
@@ -140,10 +206,15 @@ class AnytimeModel:
             # The searched policy starts from the geometric one and never scores lower on validation;
             # prefer geometric on a tie because it extrapolates more smoothly.
             best = search if search.expected_accuracy > geo.expected_accuracy else geo
+            if mode:
+                for fitted in (geo, search):
+                    fitted.info["cost_mode"] = mode
             self._policies[key] = {"geometric": geo, "search": search, "best": best}
         return self._policies[key]
 
-    def calibrate(self, budget: BudgetLike, policy: str = "best", *, method: str | None = None) -> ExitPolicy:
+    def calibrate(
+        self, budget: BudgetLike, policy: str = "best", *, method: str | None = None, cost_mode: str | None = None
+    ) -> ExitPolicy:
         """The exit policy for a budget, fitted on the bundle's validation data.
 
         `policy`: "geometric" (MSDNet's), "search", or "best" (whichever scores higher on validation).
@@ -151,7 +222,7 @@ class AnytimeModel:
         policy = _renamed_method(policy, method, "calibrate")
         if policy not in POLICY_CHOICES:
             raise ConfigError(f"policy {policy!r} is unknown; use one of {', '.join(POLICY_CHOICES)}")
-        return self.calibrate_all(budget)[policy]
+        return self.calibrate_all(budget, cost_mode)[policy]
 
     def _exit_policy(self, exit_number: int) -> ExitPolicy:
         exit_number = check_exit(exit_number, self.num_exits)
@@ -168,9 +239,11 @@ class AnytimeModel:
         exit: int | None = None,
         *,
         method: str | None = None,
+        cost_mode: str | None = None,
     ) -> ExitPolicy:
         """The policy a prediction uses. `policy` is how a budget becomes thresholds (best, geometric,
-        search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget)."""
+        search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget).
+        `cost_mode` as in `calibrate_all`."""
         policy = _renamed_method(policy, method, "resolve_policy")
         name: str | None
         if policy is None:
@@ -198,13 +271,23 @@ class AnytimeModel:
                 raise ConfigError(
                     f"the exit policy has {policy.num_exits} thresholds but this model has {self.num_exits} exits"
                 )
+            if policy.budget is not None and policy.cost_convention != self.cost_convention:
+                hint = (
+                    "load the model with the latency profile it was calibrated with (--profile FILE)"
+                    if policy.cost_convention == TIME_CONVENTION
+                    else "calibrate it again with the latency profile in use"
+                )
+                raise ConfigError(
+                    f"the exit policy's budget is in {policy.cost_convention} but this model's costs are in "
+                    f"{self.cost_convention}; {hint}"
+                )
             return policy
         if budget is not None and exit is not None:
             raise ConfigError("give only one of budget or exit (got budget and exit)")
         if exit is not None:
             return self._exit_policy(exit)
         if budget is not None:
-            return self.calibrate(budget, name)
+            return self.calibrate(budget, name, cost_mode=cost_mode)
         return self._exit_policy(self.num_exits)  # nothing asked: the full network
 
     # --- prediction ----------------------------------------------------------------------------------
@@ -264,7 +347,9 @@ class AnytimeModel:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
         batch_size = int(batch_size)
-        chosen = self.resolve_policy(budget, _renamed_method(policy, method, "predict_batches"), exit)
+        # A strict cap holds per batch, so with a latency profile its policy is fitted to per-batch compaction.
+        mode = "per-batch" if strict else None
+        chosen = self.resolve_policy(budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=mode)
         thresholds = chosen.threshold_array()
         cap = chosen.budget if strict and chosen.budget is not None else None
         chunks = _chunks(iter_input_items(inputs, self.classes), batch_size)
@@ -375,16 +460,23 @@ def load(
     verify: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
+    profile: ProfileLike | None = None,
+    cost_mode: str = "full-batches",
 ) -> AnytimeModel:
     """Load a bundle (the embedded default when None) on onnxruntime.
 
     `providers`: explicit onnxruntime providers; else `device` ("auto" | "cpu" | "cuda"): CUDA when
     onnxruntime-gpu and a GPU are present. `threads`: intra-op threads (None: onnxruntime's default).
     `verify`: check every file's sha256 against the manifest.
+    `profile`: a latency profile (`LatencyProfile` or the JSON `anytime profile` writes) makes time the cost
+    convention: budgets in seconds per image (`0.3ms`, `300us`; `40%` of the full network's measured time).
+    `cost_mode`: how a policy's time is counted with a profile: "full-batches" (every stage runs full
+    batches, as a refilling stage scheduler does) or "per-batch" (each batch compacted stage by stage; a
+    strict prediction always fits its policy this way).
     """
     b = read_bundle(bundle, verify=verify)
     executor = StageExecutor(b, providers=providers, device=device, threads=threads)
-    return AnytimeModel(b, executor, max_pixels=max_pixels, workers=workers)
+    return AnytimeModel(b, executor, max_pixels=max_pixels, workers=workers, profile=profile, cost_mode=cost_mode)
 
 
 __all__ = ["AnytimeModel", "load"]

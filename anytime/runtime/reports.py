@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from anytime.runtime.budget import format_cost
+from anytime.runtime.budget import TIME_CONVENTION, format_cost
 from anytime.runtime.evaluation import CURVE_POLICIES, HISTOGRAM_FRACTIONS, CurvePoint, EvalReport, ModelReport
 
 log = logging.getLogger(__name__)
@@ -95,26 +95,27 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
         return []
     written = []
     convention = report.models[0].cost_convention
+    scale, unit = (1e-3, "ms, latency profile") if convention == TIME_CONVENTION else (1e6, f"M {convention}")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, m in enumerate(report.models):
         color = f"C{i}"
         for policy, style in (("search", "-"), ("geometric", "--")):
             pts = m.points(policy)
             ax.plot(
-                [p.cost / 1e6 for p in pts],
+                [p.cost / scale for p in pts],
                 [100 * p.accuracy for p in pts],
                 style,
                 color=color,
                 label=f"{m.name}: budgeted, {policy}",
             )
         ax.plot(
-            [e.cost / 1e6 for e in m.exits],
+            [e.cost / scale for e in m.exits],
             [100 * e.top1 for e in m.exits],
             "o",
             color=color,
             label=f"{m.name}: single exits",
         )
-    ax.set_xlabel(f"average cost per image (M {convention})")
+    ax.set_xlabel(f"average cost per image ({unit})")
     ax.set_ylabel(f"top-1 accuracy on {report.models[0].split} (%)")
     ax.set_title("Budgeted classification: accuracy vs. average cost")
     ax.grid(alpha=0.3)
@@ -160,6 +161,11 @@ def _nearest_point(m: ModelReport, fraction: float, policy: str = "search") -> C
 # --- terminal summary -------------------------------------------------------------------------------
 
 
+def _cost(value: float, convention: str) -> str:
+    """A cost for a table whose header names the convention: 123.4M, or 312.4 µs for time."""
+    return format_cost(value, convention if convention == TIME_CONVENTION else None)
+
+
 def summary_lines(report: EvalReport) -> list[str]:
     lines: list[str] = []
     for m in report.models:
@@ -172,7 +178,7 @@ def summary_lines(report: EvalReport) -> list[str]:
         )
         for e in m.exits:
             params = "-" if e.params is None else format_cost(e.params)
-            row = f"  {e.exit:>4}  {format_cost(e.cost):>14}  {100 * e.fraction:>6.1f}%  {params:>8}  {100 * e.top1:>6.2f}%"
+            row = f"  {e.exit:>4}  {_cost(e.cost, conv):>14}  {100 * e.fraction:>6.1f}%  {params:>8}  {100 * e.top1:>6.2f}%"
             if has_top5:
                 row += f"  {100 * e.top5:>5.2f}%" if e.top5 is not None else "      -"
             lines.append(row)
@@ -182,7 +188,7 @@ def summary_lines(report: EvalReport) -> list[str]:
             for policy in CURVE_POLICIES:
                 p = _nearest_point(m, frac, policy)
                 lines.append(
-                    f"  {format_cost(p.budget) + f' ({100 * p.budget_fraction:.0f}%)':>14}  {policy:>9}  "
-                    f"{format_cost(p.cost):>14}  {100 * p.accuracy:>7.2f}%"
+                    f"  {_cost(p.budget, conv) + f' ({100 * p.budget_fraction:.0f}%)':>14}  {policy:>9}  "
+                    f"{_cost(p.cost, conv):>14}  {100 * p.accuracy:>7.2f}%"
                 )
     return lines

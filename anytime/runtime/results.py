@@ -18,6 +18,9 @@ from anytime.errors import ConfigError
 from anytime.fileio import atomic_write_text
 
 ROW_KEYS = ("path", "label", "class", "confidence", "exit", "cost", "error")
+# A run whose average cost exceeds its budget by more than this share says so (and suggests strict mode):
+# calibration fits the budget on the validation data, and inputs unlike it exit later.
+OVERSHOOT_MARGIN = 0.10
 
 
 @dataclass
@@ -168,12 +171,18 @@ class Predictions:
             return None
         return float((self.label_array[known] == self.true_label_array[known]).mean())
 
+    @property
+    def over_budget(self) -> bool:
+        """The average cost exceeds the budget by more than `OVERSHOOT_MARGIN` (see `summary`)."""
+        return RunningTotals.of(self).over_budget
+
     def totals(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "failed": self.failed,
             "average_cost": self.average_cost,
             "budget": self.budget,
+            "over_budget": self.over_budget,
             "cost_convention": self.cost_convention,
             "exit_histogram": self.exit_histogram,
             "images_per_second": self.images_per_second,
@@ -215,6 +224,7 @@ class RunningTotals:
     labelled: int = 0
     correct: int = 0
     seconds: float = 0.0
+    inference_seconds: float = 0.0  # measured: running the stage graphs (decoding excluded)
     exit_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -226,6 +236,8 @@ class RunningTotals:
         t = cls(preds.num_exits, preds.cost_convention, preds.budget)
         t.add(preds)
         t.seconds = preds.seconds
+        if "inference_s" not in preds.speed and "inference" in preds.speed:  # predict(): ms per image
+            t.inference_seconds = preds.speed["inference"] * t.images / 1e3
         return t
 
     def add(self, preds: Predictions) -> None:
@@ -238,6 +250,7 @@ class RunningTotals:
         known = ok & (preds.true_label_array >= 0)
         self.labelled += int(known.sum())
         self.correct += int((preds.label_array[known] == preds.true_label_array[known]).sum())
+        self.inference_seconds += float(preds.speed.get("inference_s", 0.0))
 
     @property
     def average_cost(self) -> float:
@@ -247,21 +260,41 @@ class RunningTotals:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    @property
+    def over_budget(self) -> bool:
+        """The average cost exceeds the budget by more than `OVERSHOOT_MARGIN`."""
+        return bool(self.budget and self.images and self.average_cost > self.budget * (1 + OVERSHOOT_MARGIN))
+
     def summary(self) -> str:
-        from anytime.runtime.budget import format_cost
+        from anytime.runtime.budget import TIME_CONVENTION, format_cost
 
         head = f"{self.images} image(s) predicted" + (f", {self.failed} failed" if self.failed else "")
         if self.seconds > 0:
             head += f" in {self.seconds:.2f} s ({self.images / self.seconds:.1f} images/s)"
         lines = [head]
         if self.images:
-            cost = f"average cost {format_cost(self.average_cost, self.cost_convention)} per image"
+            timed = self.cost_convention == TIME_CONVENTION
+            what = "average time (latency profile estimate)" if timed else "average cost"
+            cost = f"{what} {format_cost(self.average_cost, self.cost_convention)} per image"
             if self.budget is not None:
                 cost += (
                     f" against a budget of {format_cost(self.budget, self.cost_convention)}"
                     f" ({100 * self.average_cost / self.budget:.1f}% of it)"
                 )
             lines.append(cost)
+            if timed and self.inference_seconds > 0:
+                measured = self.inference_seconds / self.images
+                line = f"measured inference time {format_cost(measured, TIME_CONVENTION)} per image"
+                if self.budget is not None:
+                    line += f" ({100 * measured / self.budget:.1f}% of the budget)"
+                lines.append(line)
+            if self.over_budget:
+                assert self.budget is not None  # over_budget needs one
+                lines.append(
+                    f"WARNING: the average {'time' if timed else 'cost'} is {100 * self.average_cost / self.budget:.0f}% "
+                    f"of the budget, more than {100 * OVERSHOOT_MARGIN:.0f}% over: these inputs exit later than the "
+                    "calibration data did (are they like it?); use --strict (strict=True) to cap every batch at the budget"
+                )
             assert self.exit_counts is not None  # set by __post_init__
             lines.append(
                 "exits: "

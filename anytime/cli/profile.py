@@ -1,0 +1,60 @@
+"""`anytime profile`: measure each stage's time per call on this machine and provider (torch-free)."""
+
+from __future__ import annotations
+
+import click
+
+from anytime.cli._options import PROFILE, api_option, given, load_bundle, output_option, runtime_device_options
+
+
+@click.command("profile")
+@click.argument("bundle", required=False, type=click.Path(file_okay=False))
+@api_option("--batch-size", type=click.IntRange(min=1), api=PROFILE, help="Largest batch timed (serve's batch size).")
+@api_option("--repeats", type=click.IntRange(min=1), api=PROFILE, help="Timed calls per stage and row count (median).")
+@output_option("Write the profile as JSON (for --profile of serve, calibrate, eval).", type=click.Path(dir_okay=False))
+@runtime_device_options
+def profile(
+    bundle: str | None,
+    batch_size: int | None,
+    repeats: int | None,
+    output: str | None,
+    device: str | None,
+    providers: str | None,
+    threads: int | None,
+) -> None:
+    """Measure each stage's time on this machine and provider, for budgets in time.
+
+    Every stage graph is timed warm at the row counts early exit produces (1, 2, 4, ... up to the batch
+    size: later stages run on the rows still going), median of repeats. Profile with the --threads and
+    --device you serve with: a profile is only valid for them. BUNDLE defaults to the embedded model.
+    """
+    from anytime.runtime.budget import format_seconds
+
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
+    prof = model.profile(**given(batch_size=batch_size, repeats=repeats))
+    threads_text = "onnxruntime's default" if prof.threads is None else str(prof.threads)
+    click.echo(
+        f"{model.bundle.arch} on {prof.provider}, threads {threads_text}, {prof.repeats} repeats; "
+        f"CPU {prof.machine.get('cpu')}"
+    )
+    macs = model.bundle.exit_costs
+    stage_macs = [float(macs[0])] + [float(b - a) for a, b in zip(macs, macs[1:])]
+    click.echo(
+        f"  {'stage':>5}  {'per row @' + str(prof.batch_size):>14}  {'@1 row':>10}  {'of time':>7}  {'of cost':>7}"
+    )
+    for k, per_row in enumerate(prof.seconds_per_row):
+        click.echo(
+            f"  {k + 1:>5}  {format_seconds(per_row):>14}  {format_seconds(prof.stage_call_seconds[k][0]):>10}  "
+            f"{100 * per_row / prof.full_seconds:>6.1f}%  {100 * stage_macs[k] / float(macs[-1]):>6.1f}%"
+        )
+    click.echo(
+        f"full network {format_seconds(prof.full_seconds)} per image at batch {prof.batch_size} "
+        f"({1 / prof.full_seconds:,.0f} images/s on one stream)"
+    )
+    if output:
+        prof.save(output)
+        serve = f"anytime serve {model.bundle.path} IMAGES --profile {output}"
+        serve += f" --threads {prof.threads}" if prof.threads is not None else ""
+        click.echo(f"profile written to {output}; use it with: {serve} --budget 50%")
+    else:
+        click.echo("not saved: add -o FILE to write it")

@@ -1,0 +1,229 @@
+"""The latency profile `anytime profile` writes: each stage's measured seconds per session call at several
+row counts, on one machine, provider and thread count, for one bundle.
+
+    {"format": "anytime-latency-profile", "format_version": 1,
+     "bundle": {"arch": "msdnet-tiny", "identity": "<sha256>", "num_exits": 4},
+     "provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"], "threads": 1,
+     "batch_size": 64, "repeats": 15, "onnxruntime_version": "1.32.0", "anytime_version": "0.1.0",
+     "machine": {"cpu": "...", "cpu_count": 2, "platform": "Linux-...", "hostname": "..."},
+     "created": "2026-12-02T15:00:00Z",
+     "rows": [1, 2, 4, 8, 16, 32, 64],
+     "stage_call_seconds": [[...7 medians...], ...one list per stage...],
+     "stage_seconds_per_row": [...]}          # at batch_size: stage_call_seconds[k][-1] / batch_size
+
+`rows` are the batch sizes one stage call was timed at (early exit compacts a batch, so later stages run
+on fewer rows); between them the time of a call is interpolated linearly, below the first through zero
+(a stage no row reaches is not called), above the last at the last time per row. `bundle.identity` is
+`anytime.formats.bundle.bundle_identity`. Torch-free (json, numpy); this module is the format's one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import numpy as np
+
+from anytime.errors import ProfileError
+from anytime.fileio import atomic_write_json
+
+FORMAT = "anytime-latency-profile"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MAKE_ONE = "make one with `anytime profile BUNDLE -o profile.json` (Python: model.profile().save(path))"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def profile_rows(batch_size: int) -> list[int]:
+    """The row counts a profile times each stage at: powers of two below `batch_size`, and `batch_size`."""
+    if int(batch_size) < 1:
+        raise ProfileError(f"batch_size={batch_size} must be at least 1")
+    rows, r = [], 1
+    while r < batch_size:
+        rows.append(r)
+        r *= 2
+    return rows + [int(batch_size)]
+
+
+@dataclass
+class LatencyProfile:
+    """Measured stage times of one bundle on one machine, provider and thread count."""
+
+    rows: list[int]
+    stage_call_seconds: list[list[float]]  # [stage][i]: median seconds of one call on rows[i] rows
+    bundle_arch: str
+    bundle_identity: str
+    provider: str
+    providers: list[str] = field(default_factory=list)
+    threads: int | None = None  # intra-op threads asked for; None: onnxruntime's default
+    repeats: int = 0
+    onnxruntime_version: str = ""
+    anytime_version: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        problems = _table_problems(self.rows, self.stage_call_seconds)
+        if problems:
+            raise ProfileError("latency profile: " + "; ".join(problems))
+
+    # --- what the numbers say ------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return len(self.stage_call_seconds)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.rows[-1])
+
+    def call_seconds(self, stage: int, rows: Any) -> np.ndarray:
+        """Seconds of one call of `stage` (0-based) on `rows` rows (a number or an array; fractional rows
+        interpolate, which is what an expected row count needs); 0 rows cost nothing."""
+        r = np.asarray(rows, dtype=np.float64)
+        xs = np.concatenate([[0.0], np.asarray(self.rows, dtype=np.float64)])
+        ys = np.concatenate([[0.0], np.asarray(self.stage_call_seconds[stage], dtype=np.float64)])
+        inside = np.interp(np.minimum(r, xs[-1]), xs, ys)
+        # Beyond the largest row count measured: the time per row of the largest call.
+        return np.where(r > xs[-1], r * (ys[-1] / xs[-1]), inside)
+
+    @property
+    def seconds_per_row(self) -> np.ndarray:
+        """Each stage's seconds per row at the profile's batch size, (K,)."""
+        return np.array([s[-1] for s in self.stage_call_seconds], dtype=np.float64) / self.batch_size
+
+    @property
+    def exit_seconds(self) -> np.ndarray:
+        """Cumulative seconds per image of exits 1..K when every stage runs full batches, (K,)."""
+        return np.cumsum(self.seconds_per_row)
+
+    @property
+    def full_seconds(self) -> float:
+        """Seconds per image of the full network (every stage, full batches)."""
+        return float(self.exit_seconds[-1])
+
+    # --- file ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "bundle": {"arch": self.bundle_arch, "identity": self.bundle_identity, "num_exits": self.num_exits},
+            "provider": self.provider,
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "repeats": self.repeats,
+            "onnxruntime_version": self.onnxruntime_version,
+            "anytime_version": self.anytime_version,
+            "machine": dict(self.machine),
+            "created": self.created,
+            "rows": [int(r) for r in self.rows],
+            "stage_call_seconds": [[float(t) for t in s] for s in self.stage_call_seconds],
+            "stage_seconds_per_row": [float(t) for t in self.seconds_per_row],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "latency profile") -> "LatencyProfile":
+        problems = profile_problems(d)
+        if problems:
+            raise ProfileError(f"{where}: " + "; ".join(problems) + f"; {MAKE_ONE}")
+        bundle = d["bundle"]
+        return cls(
+            rows=[int(r) for r in d["rows"]],
+            stage_call_seconds=[[float(t) for t in s] for s in d["stage_call_seconds"]],
+            bundle_arch=str(bundle.get("arch", "?")),
+            bundle_identity=str(bundle["identity"]),
+            provider=str(d["provider"]),
+            providers=[str(p) for p in d.get("providers", [d["provider"]])],
+            threads=None if d.get("threads") is None else int(d["threads"]),
+            repeats=int(d.get("repeats", 0)),
+            onnxruntime_version=str(d.get("onnxruntime_version", "")),
+            anytime_version=str(d.get("anytime_version", "")),
+            machine=dict(d.get("machine") or {}),
+            created=str(d.get("created", "")),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the profile as JSON, atomically (the file holds the old profile or all of the new one)."""
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyProfile":
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"latency profile '{path}' does not exist; {MAKE_ONE}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"cannot read latency profile '{path}' ({exc}); {MAKE_ONE}") from exc
+        return cls.from_dict(d, where=str(path))
+
+    def describe(self) -> str:
+        threads = "onnxruntime's default" if self.threads is None else str(self.threads)
+        per_row = ", ".join(f"{1e6 * t:.3g}" for t in self.seconds_per_row)
+        return (
+            f"latency profile of {self.bundle_arch} ({self.bundle_identity[:12]}) on {self.provider}, "
+            f"threads {threads}, batch {self.batch_size}: full network {1e6 * self.full_seconds:.4g} µs per image; "
+            f"per stage µs per row [{per_row}]"
+        )
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _table_problems(rows: Any, table: Any) -> list[str]:
+    problems: list[str] = []
+    if not (isinstance(rows, list) and rows and all(_is_int(r) and r > 0 for r in rows)):
+        return [f"rows is {rows!r}, expected a non-empty list of positive integers"]
+    if any(b <= a for a, b in zip(rows, rows[1:])):
+        problems.append(f"rows {rows} must be strictly increasing")
+    if not (isinstance(table, list) and table):
+        return problems + ["stage_call_seconds: missing or empty list"]
+    for k, times in enumerate(table):
+        if not isinstance(times, list) or len(times) != len(rows):
+            problems.append(f"stage_call_seconds[{k}] must hold {len(rows)} numbers, one per row count")
+        elif not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in times
+        ):
+            problems.append(f"stage_call_seconds[{k}] = {times} must be positive finite seconds")
+    return problems
+
+
+def profile_problems(d: Any) -> list[str]:
+    """Everything wrong with a profile's JSON structure; empty when it is valid."""
+    if not isinstance(d, dict):
+        return [f"a latency profile is a JSON object, got a JSON {type(d).__name__}"]
+    if d.get("format") != FORMAT:
+        return [f"format is {d.get('format')!r}, expected {FORMAT!r}: this is not an anytime latency profile"]
+    version = d.get("format_version")
+    if not _is_int(version) or version not in SUPPORTED_FORMAT_VERSIONS:
+        newer = _is_int(version) and version > max(SUPPORTED_FORMAT_VERSIONS)
+        return [
+            f"format_version is {version!r} (this anytime reads {list(SUPPORTED_FORMAT_VERSIONS)})"
+            + ("; upgrade anytime to read it" if newer else "")
+        ]
+    problems = _table_problems(d.get("rows"), d.get("stage_call_seconds"))
+    bundle = d.get("bundle")
+    if not isinstance(bundle, dict) or not isinstance(bundle.get("identity"), str):
+        problems.append("bundle.identity is missing")
+    elif not _SHA256.match(bundle["identity"]):
+        problems.append(f"bundle.identity {bundle['identity']!r} is not 64 lowercase hex digits")
+    elif isinstance(d.get("stage_call_seconds"), list) and bundle.get("num_exits") != len(d["stage_call_seconds"]):
+        problems.append(
+            f"bundle.num_exits {bundle.get('num_exits')!r} differs from the {len(d['stage_call_seconds'])} stages timed"
+        )
+    if not isinstance(d.get("provider"), str) or not d["provider"]:
+        problems.append("provider is missing")
+    threads = d.get("threads")
+    if threads is not None and not (_is_int(threads) and threads >= 0):
+        problems.append(f"threads is {threads!r}, expected null or an integer >= 0")
+    if d.get("batch_size") != (d["rows"][-1] if isinstance(d.get("rows"), list) and d["rows"] else None):
+        problems.append(f"batch_size {d.get('batch_size')!r} is not the largest row count timed")
+    return problems

@@ -1,0 +1,151 @@
+"""Measuring a latency profile (`anytime profile`, `model.profile()`), and checking that a profile fits the
+model it is used with.
+
+Each stage is timed on its own sessions (the model's `StageExecutor`), warm, at every row count of
+`profile_rows(batch_size)`: early exit compacts a batch, so later stages run on fewer rows, and a small call
+costs more per row. The state tensors a stage is fed are the previous stage's real outputs for a batch of
+random inputs (a stage's time does not depend on the pixel values). Repeats go round all (stage, rows)
+pairs in turn, so a slow spell of a shared machine spreads over all of them, and the median is kept.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from anytime import __version__
+from anytime.errors import ConfigError, ProfileError, ProfileMismatchWarning
+from anytime.formats.bundle import Bundle, bundle_identity
+from anytime.formats.profile import MAKE_ONE, LatencyProfile, profile_rows
+
+if TYPE_CHECKING:
+    from anytime.runtime.engine import StageExecutor
+
+log = logging.getLogger(__name__)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+    }
+
+
+def executor_threads(executor: StageExecutor) -> int | None:
+    """The intra-op thread count the executor's sessions were made with; None for onnxruntime's default."""
+    threads = int(executor.sessions[0].get_session_options().intra_op_num_threads)
+    return threads or None
+
+
+def measure_profile(
+    bundle: Bundle, executor: StageExecutor, batch_size: int = 64, repeats: int = 15, warmup: int = 2, seed: int = 0
+) -> LatencyProfile:
+    """Time every stage of `bundle` on `executor`'s sessions at the row counts of `profile_rows(batch_size)`."""
+    from anytime.runtime.engine import import_onnxruntime
+
+    ort = import_onnxruntime()
+
+    if int(repeats) < 1 or int(warmup) < 0:
+        raise ConfigError(f"repeats={repeats} must be at least 1 and warmup={warmup} at least 0")
+    rows = profile_rows(int(batch_size))
+    spec = bundle.input
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows[-1], spec.channels, spec.height, spec.width)).astype(np.float32)
+    feeds: dict[str, np.ndarray] = {spec.name: x}
+    stage_feeds = []  # [stage][i]: the stage's inputs for rows[i] rows
+    for stage, session in zip(bundle.stages, executor.sessions):
+        stage_feeds.append([{n: np.ascontiguousarray(v[:r]) for n, v in feeds.items()} for r in rows])
+        outs = session.run(list(stage.outputs), feeds)
+        feeds = {n: outs[stage.outputs.index(n)] for n in stage.state_outputs}
+    outputs = [list(stage.outputs) for stage in bundle.stages]
+    for _ in range(int(warmup)):
+        for k, session in enumerate(executor.sessions):
+            for f in stage_feeds[k]:
+                session.run(outputs[k], f)
+    times = np.empty((bundle.num_exits, len(rows), int(repeats)))
+    for rep in range(int(repeats)):
+        for k, session in enumerate(executor.sessions):
+            for i, f in enumerate(stage_feeds[k]):
+                t0 = time.perf_counter()
+                session.run(outputs[k], f)
+                times[k, i, rep] = time.perf_counter() - t0
+    medians = np.median(times, axis=2)
+    log.debug("profile medians (s per call): %s", medians)
+    return LatencyProfile(
+        rows=rows,
+        stage_call_seconds=[[float(max(t, 1e-9)) for t in stage] for stage in medians],
+        bundle_arch=bundle.arch,
+        bundle_identity=bundle_identity(bundle),
+        provider=str(executor.providers[0]),
+        providers=[str(p) for p in executor.providers],
+        threads=executor_threads(executor),
+        repeats=int(repeats),
+        onnxruntime_version=str(ort.__version__),
+        anytime_version=__version__,
+        machine=machine_info(),
+        created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def check_profile(profile: LatencyProfile, bundle: Bundle, executor: StageExecutor, where: str = "") -> None:
+    """Refuse a profile of another bundle or provider (its times say nothing about this model); warn when
+    it was measured with another thread count, CPU or onnxruntime (the times are off, by how much unknown)."""
+    from anytime.runtime.engine import import_onnxruntime
+
+    ort = import_onnxruntime()
+
+    name = f"latency profile {where}" if where else "the latency profile"
+    identity = bundle_identity(bundle)
+    if profile.num_exits != bundle.num_exits or profile.bundle_identity != identity:
+        raise ProfileError(
+            f"{name} was measured for another bundle ({profile.bundle_arch}, {profile.num_exits} stages, identity "
+            f"{profile.bundle_identity[:12]}) than {bundle.path} ({bundle.arch}, {bundle.num_exits} stages, identity "
+            f"{identity[:12]}); profile this bundle: anytime profile {bundle.path} -o FILE"
+        )
+    provider = str(executor.providers[0])
+    if profile.provider != provider:
+        raise ProfileError(
+            f"{name} was measured on {profile.provider}, but this model runs on {provider}; times do not carry "
+            f"over between providers: {MAKE_ONE} with the same --device/--providers"
+        )
+    threads = executor_threads(executor)
+    problems = []
+    if profile.threads != threads:
+
+        def show(n: int | None) -> str:
+            return "onnxruntime's default" if n is None else str(n)
+
+        problems.append(f"threads {show(profile.threads)} when measured, {show(threads)} now")
+    cpu = cpu_name()
+    if profile.machine.get("cpu") not in (None, cpu):
+        problems.append(f"CPU {profile.machine.get('cpu')!r} when measured, {cpu!r} now")
+    if profile.onnxruntime_version and profile.onnxruntime_version != ort.__version__:
+        problems.append(f"onnxruntime {profile.onnxruntime_version} when measured, {ort.__version__} now")
+    if problems:
+        warnings.warn(
+            f"{name} was measured under other conditions ({'; '.join(problems)}): time budgets will be off; "
+            "re-profile with the options you serve with",
+            ProfileMismatchWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,421 @@
+"""Latency profiles and budgets in time: the profile file, measuring it, the time cost model in calibration,
+the errors, the overshoot warning, and the CLI (`anytime profile`, `--profile`)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import PATTERN_CLASSES, make_pattern_images
+from test_runtime_serve import run_cli
+
+import anytime
+from anytime.errors import BudgetError, ProfileError, ProfileMismatchWarning
+from anytime.formats.bundle import bundle_identity, read_bundle
+from anytime.formats.profile import LatencyProfile, profile_rows
+from anytime.runtime.budget import TIME_CONVENTION, parse_budget, resolve_budget_cost
+from anytime.runtime.calibration import ValidationData, first_exit
+from anytime.runtime.costmodel import TimeCost
+from anytime.runtime.results import OVERSHOOT_MARGIN
+
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
+CPU = "CPUExecutionProvider"
+ROWS = [1, 2, 4, 8, 16, 32, 64]
+PER_ROW_US = (40.0, 30.0, 20.0, 10.0)  # hand-made: stage k costs overhead + per_row * rows microseconds a call
+OVERHEAD_US = (60.0, 50.0, 40.0, 30.0)
+
+
+def synthetic_profile(bundle, provider: str = CPU, threads: int | None = 1, identity: str | None = None):
+    """A profile with hand-made numbers, so that tests of calibration in time are deterministic."""
+    b = read_bundle(bundle)
+    table = [[(o + p * r) * 1e-6 for r in ROWS] for p, o in zip(PER_ROW_US, OVERHEAD_US)]
+    return LatencyProfile(
+        rows=list(ROWS),
+        stage_call_seconds=table,
+        bundle_arch=b.arch,
+        bundle_identity=identity or bundle_identity(b),
+        provider=provider,
+        providers=[provider],
+        threads=threads,
+        machine={},
+    )
+
+
+def full_batch_seconds() -> np.ndarray:
+    return np.cumsum([(p + o / 64) * 1e-6 for p, o in zip(PER_ROW_US, OVERHEAD_US)])
+
+
+@pytest.fixture(scope="module")
+def timed_model(pattern_bundle):
+    return anytime.load(pattern_bundle, device="cpu", threads=1, profile=synthetic_profile(pattern_bundle))
+
+
+# --- the file --------------------------------------------------------------------------------------
+
+
+def test_measured_profile_is_sane_and_round_trips(pattern_bundle, tmp_path):
+    model = anytime.load(pattern_bundle, device="cpu", threads=1)
+    prof = model.profile(batch_size=8, repeats=2, warmup=1)
+    assert prof.rows == [1, 2, 4, 8] == profile_rows(8)
+    assert prof.num_exits == 4 and prof.batch_size == 8
+    assert prof.provider == CPU and prof.threads == 1
+    assert prof.bundle_identity == bundle_identity(model.bundle)
+    table = np.array(prof.stage_call_seconds)
+    assert table.shape == (4, 4) and np.all(np.isfinite(table)) and np.all(table > 0)
+    # No timing claims here (a shared machine makes them flaky; speed lives in benchmarks/): only that
+    # every stage was timed at every row count and the derived numbers agree with the table.
+    np.testing.assert_allclose(prof.seconds_per_row, table[:, -1] / 8)
+    assert prof.onnxruntime_version and prof.machine["cpu_count"] >= 1
+    path = prof.save(tmp_path / "profile.json")
+    again = LatencyProfile.load(path)
+    assert again.to_dict() == prof.to_dict()
+    assert json.loads(path.read_text())["stage_seconds_per_row"] == pytest.approx(list(prof.seconds_per_row))
+
+
+def test_profile_is_written_atomically(pattern_bundle, tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    synthetic_profile(pattern_bundle).save(path)
+    before = path.read_text()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("anytime.fileio.os.replace", fail)
+    with pytest.raises(OSError):
+        synthetic_profile(pattern_bundle, threads=2).save(path)
+    assert path.read_text() == before  # the old profile, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temporary file left behind
+
+
+def test_interpolation_between_row_counts(pattern_bundle):
+    prof = synthetic_profile(pattern_bundle)
+    assert prof.call_seconds(0, 0) == 0.0  # a stage no row reaches is not called
+    assert prof.call_seconds(0, 0.5) == pytest.approx(0.5 * 100e-6)  # between nothing and one row
+    assert prof.call_seconds(0, 3) == pytest.approx((60 + 40 * 3) * 1e-6)  # linear between 2 and 4 rows
+    assert prof.call_seconds(0, 128) == pytest.approx(128 * (60 + 40 * 64) * 1e-6 / 64)  # beyond: time per row
+    np.testing.assert_allclose(prof.exit_seconds, full_batch_seconds())
+    assert prof.full_seconds == pytest.approx(full_batch_seconds()[-1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format="something-else"), "not an anytime latency profile"),
+        (lambda d: d.update(format_version=99), "upgrade anytime"),
+        (lambda d: d["stage_call_seconds"][1].__setitem__(2, -1.0), "positive finite seconds"),
+        (lambda d: d.update(rows=[1, 4, 2, 8, 16, 32, 64]), "strictly increasing"),
+        (lambda d: d["bundle"].update(identity="abc"), "64 lowercase hex"),
+        (lambda d: d.update(batch_size=32), "largest row count"),
+        (lambda d: d.update(threads=-2), "threads"),
+    ],
+)
+def test_malformed_profile_is_refused_with_the_fix(pattern_bundle, tmp_path, change, message):
+    d = synthetic_profile(pattern_bundle).to_dict()
+    change(d)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ProfileError) as info:
+        LatencyProfile.load(path)
+    assert message in str(info.value) and "anytime profile" in str(info.value)
+
+
+def test_missing_or_unreadable_profile(tmp_path):
+    with pytest.raises(ProfileError, match="does not exist"):
+        LatencyProfile.load(tmp_path / "nope.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="cannot read"):
+        LatencyProfile.load(tmp_path / "broken.json")
+
+
+# --- which profile fits which model ----------------------------------------------------------------
+
+
+def test_profile_of_another_bundle_is_refused(pattern_bundle):
+    other = synthetic_profile(pattern_bundle, identity="0" * 64)
+    with pytest.raises(ProfileError, match="another bundle"):
+        anytime.load(pattern_bundle, device="cpu", threads=1, profile=other)
+
+
+def test_bundle_identity_follows_the_graphs(pattern_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pattern_bundle, copy)
+    assert bundle_identity(read_bundle(copy)) == bundle_identity(read_bundle(pattern_bundle))
+    with open(copy / "stage_2.onnx", "ab") as fh:
+        fh.write(b"\0")
+    assert bundle_identity(read_bundle(copy)) != bundle_identity(read_bundle(pattern_bundle))
+
+
+def test_profile_of_another_provider_is_refused(pattern_bundle):
+    gpu = synthetic_profile(pattern_bundle, provider="CUDAExecutionProvider")
+    with pytest.raises(ProfileError, match="measured on CUDAExecutionProvider, but this model runs on CPU"):
+        anytime.load(pattern_bundle, device="cpu", threads=1, profile=gpu)
+
+
+def test_profile_of_another_thread_count_warns(pattern_bundle):
+    with pytest.warns(ProfileMismatchWarning, match="threads 1 when measured, 2 now"):
+        model = anytime.load(pattern_bundle, device="cpu", threads=2, profile=synthetic_profile(pattern_bundle))
+    assert model.cost_convention == TIME_CONVENTION
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching thread count: no warning
+        anytime.load(pattern_bundle, device="cpu", threads=1, profile=synthetic_profile(pattern_bundle))
+
+
+# --- budgets in time --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("0.3ms", 3e-4),
+        ("300us", 3e-4),
+        ("300µs", 3e-4),
+        ("300μs", 3e-4),
+        ("2e-4s", 2e-4),
+        (" 1.5 s", 1.5),
+        ("500ns", 5e-7),
+    ],
+)
+def test_time_budgets_parse(text, seconds):
+    b = parse_budget(text)
+    assert b.kind == "time" and b.value == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, unit", [("3kb", "kb"), ("0.3 msec", "msec"), ("40 mins", "mins"), ("5x", "x")])
+def test_unknown_unit_names_the_accepted_ones(text, unit):
+    with pytest.raises(BudgetError) as info:
+        parse_budget(text)
+    msg = str(info.value)
+    assert f"unknown unit '{unit}'" in msg
+    assert all(u in msg for u in ("ms", "us", "µs", "%", "exit=3", "120M"))
+
+
+def test_time_budget_without_a_profile_says_how_to_make_one(pattern_bundle):
+    model = anytime.load(pattern_bundle, device="cpu")
+    with pytest.raises(BudgetError) as info:
+        model.calibrate("0.3ms")
+    assert "no latency profile" in str(info.value) and "anytime profile" in str(info.value)
+    assert "--profile" in str(info.value)
+
+
+def test_fraction_of_the_measured_time_and_the_feasible_range(timed_model):
+    full = full_batch_seconds()
+    assert timed_model.cost_convention == TIME_CONVENTION
+    np.testing.assert_allclose(timed_model.exit_costs, full)
+    assert timed_model.budget_cost("40%") == pytest.approx(0.4 * full[-1])
+    assert timed_model.budget_cost("60us") == pytest.approx(60e-6)
+    with pytest.raises(BudgetError) as info:
+        timed_model.calibrate("10us")
+    msg = str(info.value)
+    assert "below the time of the first exit" in msg and "40.94 µs to 102.8 µs per image" in msg
+    with pytest.raises(BudgetError, match="budgets are times per image"):
+        timed_model.calibrate("120M")  # a MAC count means nothing when time is the convention
+
+
+def test_resolve_budget_cost_in_time_units():
+    costs = [1e-4, 2e-4, 4e-4]
+    assert resolve_budget_cost(parse_budget("50%"), costs, TIME_CONVENTION) == pytest.approx(2e-4)
+    assert resolve_budget_cost(parse_budget("0.3ms"), costs, TIME_CONVENTION) == pytest.approx(3e-4)
+    with pytest.raises(BudgetError, match=r"above the time of the last exit; feasible budgets are 100 µs to 400 µs"):
+        resolve_budget_cost(parse_budget("1ms"), costs, TIME_CONVENTION)
+
+
+# --- calibration against profiled stage times -------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["50us", "70us", "60%"])
+def test_full_batch_time_policies_meet_the_budget_and_equal_a_linear_convention(timed_model, budget):
+    target = timed_model.budget_cost(budget)
+    logits, labels = timed_model.bundle.load_calibration()
+    linear = ValidationData(logits, labels, full_batch_seconds())
+    for name, fitted in timed_model.calibrate_all(budget).items():
+        assert fitted.cost_convention == TIME_CONVENTION
+        assert fitted.expected_cost <= target * (1 + 1e-9), name
+        # Time on full batches is linear in the exits taken: the same thresholds as a cost convention
+        # whose exit costs are the profiled seconds per image.
+        cost, acc, _ = linear.evaluate(fitted.threshold_array())
+        assert cost == pytest.approx(fitted.expected_cost) and acc == pytest.approx(fitted.expected_accuracy)
+    geo, search = (timed_model.calibrate_all(budget)[k] for k in ("geometric", "search"))
+    assert search.expected_accuracy >= geo.expected_accuracy
+
+
+@pytest.mark.parametrize("budget", ["50us", "70us"])
+def test_per_batch_time_prices_small_calls_and_meets_the_budget(timed_model, budget):
+    target = timed_model.budget_cost(budget)
+    logits, labels = timed_model.bundle.load_calibration()
+    data = ValidationData(logits, labels, full_batch_seconds())
+    for name in ("geometric", "search"):
+        fitted = timed_model.calibrate(budget, name, cost_mode="per-batch")
+        assert fitted.info["cost_mode"] == "per-batch"
+        assert fitted.expected_cost <= target * (1 + 1e-9)
+        # Independently: stage k runs on p_k * 64 rows of each batch of 64, at the hand-made call times.
+        exits = first_exit(data.confidence, fitted.threshold_array())
+        reach = np.array([(exits >= k).mean() for k in range(4)])
+        rows = reach * 64
+        by_hand = sum(
+            np.interp(r, [0.0] + ROWS, [0.0] + [(o + p * x) * 1e-6 for x in ROWS])
+            for r, p, o in zip(rows, PER_ROW_US, OVERHEAD_US)
+        )
+        assert fitted.expected_cost == pytest.approx(by_hand / 64)
+        # Small compacted calls cost more per row, so per-batch time exceeds the full-batch estimate.
+        assert fitted.expected_cost > float(full_batch_seconds()[exits].mean())
+    per_batch = timed_model.calibrate(budget, "search", cost_mode="per-batch")
+    full = timed_model.calibrate(budget, "search")
+    assert per_batch.expected_accuracy <= full.expected_accuracy + 1e-12  # the same budget buys less
+
+
+def test_time_cost_model_is_exact_on_reach_counts(pattern_bundle):
+    cost = TimeCost(synthetic_profile(pattern_bundle), mode="per-batch")
+    reach = np.array([[64, 64], [32, 0], [8, 0], [1, 0]])
+    expected = [
+        sum((o + p * r) * 1e-6 for r, p, o in zip((64, 32, 8, 1), PER_ROW_US, OVERHEAD_US)) / 64,
+        (OVERHEAD_US[0] + PER_ROW_US[0] * 64) * 1e-6 / 64,
+    ]
+    np.testing.assert_allclose(cost.reach_cost(reach, 64), expected)
+    with pytest.raises(anytime.AnytimeError, match="cost mode"):
+        TimeCost(synthetic_profile(pattern_bundle), mode="sometimes")
+
+
+def test_predictions_in_time_rows_and_summary(timed_model):
+    x, _ = make_pattern_images(96, seed=11)
+    preds = timed_model.predict(x, budget="60us", batch_size=32)
+    assert preds.cost_convention == TIME_CONVENTION and preds.budget == pytest.approx(60e-6)
+    full = full_batch_seconds()
+    for row in preds.to_rows():
+        assert row["cost"] == pytest.approx(full[row["exit"] - 1])  # the profile's estimate for that exit
+    summary = preds.summary()
+    assert "average time (latency profile estimate)" in summary and "against a budget of 60 µs" in summary
+    assert "measured inference time" in summary
+
+
+def test_strict_time_budget_caps_every_batch(timed_model):
+    x, _ = make_pattern_images(128, seed=12)
+    budget = timed_model.budget_cost("50us")
+    for part in timed_model.predict_batches(x, budget="50us", strict=True, batch_size=32):
+        assert part.cost_array.sum() <= len(part) * budget * (1 + 1e-9)
+        assert part.policy.info["cost_mode"] == "per-batch"
+
+
+# --- overshoot ---------------------------------------------------------------------------------------
+
+
+def unlike_calibration_images(n: int = 128) -> np.ndarray:
+    """Grey noise: no texture of the four classes, so the early exits are unsure and most images go deep."""
+    rng = np.random.default_rng(0)
+    return np.clip(rng.normal(128, 120, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
+
+
+def test_overshoot_is_reported_with_the_strict_hint(pattern_bundle):
+    model = anytime.load(pattern_bundle, device="cpu")
+    preds = model.predict(unlike_calibration_images(), budget="50%")
+    assert preds.average_cost > preds.budget * (1 + OVERSHOOT_MARGIN)
+    assert preds.over_budget and preds.totals()["over_budget"] is True
+    summary = preds.summary()
+    assert "WARNING" in summary and "--strict" in summary and "more than 10% over" in summary
+    strict = model.predict(unlike_calibration_images(), budget="50%", strict=True)
+    assert not strict.over_budget and "WARNING" not in strict.summary()
+    x, _ = make_pattern_images(128, seed=4)
+    normal = model.predict(x, budget="50%")
+    assert not normal.over_budget and "WARNING" not in normal.summary()
+
+
+def test_serve_summary_carries_the_overshoot_warning(pattern_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    for i, img in enumerate(unlike_calibration_images(64)):
+        Image.fromarray(img[:, :, 0]).save(folder / f"n{i:02d}.png")
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(folder), "--budget", "50%", "-q"], capsys)
+    assert code == 0, err
+    assert "WARNING" in out and "--strict" in out
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def test_cli_profile_then_serve_calibrate_and_eval_in_time(pattern_bundle, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    code, out, err = run_cli(
+        ["profile", str(pattern_bundle), "--batch-size", "16", "--repeats", "2", "--threads", "1", "-o", str(path)],
+        capsys,
+    )
+    assert code == 0, err
+    assert "profile written to" in out and "--threads 1" in out and "full network" in out
+    prof = LatencyProfile.load(path)
+    assert prof.rows == [1, 2, 4, 8, 16] and prof.threads == 1
+    full = prof.full_seconds
+    # Between the first exit's and the full network's measured time: feasible whatever the timings were.
+    budget_us = f"{1e6 * (prof.exit_seconds[0] + full) / 2:.4f}us"
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    x, _ = make_pattern_images(20, seed=13)
+    for i, img in enumerate(x):
+        Image.fromarray(img[:, :, 0]).save(images / f"i{i:02d}.png")
+    common = ["--profile", str(path), "--threads", "1"]
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(images), "--budget", budget_us, "-q", *common], capsys)
+    assert code == 0, err
+    assert "average time (latency profile estimate)" in out and "measured inference time" in out
+
+    code, out, err = run_cli(["calibrate", str(pattern_bundle), "--budget", budget_us, *common], capsys)
+    assert code == 0, err
+    assert "µs per image" in out
+    code, out, err = run_cli(["calibrate", str(pattern_bundle), "--budget", "1ns", *common], capsys)
+    assert code == 2 and "below the time of the first exit" in err
+    code, out, err = run_cli(["calibrate", str(pattern_bundle), "--budget", "0.3ms"], capsys)
+    assert code == 2 and "anytime profile" in err
+
+    xt, yt = make_pattern_images(64, seed=2)
+    xtr, ytr = make_pattern_images(16, seed=7)
+    npz = tmp_path / "patterns.npz"
+    np.savez(npz, x_train=xtr, y_train=ytr, x_test=xt, y_test=yt, classes=np.array(PATTERN_CLASSES))
+    report_dir = tmp_path / "report"
+    code, out, err = run_cli(
+        [
+            "eval",
+            str(pattern_bundle),
+            "--data",
+            f"npz:{npz}",
+            "--points",
+            "4",
+            "--no-plots",
+            "-q",
+            "-o",
+            str(report_dir),
+        ]
+        + common,
+        capsys,
+    )
+    assert code == 0, err
+    assert "cost (seconds)" in out and "µs" in out
+    report = json.loads((report_dir / "report.json").read_text())["models"][0]
+    assert report["cost_convention"] == TIME_CONVENTION
+    assert report["exits"][-1]["cost"] == pytest.approx(full)
+    assert all(p["val_cost"] <= p["budget"] * (1 + 1e-9) for p in report["curve"])
+
+
+def test_cli_warns_in_one_line_for_another_thread_count(pattern_bundle, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    synthetic_profile(pattern_bundle, threads=1).save(path)
+    code, out, err = run_cli(
+        ["calibrate", str(pattern_bundle), "--budget", "50%", "--profile", str(path), "--threads", "2"], capsys
+    )
+    assert code == 0, err
+    assert "Warning: latency profile" in err and "threads 1 when measured, 2 now" in err
+    assert "Traceback" not in err
+
+
+def test_a_policy_fitted_in_time_needs_the_profile(timed_model, pattern_bundle, tmp_path):
+    path = tmp_path / "policy.json"
+    timed_model.calibrate("60us").save(path)
+    assert timed_model.resolve_policy(policy=str(path)).budget == pytest.approx(60e-6)
+    plain = anytime.load(pattern_bundle, device="cpu")
+    with pytest.raises(anytime.AnytimeError, match="budget is in seconds but this model's costs are in macs"):
+        plain.resolve_policy(policy=str(path))
