@@ -3,7 +3,7 @@
 Two steps, so that the measurement runs without torch:
 
   # 1. (torch) export a run directory (or train msdnet-tiny briefly) as a bundle with exit_K.onnx
-  python benchmarks/runtime_budget.py build --run runs/default-drmgf --out bundles/bench-fm
+  python benchmarks/runtime_budget.py build --run runs/default-joint --out bundles/bench-fm
   # 2. (onnxruntime, numpy only) measure and write the report
   python benchmarks/runtime_budget.py measure --bundle bundles/bench-fm --data ../shared/data/fashion-mnist.npz \
       --out benchmarks/results/runtime_budget.md

@@ -100,7 +100,9 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
     for i, m in enumerate(report.models):
         color = f"C{i}"
         for policy, style in (("search", "-"), ("geometric", "--")):
-            pts = m.points(policy)
+            # A line through realised costs: the search policy stops spending where the validation data shows no
+            # gain, so a larger budget can realise a smaller cost, and budget order would draw the line backwards.
+            pts = sorted(m.points(policy), key=lambda p: p.cost)
             ax.plot(
                 [p.cost / scale for p in pts],
                 [100 * p.accuracy for p in pts],
