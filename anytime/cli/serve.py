@@ -7,7 +7,7 @@ import time
 
 import click
 
-from anytime.cli._options import PREDICT, api_option, given, load_bundle, output_option, runtime_device_options
+from anytime.cli._options import LOAD, PREDICT, api_option, given, load_bundle, output_option, runtime_device_options
 from anytime.errors import ConfigError
 from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
 
@@ -29,8 +29,32 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     "written by `anytime calibrate -o` (then no --budget).",
 )
 @api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
+@api_option(
+    "--scheduler",
+    type=click.Choice(["auto", "refill", "batch"]),
+    api=PREDICT,
+    help="refill: a queue per stage, so every stage runs on full batches; batch: each batch on its own, "
+    "compacted after each exit; auto: refill unless --strict (its cap is per batch). Same answers.",
+)
+@api_option(
+    "--ordered/--unordered",
+    api=PREDICT,
+    help="Rows in input order, or as they are answered (refill: early answers leave without waiting).",
+)
+@api_option(
+    "--max-wait-rows",
+    type=click.IntRange(min=1),
+    api=PREDICT,
+    help="Refill: no input waits while more later inputs than this are read (default: 16 batches).",
+)
 @output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
 @runtime_device_options
+@api_option(
+    "--io-binding",
+    type=click.Choice(["auto", "on", "off"]),
+    api=LOAD,
+    help="Keep stage state tensors on the device between stages (auto: with CUDA).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
 def serve(
@@ -41,10 +65,14 @@ def serve(
     strict: bool | None,
     policy: str | None,
     batch_size: int | None,
+    scheduler: str | None,
+    ordered: bool | None,
+    max_wait_rows: int | None,
     output: str | None,
     device: str | None,
     providers: str | None,
     threads: int | None,
+    io_binding: str | None,
     quiet: bool,
 ) -> None:
     """Budgeted batch prediction with real early exit.
@@ -87,7 +115,8 @@ def serve(
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
 
-    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
+    binding = None if io_binding is None else {"auto": "auto", "on": True, "off": False}[io_binding]
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads, io_binding=binding)
     chosen = model.resolve_policy(budget=budget, exit=exit_, **given(policy=policy))
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
@@ -101,7 +130,9 @@ def serve(
         expand_paths(inputs, stdin=sys.stdin),
         policy=chosen,
         on_error="record",
-        **given(batch_size=batch_size, strict=strict),
+        **given(
+            batch_size=batch_size, strict=strict, scheduler=scheduler, ordered=ordered, max_wait_rows=max_wait_rows
+        ),
     )
     bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
     t0 = time.perf_counter()
