@@ -108,28 +108,80 @@ class _Admitted:
         self.remaining = running
 
 
-class _Queue:
-    """Rows waiting for one stage: id chunks and state chunks, joined only when the stage runs."""
+Rows = np.ndarray | slice | None  # which rows of a state to queue: indices, a slice, or all
 
-    def __init__(self) -> None:
-        self.ids: list[np.ndarray] = []
-        self.states: list[dict[str, Any]] = []
+
+class _HostQueue:
+    """Rows waiting for one stage on the host: one preallocated buffer of `capacity` rows per state tensor.
+
+    Rows are copied straight into the buffer (compaction and queueing in one copy, as much copying as
+    per-batch compaction does), and a full batch arriving at an empty queue is queued without a copy.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self.rows = 0
+        self._ids = np.empty(capacity, dtype=np.int64)
+        self._buffers: dict[str, np.ndarray] | None = None
+        self._whole: dict[str, np.ndarray] | None = None  # a full batch queued as it came
 
-    def put(self, ids: np.ndarray, state: dict[str, Any]) -> None:
-        self.ids.append(ids)
-        self.states.append(state)
+    def put(self, ids: np.ndarray, state: dict[str, np.ndarray], rows: Rows) -> None:
+        n = ids.size
+        if self.rows == 0 and n == self.capacity and rows is None:
+            self._whole = state
+        else:
+            if self._buffers is None:
+                self._buffers = {k: np.empty((self.capacity, *v.shape[1:]), v.dtype) for k, v in state.items()}
+            for name, value in state.items():
+                target = self._buffers[name][self.rows : self.rows + n]
+                if isinstance(rows, np.ndarray):
+                    # mode="raise" (the default) with out= copies through a temporary: 10× slower measured.
+                    np.take(value, rows, axis=0, out=target, mode="clip")
+                else:
+                    target[...] = value if rows is None else value[rows]
+        self._ids[self.rows : self.rows + n] = ids
+        self.rows += n
+
+    @property
+    def head(self) -> int:
+        return int(self._ids[0])
+
+    def take_all(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The queued ids and state; the state is a view of the buffers, valid until the next `put`."""
+        ids = self._ids[: self.rows].copy()
+        if self._whole is not None:
+            state, self._whole = self._whole, None
+        else:
+            assert self._buffers is not None
+            state = {name: buffer[: self.rows] for name, buffer in self._buffers.items()}
+        self.rows = 0
+        return ids, state
+
+
+class _DeviceQueue:
+    """Rows waiting for one stage on the device: chunks of `OrtValue` states, joined when the stage runs."""
+
+    def __init__(self, executor: Any, stage: int) -> None:
+        self.executor = executor
+        self.stage = stage
+        self.rows = 0
+        self._ids: list[np.ndarray] = []
+        self._states: list[dict[str, Any]] = []
+
+    def put(self, ids: np.ndarray, state: dict[str, Any], rows: Rows) -> None:
+        self._ids.append(ids)
+        self._states.append(state if rows is None else self.executor.take_rows(self.stage, state, rows))
         self.rows += ids.size
 
     @property
     def head(self) -> int:
-        return int(self.ids[0][0])
+        return int(self._ids[0][0])
 
-    def take_all(self) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        ids = self.ids[0] if len(self.ids) == 1 else np.concatenate(self.ids)
-        states = self.states
-        self.ids, self.states, self.rows = [], [], 0
-        return ids, states
+    def take_all(self) -> tuple[np.ndarray, dict[str, Any]]:
+        ids = self._ids[0] if len(self._ids) == 1 else np.concatenate(self._ids)
+        state = self.executor.join_rows(self.stage, self._states)
+        self._ids, self._states, self.rows = [], [], 0
+        return ids, state
 
 
 class RefillingScheduler:
@@ -165,7 +217,10 @@ class RefillingScheduler:
         self.num_stages = executor.num_exits
         self.ordered = ordered
         self.calls = stage_calls if stage_calls is not None else StageCalls(self.num_stages)
-        self._queues = [_Queue() for _ in range(self.num_stages)]
+        self._queues: list[_HostQueue | _DeviceQueue] = [
+            _DeviceQueue(executor, k) if executor.io_binding else _HostQueue(self.batch_size)
+            for k in range(self.num_stages)
+        ]
         self._admitted: deque[_Admitted] = deque()
         self._starts: np.ndarray | None = None  # first ids of _admitted, for id -> batch lookup
         self._fresh: list[tuple[_Admitted, np.ndarray]] = []  # unordered: answered since the last release
@@ -204,15 +259,17 @@ class RefillingScheduler:
         return [q.rows for q in self._queues]
 
     # --- stages ----------------------------------------------------------------------------------------
-    def _push(self, k: int, ids: np.ndarray, state: dict[str, Any]) -> None:
-        """Rows enter stage k's queue in pieces that fill it; a full queue runs before more enter."""
+    def _push(self, k: int, ids: np.ndarray, state: dict[str, Any], rows: Rows = None) -> None:
+        """Rows `rows` of `state` (ids `ids`) enter stage k's queue in pieces that fill it; a full queue runs
+        before more enter."""
         queue, start, n = self._queues[k], 0, ids.size
         while start < n:
             take = min(self.batch_size - queue.rows, n - start)
             if start == 0 and take == n:
-                queue.put(ids, state)
+                queue.put(ids, state, rows)
             else:
-                queue.put(ids[start : start + take], self.executor.take_rows(k, state, slice(start, start + take)))
+                piece = slice(start, start + take) if rows is None else np.asarray(rows)[start : start + take]
+                queue.put(ids[start : start + take], state, piece)
             self.calls.max_queued_rows[k] = max(self.calls.max_queued_rows[k], queue.rows)
             start += take
             if queue.rows >= self.batch_size:
@@ -220,8 +277,7 @@ class RefillingScheduler:
 
     def _run(self, k: int) -> None:
         """Run stage k on all its queued rows; answer those that exit, queue the others for stage k+1."""
-        ids, states = self._queues[k].take_all()
-        state = self.executor.join_rows(k, states)
+        ids, state = self._queues[k].take_all()
         t0 = time.perf_counter()
         logits, after = self.executor.run_stage(k, state)
         self.calls.add(k, ids.size, time.perf_counter() - t0)
@@ -230,14 +286,13 @@ class RefillingScheduler:
             self._answer(ids, pred, conf, k)
             return
         leave = conf >= self.thresholds[k]
-        if leave.any():
-            self._answer(ids[leave], pred[leave], conf[leave], k)
-        if leave.all():
+        if not leave.any():
+            self._push(k + 1, ids, after)
             return
-        if leave.any():
+        self._answer(ids[leave], pred[leave], conf[leave], k)
+        if not leave.all():
             keep = np.flatnonzero(~leave)
-            ids, after = ids[keep], self.executor.take_rows(k + 1, after, keep)
-        self._push(k + 1, ids, after)
+            self._push(k + 1, ids[keep], after, keep)
 
     def _keep_waits_bounded(self) -> None:
         """Run the stage that holds the oldest unanswered input until it is at most max_wait_rows behind."""
