@@ -203,7 +203,8 @@ def test_resize_and_crop_follow_the_training_recipe(model):
     assert preds.images == 4
 
 
-def test_inputs_are_consumed_lazily_in_batches(model, pattern_test_images):
+@pytest.mark.parametrize("scheduler", ["batch", "refill"])
+def test_inputs_are_consumed_lazily_in_batches(model, pattern_test_images, scheduler):
     x, _ = pattern_test_images
     pulled = []
 
@@ -212,11 +213,15 @@ def test_inputs_are_consumed_lazily_in_batches(model, pattern_test_images):
             pulled.append(i)
             yield x[i]
 
-    stream = model.predict_batches(source(), budget="50%", batch_size=10)
+    stream = model.predict_batches(source(), budget="50%", batch_size=10, scheduler=scheduler, max_wait_rows=40)
     first = next(stream)
-    assert len(first) == 10
-    # One batch being answered and at most one prefetched: never the whole input.
-    assert len(pulled) <= 20
+    assert len(first) == 10 and first.paths == [None] * 10
+    if scheduler == "batch":
+        # One batch being answered and at most one prefetched: never the whole input.
+        assert len(pulled) <= 20
+    else:
+        # The first batch is out once no input of it is more than max_wait_rows behind, plus one prefetched.
+        assert len(pulled) <= 40 + 2 * 10
     rest = sum(len(p) for p in stream)
     assert rest == len(x) - 10 and len(pulled) == len(x)
 

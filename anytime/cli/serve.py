@@ -8,6 +8,7 @@ import time
 import click
 
 from anytime.cli._options import (
+    LOAD,
     PREDICT,
     api_option,
     given,
@@ -40,9 +41,33 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     "written by `anytime calibrate -o` (then no --budget).",
 )
 @api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
+@api_option(
+    "--scheduler",
+    type=click.Choice(["auto", "refill", "batch"]),
+    api=PREDICT,
+    help="refill: a queue per stage, so every stage runs on full batches; batch: each batch on its own, "
+    "compacted after each exit; auto: refill unless --strict (its cap is per batch). Same answers.",
+)
+@api_option(
+    "--ordered/--unordered",
+    api=PREDICT,
+    help="Rows in input order, or as they are answered (refill: early answers leave without waiting).",
+)
+@api_option(
+    "--max-wait-rows",
+    type=click.IntRange(min=1),
+    api=PREDICT,
+    help="Refill: no input waits while more later inputs than this are read (default: 16 batches).",
+)
 @output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
 @runtime_device_options
 @profile_options
+@api_option(
+    "--io-binding",
+    type=click.Choice(["auto", "on", "off"]),
+    api=LOAD,
+    help="Keep stage state tensors on the device between stages (auto: with CUDA).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
 def serve(
@@ -53,12 +78,16 @@ def serve(
     strict: bool | None,
     policy: str | None,
     batch_size: int | None,
+    scheduler: str | None,
+    ordered: bool | None,
+    max_wait_rows: int | None,
     output: str | None,
     device: str | None,
     providers: str | None,
     threads: int | None,
     profile: str | None,
     cost_mode: str | None,
+    io_binding: str | None,
     quiet: bool,
 ) -> None:
     """Budgeted batch prediction with real early exit.
@@ -101,12 +130,21 @@ def serve(
         raise click.UsageError("give either --budget or --exit, not both")
     fmt = output_format(output) if output else None
 
+    binding = None if io_binding is None else {"auto": "auto", "on": True, "off": False}[io_binding]
     model = load_bundle(
-        bundle, device=device, providers=providers, threads=threads, profile=profile, cost_mode=cost_mode
+        bundle,
+        device=device,
+        providers=providers,
+        threads=threads,
+        profile=profile,
+        cost_mode=cost_mode,
+        io_binding=binding,
     )
-    # As predict(strict=True) does: a strict cap holds per batch, so time is counted per batch.
+    # As predict does: a strict cap holds per batch and the per-batch executor compacts every batch stage by
+    # stage, so their time is counted per batch; the refilling scheduler runs full batches.
+    per_batch = strict or scheduler == "batch"
     chosen = model.resolve_policy(
-        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if strict else None)
+        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else None)
     )
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")
@@ -120,7 +158,9 @@ def serve(
         expand_paths(inputs, stdin=sys.stdin),
         policy=chosen,
         on_error="record",
-        **given(batch_size=batch_size, strict=strict),
+        **given(
+            batch_size=batch_size, strict=strict, scheduler=scheduler, ordered=ordered, max_wait_rows=max_wait_rows
+        ),
     )
     bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
     t0 = time.perf_counter()

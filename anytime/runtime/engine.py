@@ -1,8 +1,14 @@
 """ONNX Runtime sessions for a bundle's stages, and the batched early-exit executor.
 
 A batch runs stage by stage. After each stage the samples whose confidence reaches that exit's threshold
-leave; the rest are compacted (one boolean-mask take per state tensor) into a smaller batch that goes on
-with its state tensors. Nothing is computed twice and no sample runs a stage it does not need.
+leave; the rest are compacted (one row take per state tensor) into a smaller batch that goes on with its
+state tensors. Nothing is computed twice and no sample runs a stage it does not need.
+
+The executor's stage steps (`start`, `run_stage`, `take_rows`, `join_rows`) work on a *state*: a dict of
+the tensors one stage hands to the next. On the plain path they are numpy arrays; with IO binding
+(`anytime.runtime.iobinding`) they are `OrtValue`s that stay on the device, and only logits come to the
+host. `run_early_exit` (one batch, compacted per stage) and `anytime.runtime.scheduler.RefillingScheduler`
+(a stream, stages refilled to full batches) are both built from these steps.
 """
 
 from __future__ import annotations
@@ -20,11 +26,10 @@ import numpy as np
 from anytime.errors import BundleError, ConfigError, MissingDependencyError, require
 from anytime.formats.bundle import Bundle, StageSpec
 from anytime.runtime.calibration import softmax_confidence
+from anytime.runtime.iobinding import CPU, CUDA, DeviceRows, bind_input, resolve_io_binding
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -106,10 +111,19 @@ class StageExecutor:
         device: str | None = None,
         threads: int | None = None,
         spinning: bool = False,
+        io_binding: bool | str = "auto",
     ) -> None:
         self.bundle = bundle
         self._setup(
-            bundle.path, bundle.stages, bundle.input.name, bundle.exit_costs, providers, device, threads, spinning
+            bundle.path,
+            bundle.stages,
+            bundle.input.name,
+            bundle.exit_costs,
+            providers,
+            device,
+            threads,
+            spinning,
+            io_binding,
         )
 
     @classmethod
@@ -140,6 +154,7 @@ class StageExecutor:
             None,
             None,
             False,
+            False,
         )
         return executor
 
@@ -153,6 +168,7 @@ class StageExecutor:
         device: str | None,
         threads: int | None,
         spinning: bool,
+        io_binding: bool | str,
     ) -> None:
         wanted = resolve_providers(providers, device)
         self.sessions = []
@@ -175,6 +191,36 @@ class StageExecutor:
         self._out_names = [list(s.outputs) for s in stages]
         self._logit_pos = [s.outputs.index(s.logits) for s in stages]
         self._state_names = [list(s.state_outputs) for s in stages]
+        self._setup_io_binding(io_binding, wanted)
+
+    def _setup_io_binding(self, io_binding: bool | str, wanted: Sequence[Any]) -> None:
+        """`device_type` (None: plain path) and, per stage boundary, the row operations on the device."""
+        self.device_type = resolve_io_binding(io_binding, self.providers)
+        self.device_id = 0
+        # _device_rows[k]: gather/concat of the state that enters stage k (k >= 1; stage 0 gets host input).
+        self._device_rows: list[DeviceRows | None] = [None] * self.num_exits
+        if self.device_type is None:
+            return
+        first = self.providers[0]
+        self.device_id = int(self.sessions[0].get_provider_options().get(first, {}).get("device_id", 0) or 0)
+        ort = import_onnxruntime(gpu=self.on_gpu)
+        for k in range(1, self.num_exits):
+            produced = {o.name: o for o in self.sessions[k - 1].get_outputs()}
+            names = self._state_names[k - 1]
+            self._device_rows[k] = DeviceRows(
+                ort,
+                names,
+                [produced[n].type for n in names],
+                [len(produced[n].shape) for n in names],
+                self.device_type,
+                self.device_id,
+                list(wanted),
+            )
+        log.info("IO binding on %s: stage state tensors stay on the device", self.device_type)
+
+    @property
+    def io_binding(self) -> bool:
+        return self.device_type is not None
 
     @staticmethod
     def _check_io(session: Any, stage: Any) -> None:
@@ -192,6 +238,48 @@ class StageExecutor:
 
     def _run(self, k: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[k].run(self._out_names[k], feeds)
+
+    # --- stage steps (a state: the dict of tensors entering a stage) --------------------------------------
+    def start(self, x: np.ndarray) -> dict[str, Any]:
+        """The state entering stage 0: the normalised input batch (always on the host)."""
+        return {self.input_name: x}
+
+    def run_stage(self, k: int, state: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run stage k on a state: (its logits on the host, the state entering stage k+1; {} after the last)."""
+        if self.device_type is None:
+            outs = self._run(k, state)
+            names = self._out_names[k]
+            return outs[self._logit_pos[k]], {n: outs[names.index(n)] for n in self._state_names[k]}
+        session = self.sessions[k]
+        binding = session.io_binding()
+        for name, value in state.items():
+            bind_input(binding, name, value)
+        logits_name = self._out_names[k][self._logit_pos[k]]
+        bound = [logits_name] + self._state_names[k]
+        binding.bind_output(logits_name, "cpu")  # only the logits come to the host
+        for name in self._state_names[k]:
+            binding.bind_output(name, self.device_type, self.device_id)
+        session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), dict(zip(bound[1:], list(outs)[1:]))
+
+    def take_rows(self, k: int, state: dict[str, Any], rows: np.ndarray | slice) -> dict[str, Any]:
+        """The given rows (0-based indices in that order, or a slice) of a state entering stage k."""
+        ops = self._device_rows[k]
+        if ops is None or all(isinstance(v, np.ndarray) for v in state.values()):
+            return {n: v[rows] for n, v in state.items()}
+        if isinstance(rows, slice):
+            rows = np.arange(rows.start or 0, rows.stop)
+        return ops.gather(state, rows)
+
+    def join_rows(self, k: int, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """States entering stage k, joined along the rows in the given order."""
+        if len(states) == 1:
+            return states[0]
+        ops = self._device_rows[k]
+        if ops is None or all(isinstance(v, np.ndarray) for s in states for v in s.values()):
+            return {n: np.concatenate([s[n] for s in states]) for n in states[0]}
+        return ops.concat(states)
 
     def run_all(self, x: np.ndarray) -> np.ndarray:
         """Logits of every exit for the whole batch, (K, N, C): the reference that early exit must match."""
@@ -223,17 +311,17 @@ class StageExecutor:
         exits = np.empty(n, dtype=np.int64)
         trace = BatchTrace()
         active = np.arange(n)
-        feeds: dict[str, np.ndarray] = {self.input_name: x}
+        state = self.start(x)
         costs = self.costs
         spent = n * float(costs[0])
         cap_total = None if cap_per_image is None else n * float(cap_per_image)
         for k in range(k_exits):
             trace.rows_per_stage.append(int(active.size))
             t0 = time.perf_counter()
-            outs = self._run(k, feeds)
+            logits, state = self.run_stage(k, state)
             t1 = time.perf_counter()
             trace.stage_seconds.append(t1 - t0)
-            conf, pred = softmax_confidence(outs[self._logit_pos[k]])
+            conf, pred = softmax_confidence(logits)
             if k == k_exits - 1:
                 leave = np.ones(active.size, dtype=bool)
             else:
@@ -249,11 +337,9 @@ class StageExecutor:
             if leave.any():
                 idx = active[leave]
                 labels[idx], confidence[idx], exits[idx] = pred[leave], conf[leave], k
-                keep = ~leave
+                keep = np.flatnonzero(~leave)
                 active = active[keep]
-                feeds = {name: outs[self._out_names[k].index(name)][keep] for name in self._state_names[k]}
-            else:
-                feeds = {name: outs[self._out_names[k].index(name)] for name in self._state_names[k]}
+                state = self.take_rows(k + 1, state, keep)
             trace.overhead_seconds += time.perf_counter() - t1
         trace.total_cost = float(costs[exits].sum())
         return labels, confidence, exits, trace

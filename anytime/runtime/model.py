@@ -39,10 +39,12 @@ from anytime.runtime.engine import StageExecutor
 from anytime.runtime.inputs import InputItem, MissingInput, iter_input_items
 from anytime.runtime.profiling import check_profile, measure_profile
 from anytime.runtime.results import Predictions, concat
+from anytime.runtime.scheduler import Answered, RefillingScheduler, StageCalls
 
 log = logging.getLogger(__name__)
 
 POLICY_CHOICES = ("best", "geometric", "search")
+SCHEDULER_CHOICES = ("auto", "refill", "batch")
 PolicyLike = ExitPolicy | str | os.PathLike
 ProfileLike = LatencyProfile | str | os.PathLike
 
@@ -300,6 +302,10 @@ class AnytimeModel:
         batch_size: int = 64,
         strict: bool = False,
         on_error: str = "raise",
+        scheduler: str = "auto",
+        ordered: bool = True,
+        max_wait_rows: int | None = None,
+        stage_calls: StageCalls | None = None,
         *,
         method: str | None = None,
     ) -> Predictions:
@@ -311,12 +317,29 @@ class AnytimeModel:
         policy the full network answers.
         `strict`: each batch's total cost never exceeds images × budget. `on_error`: "raise" stops at
         the first unreadable input; "record" gives it an error row and goes on.
+        `scheduler`: "refill" keeps a queue of waiting rows per stage so that every stage runs on full
+        batches of `batch_size` (see `anytime.runtime.scheduler`); "batch" runs each batch through the
+        stages on its own, compacting it after each exit; "auto" refills streams longer than one batch
+        unless `strict` (whose cap is per batch). Answers are the same either way. `ordered=False`
+        releases answers as they are ready rather than in input order (refill only). `max_wait_rows`:
+        no input waits while more later inputs than this are admitted (default 16 batches).
+        `stage_calls`: a `StageCalls` to fill with every stage call's rows and seconds.
         """
         policy = _renamed_method(policy, method, "predict")
         t0 = time.perf_counter()
         parts = list(
             self.predict_batches(
-                inputs, budget=budget, policy=policy, exit=exit, batch_size=batch_size, strict=strict, on_error=on_error
+                inputs,
+                budget=budget,
+                policy=policy,
+                exit=exit,
+                batch_size=batch_size,
+                strict=strict,
+                on_error=on_error,
+                scheduler=scheduler,
+                ordered=ordered,
+                max_wait_rows=max_wait_rows,
+                stage_calls=stage_calls,
             )
         )
         seconds = time.perf_counter() - t0
@@ -338,23 +361,61 @@ class AnytimeModel:
         batch_size: int = 64,
         strict: bool = False,
         on_error: str = "record",
+        scheduler: str = "auto",
+        ordered: bool = True,
+        max_wait_rows: int | None = None,
+        stage_calls: StageCalls | None = None,
         *,
         method: str | None = None,
     ) -> Iterator[Predictions]:
-        """Like `predict`, but yields one `Predictions` per batch: memory stays bounded by two batches."""
+        """Like `predict`, but yields `Predictions` as answers are ready, so memory stays bounded.
+
+        With the per-batch scheduler each part is one input batch (two batches in memory at most). With
+        the refilling one a part is one input batch once all of its inputs are answered (`ordered`), or
+        the inputs answered by then (`ordered=False`); waiting rows are bounded as the scheduler module
+        describes.
+        """
         if on_error not in ("raise", "record"):
             raise ConfigError(f"on_error={on_error!r}: use 'raise' or 'record'")
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
         batch_size = int(batch_size)
-        # A strict cap holds per batch, so with a latency profile its policy is fitted to per-batch compaction.
-        mode = "per-batch" if strict else None
-        chosen = self.resolve_policy(budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=mode)
+        mode = _choose_scheduler(scheduler, strict, inputs, batch_size)
+        # With a latency profile, a policy is priced as its executor runs: the per-batch executor (and a strict
+        # cap, which holds per batch) compacts every batch stage by stage; the refilling one runs full batches.
+        cost_mode = "per-batch" if mode == "batch" else None
+        chosen = self.resolve_policy(
+            budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=cost_mode
+        )
         thresholds = chosen.threshold_array()
         cap = chosen.budget if strict and chosen.budget is not None else None
+        if mode == "batch":
+            for loaded in self._loaded_batches(inputs, batch_size, on_error):
+                yield self._infer_batch(loaded, thresholds, cap, chosen, stage_calls)
+            return
+        refill = RefillingScheduler(self.executor, thresholds, batch_size, ordered, max_wait_rows, stage_calls)
+        preprocess = inference = 0.0  # seconds not yet reported in a yielded part
+        for loaded in self._loaded_batches(inputs, batch_size, on_error):
+            preprocess += loaded.pop("seconds")
+            x, ok = loaded.pop("x"), loaded.pop("ok")  # the reorder buffer keeps no images
+            t0 = time.perf_counter()
+            answered = refill.add(x, ok, len(loaded["names"]), loaded)
+            inference += time.perf_counter() - t0
+            for part in answered:
+                yield self._answered(part, chosen, preprocess, inference)
+                preprocess = inference = 0.0
+        t0 = time.perf_counter()
+        answered = refill.finish()
+        inference += time.perf_counter() - t0
+        for part in answered:
+            yield self._answered(part, chosen, preprocess, inference)
+            preprocess = inference = 0.0
+
+    def _loaded_batches(self, inputs: Any, batch_size: int, on_error: str) -> Iterator[dict[str, Any]]:
+        """Decoded batches of `batch_size` inputs; batch i+1 decodes while batch i is being answered."""
         chunks = _chunks(iter_input_items(inputs, self.classes), batch_size)
         with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=self.workers) as decode:
-            # Decode batch i+1 while batch i runs (onnxruntime releases the GIL): at most two in memory.
+            # onnxruntime releases the GIL, so decoding overlaps inference: at most two batches in memory.
             pending: Future | None = None
             chunk = next(chunks, None)
             if chunk is not None:
@@ -363,7 +424,7 @@ class AnytimeModel:
                 loaded = pending.result()
                 nxt = next(chunks, None)
                 pending = prefetch.submit(self._load_batch, nxt, decode, on_error) if nxt is not None else None
-                yield self._infer_batch(loaded, thresholds, cap, chosen)
+                yield loaded
 
     def _load_batch(self, chunk: list[InputItem], pool: ThreadPoolExecutor, on_error: str) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -404,7 +465,12 @@ class AnytimeModel:
         }
 
     def _infer_batch(
-        self, loaded: dict[str, Any], thresholds: np.ndarray, cap: float | None, chosen: ExitPolicy
+        self,
+        loaded: dict[str, Any],
+        thresholds: np.ndarray,
+        cap: float | None,
+        chosen: ExitPolicy,
+        stage_calls: StageCalls | None = None,
     ) -> Predictions:
         n = len(loaded["names"])
         labels = np.full(n, -1, dtype=np.int64)
@@ -418,6 +484,9 @@ class AnytimeModel:
             lab, cf, ex, trace = self.executor.run_early_exit(loaded["x"], thresholds, cap)
             labels[ok], conf[ok], exits[ok], costs[ok] = lab, cf, ex + 1, self.exit_costs[ex]
             rows = trace.rows_per_stage + [0] * (self.num_exits - len(trace.rows_per_stage))
+            if stage_calls is not None:
+                for k, (r, sec) in enumerate(zip(trace.rows_per_stage, trace.stage_seconds)):
+                    stage_calls.add(k, r, sec)
         inference = time.perf_counter() - t0
         return Predictions(
             paths=loaded["names"],
@@ -436,6 +505,30 @@ class AnytimeModel:
             rows_per_stage=rows,
         )
 
+    def _answered(self, part: Answered, chosen: ExitPolicy, preprocess: float, inference: float) -> Predictions:
+        """A part released by the refilling scheduler as `Predictions` (exit -1 there: an error row)."""
+        loaded, rows = part.payload, part.rows
+        ran = part.exits >= 0
+        costs = np.full(rows.size, math.nan)
+        costs[ran] = self.exit_costs[part.exits[ran]]
+        names, errors = loaded["names"], loaded["errors"]
+        return Predictions(
+            paths=[names[i] for i in rows],
+            label_array=np.where(ran, part.labels, -1),
+            confidence_array=np.where(ran, part.confidence, 0).astype(np.float32),
+            exit_array=np.where(ran, part.exits + 1, 0),
+            cost_array=costs,
+            error_list=[errors[i] for i in rows],
+            true_label_array=loaded["true"][rows],
+            classes=self.classes,
+            num_exits=self.num_exits,
+            cost_convention=self.cost_convention,
+            budget=chosen.budget,
+            policy=chosen,
+            speed={"preprocess_s": preprocess, "inference_s": inference},
+            rows_per_stage=[int((part.exits >= k).sum()) for k in range(self.num_exits)],
+        )
+
     def run_all_exits(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
         """Logits of every exit for every input, (K, N, C), computing all stages (no early exit)."""
         out = []
@@ -445,6 +538,37 @@ class AnytimeModel:
         if not out:
             raise ConfigError("run_all_exits() got no inputs")
         return np.concatenate(out, axis=1)
+
+
+def _choose_scheduler(scheduler: str, strict: bool, inputs: Any, batch_size: int) -> str:
+    """ "refill" or "batch": auto refills unless strict (a per-batch cap) or the input is one batch at most."""
+    if scheduler not in SCHEDULER_CHOICES:
+        raise ConfigError(f"scheduler={scheduler!r} is unknown; use one of {', '.join(SCHEDULER_CHOICES)}")
+    if strict:
+        if scheduler == "refill":
+            raise ConfigError(
+                "strict=True caps each batch's cost, which the refilling scheduler cannot keep (it mixes rows "
+                "of many batches in a stage call); use scheduler='batch' or 'auto' with strict"
+            )
+        return "batch"
+    if scheduler != "auto":
+        return scheduler
+    return "batch" if _at_most_one_batch(inputs, batch_size) else "refill"
+
+
+def _at_most_one_batch(inputs: Any, batch_size: int) -> bool:
+    """True for one image or array, or a sized collection of at most batch_size items (cheap checks only)."""
+    from PIL import Image
+
+    if isinstance(inputs, (Image.Image, InputItem)):
+        return True
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim < 4 or inputs.shape[0] <= batch_size
+    if isinstance(inputs, (str, os.PathLike)):
+        return not os.path.isdir(os.path.expanduser(inputs))
+    if isinstance(inputs, (list, tuple)):
+        return len(inputs) <= batch_size
+    return False
 
 
 def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -462,12 +586,15 @@ def load(
     workers: int | None = None,
     profile: ProfileLike | None = None,
     cost_mode: str = "full-batches",
+    io_binding: bool | str = "auto",
 ) -> AnytimeModel:
     """Load a bundle (the embedded default when None) on onnxruntime.
 
     `providers`: explicit onnxruntime providers; else `device` ("auto" | "cpu" | "cuda"): CUDA when
     onnxruntime-gpu and a GPU are present. `threads`: intra-op threads (None: onnxruntime's default).
-    `verify`: check every file's sha256 against the manifest.
+    `verify`: check every file's sha256 against the manifest. `io_binding`: keep the stages' state
+    tensors on the device between stages, only logits coming to the host ("auto": with CUDA; True also
+    works on CPU; an unsupported provider with True is an error).
     `profile`: a latency profile (`LatencyProfile` or the JSON `anytime profile` writes) makes time the cost
     convention: budgets in seconds per image (`0.3ms`, `300us`; `40%` of the full network's measured time).
     `cost_mode`: how a policy's time is counted with a profile: "full-batches" (every stage runs full
@@ -475,7 +602,7 @@ def load(
     strict prediction always fits its policy this way).
     """
     b = read_bundle(bundle, verify=verify)
-    executor = StageExecutor(b, providers=providers, device=device, threads=threads)
+    executor = StageExecutor(b, providers=providers, device=device, threads=threads, io_binding=io_binding)
     return AnytimeModel(b, executor, max_pixels=max_pixels, workers=workers, profile=profile, cost_mode=cost_mode)
 
 
