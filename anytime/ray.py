@@ -14,6 +14,8 @@ This is the only module that imports ray (an import-linter contract checks it), 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import shutil
 import sys
@@ -25,7 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from anytime.errors import ConfigError, require
+from anytime.errors import ClusterError, ConfigError, require
 from anytime.formats.bundle import read_bundle
 from anytime.formats.pathlist import is_path_list, list_format, path_column, read_path_list
 from anytime.runtime.budget import BudgetLike
@@ -37,8 +39,7 @@ from anytime.runtime.results import Predictions, row_arrow_schema
 
 PATH_COLUMN = "path"
 IMAGE_COLUMN = "image"
-# Ray retries a batch whose actor died this many times (the actor is restarted as often) before failing.
-MAX_RETRIES = 3
+ROWS_PER_BLOCK = 1024
 
 
 def require_ray(purpose: str = "Prediction on a Ray cluster") -> Any:
@@ -58,8 +59,6 @@ def connect(address: str | None = "auto", quiet: bool = True) -> bool:
     ray = require_ray()
     if ray.is_initialized():
         return False
-    import logging
-
     ray.init(
         address=None if address in (None, "auto") else address,
         logging_level=logging.WARNING if quiet else logging.INFO,
@@ -184,8 +183,8 @@ def map_predictions(
         batch_format="numpy",
         concurrency=workers,
         num_cpus=1,
-        max_restarts=MAX_RETRIES,
-        max_task_retries=MAX_RETRIES,
+        # Ray Data restarts a dead actor and re-runs its batch without limit (max_restarts and
+        # max_task_retries of -1 are its defaults for actor pools), which is what a lost worker needs.
     )
 
 
@@ -239,12 +238,20 @@ def predict_dataset(
 
 
 # ------------------------------------------------------------------------------------------- the CLI path
-def dataset_of_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> tuple[Any, list[MissingInput]]:
+def blocks_for(rows: int, batch_size: int, workers: int) -> int:
+    """Blocks to split `rows` listed paths into: about ROWS_PER_BLOCK rows each (a block is a unit of
+    scheduling, retry and output), but enough for every worker to have two, and never under a batch."""
+    return max(1, min(math.ceil(rows / batch_size), max(math.ceil(rows / ROWS_PER_BLOCK), 2 * workers)))
+
+
+def dataset_of_inputs(
+    inputs: Sequence[str], stdin: TextIO | None = None, batch_size: int = 64, workers: int = 1
+) -> tuple[Any, list[MissingInput]]:
     """The inputs of `anytime serve` as a Ray Dataset with a `path` column (None when there are none),
     and the arguments that matched nothing.
 
-    A Parquet path list is read by Ray Data (in parallel, never through the driver); files, folders, globs,
-    stdin and JSONL lists are expanded here. The parts keep the order of the arguments.
+    A Parquet path list is read by Ray Data (in parallel, never through the driver), before the prediction
+    starts; files, folders, globs, stdin and JSONL lists are expanded here. The parts keep the order of the arguments.
     """
     ray = require_ray()
     parts: list[Any] = []
@@ -253,7 +260,8 @@ def dataset_of_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> tup
 
     def flush() -> None:
         if pending:
-            parts.append(ray.data.from_items([{PATH_COLUMN: p} for p in pending]))
+            blocks = blocks_for(len(pending), batch_size, workers)
+            parts.append(ray.data.from_items([{PATH_COLUMN: p} for p in pending], override_num_blocks=blocks))
             pending.clear()
 
     for arg in inputs:
@@ -262,7 +270,10 @@ def dataset_of_inputs(inputs: Sequence[str], stdin: TextIO | None = None) -> tup
             import pyarrow.parquet as pq
 
             column = path_column(pq.read_schema(arg).names, arg)
-            part = ray.data.read_parquet(arg, columns=[column])
+            # Read (in parallel, into the object store) before the actors start: Ray Data's file listing and
+            # reading take a CPU each, which a pool of as many actors as the cluster has CPUs would hold for
+            # good (measured: the job never started). A column of paths is small next to the images.
+            part = ray.data.read_parquet(arg, columns=[column]).materialize()
             parts.append(part if column == PATH_COLUMN else part.rename_columns({column: PATH_COLUMN}))
             continue
         if arg != "-" and is_path_list(arg):
@@ -290,12 +301,15 @@ def stream_predictions(
     workers: int | None = None,
     device: str | None = "cpu",
     threads: int | None = 1,
-    worker_class: type = BundleWorker,
+    worker_class: type | None = None,
 ) -> Iterator[Predictions]:
     """`anytime serve --ray`: the predictions of the inputs, in input order, a block at a time, with the
     true labels of files in class-named folders (as `AnytimeModel.predict_batches` yields them)."""
     ray = require_ray()
-    ds, missing = dataset_of_inputs(inputs, stdin=stdin if stdin is not None else sys.stdin)
+    workers = default_workers() if workers is None else int(workers)
+    ds, missing = dataset_of_inputs(
+        inputs, stdin=stdin if stdin is not None else sys.stdin, batch_size=batch_size, workers=workers
+    )
     common: dict[str, Any] = {
         "classes": model.classes,
         "num_exits": model.num_exits,
@@ -308,7 +322,12 @@ def stream_predictions(
         yield Predictions.from_rows(rows, **common)
     if ds is None:
         return
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows in input order, as in one process
+    # The command draws its own progress bar; Ray Data's would log a status block every few seconds
+    # when stderr is not a terminal. Its errors still show.
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     out = map_predictions(
         ds,
         model,
@@ -320,13 +339,19 @@ def stream_predictions(
         workers=workers,
         device=device,
         threads=threads,
-        worker_class=worker_class,
+        worker_class=worker_class or BundleWorker,
     )
     folders = ClassFolders(model.classes)
-    for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows = table.to_pylist()
-        true = [folders.label(r["path"]) if r["path"] is not None else -1 for r in rows]
-        yield Predictions.from_rows(rows, true_labels=true, **common)
+    try:
+        for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = table.to_pylist()
+            true = [folders.label(r["path"]) if r["path"] is not None else -1 for r in rows]
+            yield Predictions.from_rows(rows, true_labels=true, **common)
+    except ray.exceptions.RayError as exc:
+        # Ray's message carries the worker's traceback; its last line names the error itself.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(exc).__name__
+        raise ClusterError(f"the Ray job failed: {cause} (Ray's log has the worker's traceback)") from exc
 
 
 def timed_connect(address: str | None, quiet: bool) -> tuple[bool, float]:

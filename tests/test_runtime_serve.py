@@ -209,7 +209,9 @@ def test_calibrate_command(pattern_bundle, tmp_path, capsys, image_tree):
         ("pyarrow", ["-o", "preds.parquet"], "anytime[parquet]"),
     ],
 )
-def test_missing_extra_is_one_line_naming_it(pattern_bundle, image_tree, tmp_path, capsys, monkeypatch, module, argv, extra):
+def test_missing_extra_is_one_line_naming_it(
+    pattern_bundle, image_tree, tmp_path, capsys, monkeypatch, module, argv, extra
+):
     # A None entry in sys.modules makes `import module` raise ImportError, as when it is not installed.
     monkeypatch.setitem(sys.modules, module, None)
     work = tmp_path / "work"
