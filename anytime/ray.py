@@ -214,6 +214,8 @@ def predict_dataset(
     (`budget`, `policy`, `exit`, as in `AnytimeModel.predict`) is calibrated here, once, and every worker
     uses these thresholds. `strict`: no batch of `batch_size` rows costs more than rows × budget.
     `workers`: actors of one CPU each (default: the cluster's CPUs); `device`/`threads`: their onnxruntime.
+    The actors hold their CPUs for the whole job, so the operations before this one (reads, repartitions)
+    need CPUs left over: give fewer workers than the cluster has CPUs, or `materialize()` the input first.
     """
     require_ray()
     model = bundle if isinstance(bundle, AnytimeModel) else load(bundle, device="cpu", threads=1)
@@ -246,9 +248,9 @@ def blocks_for(rows: int, batch_size: int, workers: int) -> int:
 
 def dataset_of_inputs(
     inputs: Sequence[str], stdin: TextIO | None = None, batch_size: int = 64, workers: int = 1
-) -> tuple[Any, list[MissingInput]]:
+) -> tuple[Any, list[MissingInput], int]:
     """The inputs of `anytime serve` as a Ray Dataset with a `path` column (None when there are none),
-    and the arguments that matched nothing.
+    the arguments that matched nothing, and the number of rows.
 
     A Parquet path list is read by Ray Data (in parallel, never through the driver), before the prediction
     starts; files, folders, globs, stdin and JSONL lists are expanded here. The parts keep the order of the arguments.
@@ -258,7 +260,11 @@ def dataset_of_inputs(
     missing: list[MissingInput] = []
     pending: list[str] = []
 
+    rows = 0
+
     def flush() -> None:
+        nonlocal rows
+        rows += len(pending)
         if pending:
             blocks = blocks_for(len(pending), batch_size, workers)
             parts.append(ray.data.from_items([{PATH_COLUMN: p} for p in pending], override_num_blocks=blocks))
@@ -270,10 +276,14 @@ def dataset_of_inputs(
             import pyarrow.parquet as pq
 
             column = path_column(pq.read_schema(arg).names, arg)
-            # Read (in parallel, into the object store) before the actors start: Ray Data's file listing and
-            # reading take a CPU each, which a pool of as many actors as the cluster has CPUs would hold for
-            # good (measured: the job never started). A column of paths is small next to the images.
-            part = ray.data.read_parquet(arg, columns=[column]).materialize()
+            listed = pq.ParquetFile(arg).metadata.num_rows
+            rows += listed
+            # Read and split (in parallel, into the object store) before the actors start: Ray Data's file
+            # listing, reading and repartitioning take a CPU each, which a pool of as many actors as the
+            # cluster has CPUs would hold for good (measured: the job never started). A column of paths is
+            # small next to the images.
+            blocks = blocks_for(max(listed, 1), batch_size, workers)
+            part = ray.data.read_parquet(arg, columns=[column]).repartition(blocks).materialize()
             parts.append(part if column == PATH_COLUMN else part.rename_columns({column: PATH_COLUMN}))
             continue
         if arg != "-" and is_path_list(arg):
@@ -286,8 +296,8 @@ def dataset_of_inputs(
                 pending.append(str(item))
     flush()
     if not parts:
-        return None, missing
-    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), missing
+        return None, missing, 0
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), missing, rows
 
 
 def stream_predictions(
@@ -307,9 +317,11 @@ def stream_predictions(
     true labels of files in class-named folders (as `AnytimeModel.predict_batches` yields them)."""
     ray = require_ray()
     workers = default_workers() if workers is None else int(workers)
-    ds, missing = dataset_of_inputs(
+    ds, missing, rows = dataset_of_inputs(
         inputs, stdin=stdin if stdin is not None else sys.stdin, batch_size=batch_size, workers=workers
     )
+    # No more actors than batches: the others would only start up (and Ray warns about them).
+    workers = max(1, min(workers, math.ceil(rows / batch_size)))
     common: dict[str, Any] = {
         "classes": model.classes,
         "num_exits": model.num_exits,
@@ -318,8 +330,7 @@ def stream_predictions(
     }
     if missing:
         empty = {"label": None, "class": None, "confidence": None, "exit": None, "cost": None}
-        rows = [{"path": m.name, **empty, "error": m.reason} for m in missing]
-        yield Predictions.from_rows(rows, **common)
+        yield Predictions.from_rows([{"path": m.name, **empty, "error": m.reason} for m in missing], **common)
     if ds is None:
         return
     context = ray.data.DataContext.get_current()

@@ -179,7 +179,8 @@ def test_predict_dataset_on_bytes_and_arrays(cluster, pattern_bundle, pattern_te
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     try:
-        ds = ray.data.from_numpy(x[:64]).repartition(4)
+        # Materialised first: a repartition running alongside 2 actors that hold both CPUs would wait forever.
+        ds = ray.data.from_numpy(x[:64]).repartition(4).materialize()
         strict = on_ray.predict_dataset(
             ds, model, budget="30%", strict=True, image_column="data", path_column=None, batch_size=16, workers=2
         ).take_all()
