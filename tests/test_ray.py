@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ pytestmark = [
 ]
 
 FOLDERS = ["horizontal", "vertical", "checker_board", "disc"]
+
+# The worker classes below live in this module, which Ray's worker processes cannot import: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
