@@ -316,6 +316,13 @@ def stream_predictions(
     """`anytime serve --ray`: the predictions of the inputs, in input order, a block at a time, with the
     true labels of files in class-named folders (as `AnytimeModel.predict_batches` yields them)."""
     ray = require_ray()
+    # Set before any dataset is made: a dataset keeps the context it was made under.
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows in input order, as in one process
+    # The command draws its own progress bar; Ray Data's would log a status block every few seconds
+    # when stderr is not a terminal. Its errors still show.
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     workers = default_workers() if workers is None else int(workers)
     ds, missing, rows = dataset_of_inputs(
         inputs, stdin=stdin if stdin is not None else sys.stdin, batch_size=batch_size, workers=workers
@@ -333,12 +340,6 @@ def stream_predictions(
         yield Predictions.from_rows([{"path": m.name, **empty, "error": m.reason} for m in missing], **common)
     if ds is None:
         return
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows in input order, as in one process
-    # The command draws its own progress bar; Ray Data's would log a status block every few seconds
-    # when stderr is not a terminal. Its errors still show.
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     out = map_predictions(
         ds,
         model,
