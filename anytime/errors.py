@@ -50,6 +50,10 @@ class InputImageError(AnytimeError, ValueError):
     """An input image cannot be read or has an unexpected mode or size."""
 
 
+class ClusterError(AnytimeError, RuntimeError):
+    """A job on a Ray cluster failed (a worker's error, or the cluster itself); nothing was written."""
+
+
 class MissingDependencyError(AnytimeError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

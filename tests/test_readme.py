@@ -32,7 +32,7 @@ def test_ci_runs_exactly_the_readme_commands():
     assert tests.split("&&", 2)[-1].strip() in ci, f"{tests!r} not in .ci/run"
     assert main_job.replace(".venv", ".ci-serve-venv") in ci, f"{main_job!r} not in .ci/run"
     # The test set-up installs the CPU torch first; the main job (serving) installs no torch at all.
-    assert 'pip install torch==2.13.0 && pip install -e ".[cpu,train,test]"' in tests
+    assert 'pip install torch==2.13.0 && pip install -e ".[cpu,train,test,ray]"' in tests
     assert "torch" not in main_job and 'pip install -e ".[cpu]"' in main_job
 
 

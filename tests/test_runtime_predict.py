@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -240,8 +241,17 @@ def test_results_object_rows_and_save(model, pattern_test_images, tmp_path):
     preds.save(tmp_path / "p.csv")
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == ",".join(ROW_KEYS) and len(lines) == 41
-    with pytest.raises(ConfigError, match=".jsonl or .csv"):
+    with pytest.raises(ConfigError, match=r"\.jsonl, \.csv or \.parquet"):
         preds.save(tmp_path / "p.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.jsonl"]  # no temporary file left
+    if importlib.util.find_spec("pyarrow") is not None:  # the [parquet] extra; without it, a one-line error
+        import pyarrow.parquet as pq
+
+        preds.save(tmp_path / "p.parquet")
+        assert pq.read_table(tmp_path / "p.parquet").to_pylist() == back
+    else:
+        with pytest.raises(MissingDependencyError, match=r"anytime\[parquet\]"):
+            preds.save(tmp_path / "p.parquet")
 
 
 def test_policy_names_a_method_or_a_ready_policy_and_method_keyword_still_works(model, pattern_test_images, tmp_path):

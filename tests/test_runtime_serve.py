@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -171,7 +172,11 @@ def test_serve_missing_input_is_an_error_row(pattern_bundle, image_tree, capsys)
         (["--budget", "fast"], "cannot read budget"),
         ([], "give a compute budget"),
         (["--budget", "50%", "--exit", "2"], "either --budget or --exit"),
-        (["--budget", "50%", "-o", "preds.txt"], ".jsonl or .csv"),
+        (["--budget", "50%", "-o", "preds.txt"], ".jsonl, .csv or .parquet"),
+        (["--budget", "50%", "--workers", "2"], "give it with --ray"),
+        (["--budget", "50%", "--ray", "fast"], "not a Ray address"),
+        (["--budget", "50%", "--ray", "auto", "--profile", "p.json"], "Ray workers run on others"),
+        (["--budget", "50%", "--ray", "auto", "--scheduler", "refill"], "drop --scheduler refill"),
     ],
 )
 def test_serve_usage_errors_exit_2(pattern_bundle, image_tree, capsys, argv, message):
@@ -196,3 +201,76 @@ def test_calibrate_command(pattern_bundle, tmp_path, capsys, image_tree):
         ["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy_path), "-q"], capsys
     )
     assert code == 0 and "against a budget of" in out
+
+
+@pytest.mark.parametrize(
+    "module, argv, extra",
+    [
+        ("ray", ["--ray"], "anytime[ray]"),
+        ("ray", ["--ray", "ray://head:10001", "--workers", "2"], "anytime[ray]"),
+        ("pyarrow", ["-o", "preds.parquet"], "anytime[parquet]"),
+    ],
+)
+def test_missing_extra_is_one_line_naming_it(
+    pattern_bundle, image_tree, tmp_path, capsys, monkeypatch, module, argv, extra
+):
+    # A None entry in sys.modules makes `import module` raise ImportError, as when it is not installed.
+    monkeypatch.setitem(sys.modules, module, None)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    root, _, _ = image_tree
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root / "disc"), "--budget", "50%", *argv], capsys)
+    assert code == 2, (out, err)
+    assert f"pip install '{extra}'" in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err
+    assert not list(work.iterdir()), "nothing may be written"
+
+
+def test_a_failed_run_leaves_no_output_file(pattern_bundle, image_tree, tmp_path, capsys, monkeypatch):
+    from anytime.runtime.engine import StageExecutor
+
+    root, _, _ = image_tree
+    out_path = tmp_path / "out" / "preds.jsonl"
+    out_path.parent.mkdir()
+    out_path.write_text("an earlier run's rows\n")
+    real = StageExecutor.run_stage
+    calls = []
+
+    def fail_on_third_stage_call(self, *args, **kwargs):  # under either scheduler
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of the job
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageExecutor, "run_stage", fail_on_third_stage_call)
+    argv = ["serve", str(pattern_bundle), str(root), "--budget", "50%", "--batch-size", "4", "-o", str(out_path), "-q"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130 and len(calls) == 3
+    # The earlier file is untouched and no temporary file is left behind.
+    assert out_path.read_text() == "an earlier run's rows\n"
+    assert [p.name for p in out_path.parent.iterdir()] == ["preds.jsonl"]
+    monkeypatch.setattr(StageExecutor, "run_stage", real)
+    code, _, _ = run_cli(argv, capsys)
+    assert code == 1  # the broken files of the tree
+    assert len(out_path.read_text().splitlines()) == 24 + 6
+    assert [p.name for p in out_path.parent.iterdir()] == ["preds.jsonl"]
+
+
+def test_serve_a_jsonl_path_list(pattern_bundle, image_tree, tmp_path, capsys):
+    root, truth, broken = image_tree
+    listed = sorted(truth)[:10] + sorted(broken)[:2]
+    list_path = tmp_path / "inputs.jsonl"
+    # Objects with a path key, and bare strings: both name one file per line.
+    list_path.write_text(
+        "\n".join(json.dumps({"path": p, "id": i} if i % 2 else p) for i, p in enumerate(listed)) + "\n"
+    )
+    out_path = tmp_path / "preds.csv"
+    code, out, _ = run_cli(
+        ["serve", str(pattern_bundle), str(list_path), "--budget", "50%", "-o", str(out_path), "-q"], capsys
+    )
+    assert code == 1
+    rows = list(csv.DictReader(io.StringIO(out_path.read_text())))
+    assert [r["path"] for r in rows] == listed
+    assert sum(r["error"] != "" for r in rows) == 2
+    assert "10 image(s) predicted, 2 failed" in out and "on 10 image(s) in class-named folders" in out

@@ -59,7 +59,10 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     api=PREDICT,
     help="Refill: no input waits while more later inputs than this are read (default: 16 batches).",
 )
-@output_option("Write one row per input: .jsonl or .csv.", type=click.Path(dir_okay=False))
+@output_option(
+    "Write one row per input: .jsonl, .csv or .parquet (it appears complete, or not at all).",
+    type=click.Path(dir_okay=False),
+)
 @runtime_device_options
 @profile_options
 @api_option(
@@ -67,6 +70,22 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     type=click.Choice(["auto", "on", "off"]),
     api=LOAD,
     help="Keep stage state tensors on the device between stages (auto: with CUDA).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[auto|ADDRESS]",
+    help="Run on a Ray cluster (needs anytime[ray]): auto joins the one RAY_ADDRESS or `ray start` names, "
+    "else starts one on this machine; or a cluster address (ray://host:10001, host:6379).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --ray: Ray actors (one CPU each) that run the bundle [default: the cluster's CPUs].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-image lines; only the summary.")
 @click.pass_context
@@ -88,6 +107,8 @@ def serve(
     profile: str | None,
     cost_mode: str | None,
     io_binding: str | None,
+    ray_address: str | None,
+    workers: int | None,
     quiet: bool,
 ) -> None:
     """Budgeted batch prediction with real early exit.
@@ -97,14 +118,38 @@ def serve(
     globs, or `-` for a list of paths on standard input. Without inputs (and without a bundle) the
     embedded sample images are used. Inputs in class-named folders also get an accuracy.
 
+    A Parquet or JSONL file listing paths (column or key `path`) stands for the files it names.
+
+    With --ray the same rows come from Ray actors: the policy is calibrated here, once, and every worker
+    uses its thresholds; --strict then holds per batch of --batch-size rows of each worker.
+
     Exit status: 0 all inputs answered, 1 some input failed (it has an error row), 2 usage error.
     """
+    import contextlib
+
     from tqdm import tqdm
 
     from anytime.formats.bundle import is_bundle_dir
     from anytime.runtime.inputs import expand_paths
     from anytime.runtime.model import POLICY_CHOICES
-    from anytime.runtime.results import RowWriter, RunningTotals, output_format
+    from anytime.runtime.results import RunningTotals, output_format, row_file
+
+    if ray_address is not None:
+        from anytime import ray as on_ray
+
+        check_ray_address(ray_address)
+        if profile is not None:
+            raise click.UsageError(
+                "--profile times the stages on this machine, and Ray workers run on others; "
+                "give a compute budget (--budget 50%, 120M) with --ray"
+            )
+        if scheduler == "refill":
+            raise click.UsageError(
+                "with --ray each worker runs every block of --batch-size rows as one batch; drop --scheduler refill"
+            )
+        on_ray.require_ray("anytime serve --ray")
+    elif workers is not None:
+        raise click.UsageError("--workers sets the Ray actors; give it with --ray")
 
     ready_policy = policy is not None and policy not in POLICY_CHOICES  # a policy file: thresholds already fitted
     bundle: str | None = None
@@ -128,7 +173,8 @@ def serve(
         )
     if budget is not None and exit_ is not None:
         raise click.UsageError("give either --budget or --exit, not both")
-    fmt = output_format(output) if output else None
+    if output:
+        output_format(output)  # an unknown suffix, or Parquet without pyarrow: stop before any work
 
     binding = None if io_binding is None else {"auto": "auto", "on": True, "off": False}[io_binding]
     model = load_bundle(
@@ -142,7 +188,7 @@ def serve(
     )
     # As predict does: a strict cap holds per batch and the per-batch executor compacts every batch stage by
     # stage, so their time is counted per batch; the refilling scheduler runs full batches.
-    per_batch = strict or scheduler == "batch"
+    per_batch = strict or scheduler == "batch" or ray_address is not None
     chosen = model.resolve_policy(
         budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else None)
     )
@@ -152,19 +198,40 @@ def serve(
         click.echo(f"{model.bundle.arch} on {', '.join(model.providers)}; {chosen.describe()}", err=True)
 
     totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
-    out_fh = open(output, "w", encoding="utf-8", newline="") if output else None
-    writer = RowWriter(out_fh, fmt) if out_fh is not None and fmt is not None else None
-    stream = model.predict_batches(
-        expand_paths(inputs, stdin=sys.stdin),
-        policy=chosen,
-        on_error="record",
-        **given(
-            batch_size=batch_size, strict=strict, scheduler=scheduler, ordered=ordered, max_wait_rows=max_wait_rows
-        ),
-    )
-    bar = tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        if ray_address is not None:
+            started, startup = on_ray.timed_connect(ray_address, quiet=True)
+            if started:
+                stack.callback(on_ray.shutdown)
+            if not quiet:
+                click.echo(f"Ray: {on_ray.describe_cluster()}, joined in {startup:.1f} s", err=True)
+            stream = on_ray.stream_predictions(
+                model,
+                chosen,
+                inputs,
+                stdin=sys.stdin,
+                workers=workers,
+                **given(batch_size=batch_size, strict=strict, device=device, threads=threads),
+            )
+        else:
+            stream = model.predict_batches(
+                expand_paths(inputs, stdin=sys.stdin),
+                policy=chosen,
+                on_error="record",
+                **given(
+                    batch_size=batch_size,
+                    strict=strict,
+                    scheduler=scheduler,
+                    ordered=ordered,
+                    max_wait_rows=max_wait_rows,
+                ),
+            )
+        # The rows go to a temporary file that becomes OUTPUT only when every input has its row.
+        writer = stack.enter_context(row_file(output)) if output else None
+        bar = stack.enter_context(
+            tqdm(unit="img", file=sys.stderr, disable=True if quiet else None, dynamic_ncols=True)
+        )
+        t0 = time.perf_counter()
         for part in stream:
             totals.add(part)
             bar.update(len(part))
@@ -176,13 +243,9 @@ def serve(
                         bar.write(f"{p.path}\tERROR\t{p.error}", file=sys.stdout)
                     else:
                         bar.write(f"{p.path}\t{p.class_name}\t{p.confidence:.4f}\texit {p.exit}", file=sys.stdout)
-    finally:
-        bar.close()
-        if out_fh is not None:
-            out_fh.close()
-    totals.seconds = time.perf_counter() - t0
-    if totals.images + totals.failed == 0:
-        raise ConfigError(f"no image files found in {' '.join(inputs)}")
+        totals.seconds = time.perf_counter() - t0
+        if totals.images + totals.failed == 0:
+            raise ConfigError(f"no image files found in {' '.join(inputs)}")
     click.echo(totals.summary())
     if output:
         click.echo(f"rows written to {output}")
@@ -191,3 +254,19 @@ def serve(
             f"{totals.failed} input(s) failed; see the error rows" + (f" in {output}" if output else " above"), err=True
         )
         ctx.exit(1)
+
+
+RAY_ADDRESS_WORDS = ("auto", "local")
+
+
+def check_ray_address(address: str) -> None:
+    """--ray takes an optional value, so `--ray BUNDLE` would read the bundle as the address: refuse
+    what cannot be an address (a word other than auto/local, an existing path) with the fix."""
+    from pathlib import Path
+
+    looks_like_address = address in RAY_ADDRESS_WORDS or "://" in address or ":" in address
+    if not looks_like_address or Path(address).exists():
+        raise click.UsageError(
+            f"--ray {address}: not a Ray address (auto, local, ray://host:10001 or host:6379); "
+            "to join or start a cluster automatically, write --ray auto or put --ray after the inputs"
+        )

@@ -431,6 +431,10 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def serving_files(self) -> list[str]:
+        """The files that running the bundle needs (not the calibration data nor the full-exit graphs)."""
+        return [MANIFEST_FILE] + [s.file for s in self.stages]
+
     def load_calibration(self) -> tuple[np.ndarray, np.ndarray]:
         """Validation logits (K, N, C) float32 and labels (N,) int64 recorded at export."""
         cal = self.manifest["calibration"]
@@ -510,8 +514,11 @@ def resolve_bundle_path(bundle: str | os.PathLike | None) -> Path:
     return path
 
 
-def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False) -> Bundle:
-    """Read and schema-check a bundle's manifest into typed views; with `verify`, also check every sha256."""
+def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False, calibration: bool = True) -> Bundle:
+    """Read and schema-check a bundle's manifest into typed views; with `verify`, also check every sha256.
+
+    `calibration=False`: the bundle is only run, never calibrated (a Ray worker that receives its thresholds
+    from the driver), so it may lack the validation logits (`Bundle.serving_files`)."""
     path = resolve_bundle_path(bundle)
     manifest = read_manifest(path)
     where = str(path / MANIFEST_FILE)
@@ -543,7 +550,7 @@ def read_bundle(bundle: str | os.PathLike | None = None, verify: bool = False) -
             f"{where}: exit costs must be positive, got {[st.cost for st in stages]}; re-export the bundle"
         )
     cal = manifest["calibration"]
-    if not (path / cal["file"]).is_file():
+    if calibration and not (path / cal["file"]).is_file():
         raise BundleError(
             f"bundle {path} is incomplete: calibration file {cal['file']} is missing; re-export or re-copy it"
         )

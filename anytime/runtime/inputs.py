@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
+from anytime.formats.pathlist import is_path_list, read_path_list
+
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
@@ -73,8 +75,12 @@ def _walk_images(directory: Path) -> Iterator[Path]:
 
 
 def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[Path | MissingInput]:
-    """Files as given; directories recursively (image suffixes only); globs; `-`: one path per stdin line."""
+    """Files as given; directories recursively (image suffixes only); globs; `-`: one path per stdin line;
+    a Parquet or JSONL path list (anytime.formats.pathlist): the files it names."""
     for arg in args:
+        if arg != "-" and is_path_list(arg):
+            yield from (Path(p) for p in read_path_list(arg))
+            continue
         if arg == "-":
             stream = stdin if stdin is not None else sys.stdin
             for line in stream:

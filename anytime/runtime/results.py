@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anytime.errors import ConfigError
-from anytime.fileio import atomic_write_text
+from anytime.errors import ConfigError, require
+from anytime.fileio import atomic_output
 
 ROW_KEYS = ("path", "label", "class", "confidence", "exit", "cost", "error")
 # A run whose average cost exceeds its budget by more than this share says so (and suggests strict mode):
@@ -201,14 +201,42 @@ class Predictions:
         return [p.to_row() for p in self]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one row per input as JSONL (.jsonl/.json) or CSV (.csv), atomically."""
+        """Write one row per input as JSONL (.jsonl/.json), CSV (.csv) or Parquet (.parquet), atomically."""
         path = Path(path)
-        fmt = output_format(path)
-        buf = io.StringIO()
-        writer = RowWriter(buf, fmt)
-        writer.write(self.to_rows())
-        atomic_write_text(path, buf.getvalue())
+        with row_file(path) as writer:
+            writer.write(self.to_rows())
         return path
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[dict[str, Any]],
+        *,
+        classes: Sequence[str],
+        num_exits: int,
+        cost_convention: str,
+        budget: float | None = None,
+        true_labels: Sequence[int] | None = None,
+    ) -> "Predictions":
+        """The inverse of `to_rows` (rows that came back from elsewhere, e.g. Ray workers), with the
+        true labels when known (-1: unknown)."""
+        n = len(rows)
+        failed = [r["error"] is not None for r in rows]
+        return cls(
+            paths=[r["path"] for r in rows],
+            label_array=np.array([-1 if f else r["label"] for r, f in zip(rows, failed)], dtype=np.int64),
+            confidence_array=np.array([0.0 if f else r["confidence"] for r, f in zip(rows, failed)], dtype=np.float32),
+            exit_array=np.array([0 if f else r["exit"] for r, f in zip(rows, failed)], dtype=np.int64),
+            cost_array=np.array([math.nan if f else r["cost"] for r, f in zip(rows, failed)], dtype=np.float64),
+            error_list=[r["error"] for r in rows],
+            true_label_array=np.full(n, -1, dtype=np.int64)
+            if true_labels is None
+            else np.asarray(true_labels, dtype=np.int64),
+            classes=classes,
+            num_exits=num_exits,
+            cost_convention=cost_convention,
+            budget=budget,
+        )
 
 
 @dataclass
@@ -310,12 +338,48 @@ class RunningTotals:
 
 
 def output_format(path: str | os.PathLike) -> str:
+    """jsonl, csv or parquet, from the file name; Parquet needs pyarrow (a one-line error naming the extra)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix == ".csv":
         return "csv"
-    raise ConfigError(f"cannot tell the output format of '{path}': use a .jsonl or .csv file name")
+    if suffix in (".parquet", ".pq"):
+        require("pyarrow", "parquet", f"Writing {path}")
+        return "parquet"
+    raise ConfigError(f"cannot tell the output format of '{path}': use a .jsonl, .csv or .parquet file name")
+
+
+def row_arrow_schema() -> Any:
+    """The rows as an Arrow schema (Parquet output, Ray datasets): nulls where a row has None."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.int64()),
+            ("class", pa.string()),
+            ("confidence", pa.float64()),
+            ("exit", pa.int64()),
+            ("cost", pa.float64()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+@contextlib.contextmanager
+def row_file(path: str | os.PathLike) -> Iterator["RowWriter | ParquetRowWriter"]:
+    """A writer of prediction rows to `path` (format from its suffix) that appears there atomically,
+    complete, only when the block ends without an error."""
+    fmt = output_format(path)
+    if fmt == "parquet":
+        with atomic_output(path, "wb") as fh:
+            parquet = ParquetRowWriter(fh)
+            yield parquet
+            parquet.close()
+    else:
+        with atomic_output(path, "w", encoding="utf-8", newline="") as fh:
+            yield RowWriter(fh, fmt)
 
 
 class RowWriter:
@@ -337,6 +401,35 @@ class RowWriter:
             for row in rows:
                 self.stream.write(json.dumps({k: row[k] for k in ROW_KEYS}, ensure_ascii=False) + "\n")
         self.stream.flush()
+
+
+class ParquetRowWriter:
+    """Writes prediction rows to an open binary stream as Parquet, one row group per `rows_per_group`
+    rows (a row group per small batch would make the file slow to read); `close` writes the footer."""
+
+    def __init__(self, stream: Any, rows_per_group: int = 65536) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema = row_arrow_schema()
+        self.rows_per_group = int(rows_per_group)
+        self._writer = pq.ParquetWriter(stream, self.schema)
+        self._pending: list[dict[str, Any]] = []
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        self._pending.extend(rows)
+        if len(self._pending) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            import pyarrow as pa
+
+            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=self.schema))
+            self._pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
 
 
 def concat(parts: Sequence[Predictions], **kw: Any) -> Predictions:

@@ -1,0 +1,262 @@
+"""`anytime serve --ray` and `anytime.ray.predict_dataset` on a local Ray cluster of 2 CPUs.
+
+The cluster is started once for the module and stopped after it. What is checked: the rows equal the
+single-process rows for the same inputs, budget and policy; unreadable files give error rows; a worker
+killed in the middle of a job costs no row and duplicates none; a failed job leaves no output file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Not a runtime test: the serving environment of .ci/run has no ray; the test environment installs the
+# [ray] extra (README test command), so this runs there.
+ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install -e '.[ray]'")
+
+import anytime.ray as on_ray  # noqa: E402
+from anytime.cli import main  # noqa: E402
+from anytime.runtime.model import load  # noqa: E402
+
+pytestmark = [
+    # Ray's own deprecation notes (its internals call APIs it is phasing out); nothing of ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+FOLDERS = ["horizontal", "vertical", "checker_board", "disc"]
+
+# The worker classes below live in this module, which Ray's worker processes cannot import: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def decompression_bomb() -> bytes:
+    from test_runtime_serve import decompression_bomb as bomb  # the serve tests' 64 MP PNG header
+
+    return bomb()
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory, pattern_test_images) -> tuple[Path, dict[str, int], list[str]]:
+    """70 images in class-named folders and one broken file of each kind (so 2 batches of 64, 3 blocks)."""
+    x, y = pattern_test_images
+    root = tmp_path_factory.mktemp("ray-images")
+    truth = {}
+    for i in range(70):
+        folder = root / FOLDERS[y[i]]
+        folder.mkdir(exist_ok=True)
+        path = folder / f"img_{i:02d}.png"
+        Image.fromarray(x[i, :, :, 0]).save(path)
+        truth[str(path)] = int(y[i])
+    good = io.BytesIO()
+    Image.fromarray(x[99, :, :, 0]).save(good, format="PNG")
+    broken = {
+        "truncated.png": good.getvalue()[: len(good.getvalue()) // 2],
+        "empty.png": b"",
+        "notes.png": b"not an image\n",
+        "bomb.png": decompression_bomb(),
+    }
+    for name, data in broken.items():
+        (root / "disc" / name).write_bytes(data)
+    return root, truth, [str(root / "disc" / n) for n in broken]
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def summary_lines(out: str) -> list[str]:
+    """The summary without its timing (images/s differ between runs)."""
+    lines = [line for line in out.splitlines() if not line.startswith("rows written")]
+    return [line.split(" in ")[0] if "predicted" in line else line for line in lines]
+
+
+def test_serve_on_ray_gives_the_single_process_rows(cluster, pattern_bundle, image_tree, tmp_path, capsys):
+    root, truth, broken = image_tree
+    common = ["serve", str(pattern_bundle), str(root), "--budget", "45%", "-q"]
+    code, single_out, _ = run_cli([*common, "-o", str(tmp_path / "single.jsonl")], capsys)
+    assert code == 1  # the broken files
+    code, ray_out, err = run_cli([*common, "-o", str(tmp_path / "ray.jsonl"), "--ray", "--workers", "2"], capsys)
+    assert code == 1, err
+    single, on_ray_rows = read_rows(tmp_path / "single.jsonl"), read_rows(tmp_path / "ray.jsonl")
+    assert on_ray_rows == single  # same rows, same order, bit for bit
+    assert len(single) == len(truth) + len(broken)
+    errors = {r["path"]: r["error"] for r in on_ray_rows if r["error"] is not None}
+    assert sorted(errors) == sorted(broken)
+    for path, reason in zip(broken, ["damaged", "empty file", "not an image", "decompression bomb"]):
+        assert reason in errors[path], errors[path]
+    assert summary_lines(ray_out) == summary_lines(single_out)
+    assert f"{len(truth)} image(s) predicted, {len(broken)} failed" in ray_out and "accuracy" in ray_out
+    assert len({r["exit"] for r in single if r["error"] is None}) > 1  # the budget really sends some on
+
+
+def test_parquet_path_list_in_parquet_rows_out(cluster, pattern_bundle, image_tree, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, truth, broken = image_tree
+    listed = sorted(truth)[::3] + broken[:1] + [str(root / "missing.png")]
+    pq.write_table(pa.table({"id": list(range(len(listed))), "path": listed}), tmp_path / "inputs.parquet")
+    args = [str(pattern_bundle), str(tmp_path / "inputs.parquet"), "--budget", "60%", "-q"]
+    code, single_out, _ = run_cli(["serve", *args, "-o", str(tmp_path / "single.csv")], capsys)
+    assert code == 1
+    code, ray_out, err = run_cli(["serve", *args, "-o", str(tmp_path / "ray.parquet"), "--ray", "auto"], capsys)
+    assert code == 1, err
+    rows = read_rows(tmp_path / "ray.parquet")
+    assert [r["path"] for r in rows] == listed
+    assert "file not found" in rows[-1]["error"] and rows[-1]["label"] is None
+    assert summary_lines(ray_out) == summary_lines(single_out)
+    assert rows == on_ray_rows_of(read_single_csv(tmp_path / "single.csv"))
+
+
+def read_single_csv(path: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def on_ray_rows_of(csv_rows: list[dict]) -> list[dict]:
+    """CSV rows typed as the Parquet rows are (empty cell: None)."""
+    kinds = {"label": int, "exit": int, "confidence": float, "cost": float}
+    return [{k: (None if v == "" else kinds.get(k, str)(v)) for k, v in r.items()} for r in csv_rows]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_predict_dataset_on_bytes_and_arrays(cluster, pattern_bundle, pattern_test_images):
+    x, _ = pattern_test_images
+    model = load(pattern_bundle, threads=1)
+    expected = model.predict(list(x[:40]), budget="50%").to_rows()
+
+    # Encoded bytes with names, and one row that is not an image.
+    items = [{"image": png_bytes(x[i]), "path": f"item-{i}"} for i in range(40)]
+    items.insert(7, {"image": b"GIF89a broken", "path": "bad"})
+    ds = ray.data.from_items(items, override_num_blocks=3)
+    rows = on_ray.predict_dataset(ds, pattern_bundle, budget="50%", batch_size=16, workers=2).take_all()
+    assert len(rows) == 41
+    by_path = {r["path"]: r for r in rows}
+    assert "not an image" in by_path["bad"]["error"] and by_path["bad"]["label"] is None
+    for i, want in enumerate(expected):
+        got = by_path[f"item-{i}"]
+        assert {k: got[k] for k in ("label", "class", "confidence", "exit", "cost", "error")} == {
+            k: want[k] for k in ("label", "class", "confidence", "exit", "cost", "error")
+        }
+
+    # Arrays (a tensor column), strict: 4 blocks of 16 rows are 4 batches of 16, as in one process.
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    try:
+        # Materialised first: a repartition running alongside 2 actors that hold both CPUs would wait forever.
+        ds = ray.data.from_numpy(x[:64]).repartition(4).materialize()
+        strict = on_ray.predict_dataset(
+            ds, model, budget="30%", strict=True, image_column="data", path_column=None, batch_size=16, workers=2
+        ).take_all()
+    finally:
+        ctx.execution_options.preserve_order = False
+    single = model.predict(list(x[:64]), budget="30%", strict=True, batch_size=16).to_rows()
+    assert strict == single
+    budget = model.calibrate("30%").budget
+    for start in range(0, 64, 16):
+        assert sum(r["cost"] for r in strict[start : start + 16]) <= 16 * budget * (1 + 1e-9)
+
+
+class DiesOnce(on_ray.BundleWorker):
+    """Kills its own process the first time it meets `die-here.png` (a file next to it records that)."""
+
+    def __call__(self, batch):
+        for path in batch["path"]:
+            if Path(str(path)).name == "die-here.png":
+                flag = Path(str(path)).with_suffix(".died")
+                if not flag.exists():
+                    flag.write_text(str(os.getpid()))
+                    os._exit(1)
+        return super().__call__(batch)
+
+
+class FailsOnMarker(on_ray.BundleWorker):
+    """Raises (a bug, not a lost worker: Ray does not retry it) when it meets `fail-here.png`."""
+
+    def __call__(self, batch):
+        if any(Path(str(p)).name == "fail-here.png" for p in batch["path"]):
+            raise RuntimeError("injected failure")
+        return super().__call__(batch)
+
+
+def test_a_killed_worker_loses_and_duplicates_no_row(cluster, pattern_bundle, image_tree, tmp_path):
+    import shutil
+
+    root, truth, broken = image_tree
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree)
+    victim = sorted((tree / "vertical").glob("*.png"))[3]
+    marker = victim.with_name("die-here.png")
+    victim.rename(marker)
+    model = load(pattern_bundle, threads=1)
+    policy = model.calibrate("50%")
+    parts = list(on_ray.stream_predictions(model, policy, [str(tree)], workers=2, worker_class=DiesOnce))
+    assert marker.with_suffix(".died").exists(), "the worker was not killed; the test tests nothing"
+    paths = [p for part in parts for p in part.paths]
+    assert len(paths) == len(set(paths)) == len(truth) + len(broken)
+    assert str(marker) in paths
+    single = [p for part in model.predict_batches(str(tree), policy=policy, on_error="record") for p in part.to_rows()]
+    assert [r for part in parts for r in part.to_rows()] == single
+
+
+def test_a_failed_job_leaves_no_output_file(cluster, pattern_bundle, image_tree, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    root, _, _ = image_tree
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree)
+    last = sorted((tree / "vertical").glob("*.png"))[-1]
+    last.rename(last.with_name("fail-here.png"))
+    out = tmp_path / "out" / "rows.jsonl"
+    monkeypatch.setattr(on_ray, "BundleWorker", FailsOnMarker)
+    code, _, err = run_cli(
+        ["serve", str(pattern_bundle), str(tree), "--budget", "50%", "-q", "-o", str(out), "--ray"], capsys
+    )
+    assert code != 0 and "injected failure" in err
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
+def test_serve_ray_with_a_bundle_after_it_is_a_usage_error(pattern_bundle, image_tree, capsys):
+    root, _, _ = image_tree
+    code, out, err = run_cli(["serve", "--ray", str(pattern_bundle), str(root), "--budget", "50%"], capsys)
+    assert code == 2 and "not a Ray address" in out + err
