@@ -150,19 +150,20 @@ def test_a_batch_of_only_errors_keeps_its_place(model, pattern_test_images):
 
 def test_scheduler_choice_and_errors(model, pattern_test_images):
     x, _ = pattern_test_images
-    assert _choose_scheduler("auto", False, (img for img in x), 64) == "refill"
-    assert _choose_scheduler("auto", False, list(x), 64) == "refill"
-    assert _choose_scheduler("auto", False, list(x[:64]), 64) == "batch"  # one batch: nothing to refill
-    assert _choose_scheduler("auto", False, x[:10], 64) == "batch"
-    assert _choose_scheduler("auto", False, x[0], 64) == "batch"
-    assert _choose_scheduler("auto", True, (img for img in x), 64) == "batch"  # strict: the cap is per batch
+    assert _choose_scheduler("auto", False, (img for img in x), 64, on_gpu=True) == "refill"
+    assert _choose_scheduler("auto", False, list(x), 64, on_gpu=True) == "refill"
+    assert _choose_scheduler("auto", False, (img for img in x), 64) == "batch"  # CPU: refilling did not pay
+    assert _choose_scheduler("auto", False, list(x[:64]), 64, on_gpu=True) == "batch"  # one batch: nothing to refill
+    assert _choose_scheduler("auto", False, x[:10], 64, on_gpu=True) == "batch"
+    assert _choose_scheduler("auto", False, x[0], 64, on_gpu=True) == "batch"
+    assert _choose_scheduler("auto", True, (img for img in x), 64, on_gpu=True) == "batch"  # strict: per batch
     assert _choose_scheduler("batch", False, (img for img in x), 64) == "batch"
     with pytest.raises(ConfigError, match="strict=True caps each batch's cost.*scheduler='batch'"):
         model.predict(x, budget="50%", strict=True, scheduler="refill")
     with pytest.raises(ConfigError, match="scheduler='fast' is unknown; use one of auto, refill, batch"):
         model.predict(x, budget="50%", scheduler="fast")
     with pytest.raises(ConfigError, match="max_wait_rows=10 must be at least batch_size \\(16\\)"):
-        model.predict(list(x), budget="50%", batch_size=16, max_wait_rows=10)
+        model.predict(list(x), budget="50%", batch_size=16, max_wait_rows=10, scheduler="refill")
     # strict with auto still caps every batch (per-batch executor).
     budget = model.budget_cost("40%")
     for part in model.predict_batches(list(x), budget="40%", batch_size=16, strict=True):

@@ -46,7 +46,8 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     type=click.Choice(["auto", "refill", "batch"]),
     api=PREDICT,
     help="refill: a queue per stage, so every stage runs on full batches; batch: each batch on its own, "
-    "compacted after each exit; auto: refill unless --strict (its cap is per batch). Same answers.",
+    "compacted after each exit; auto: refill on a GPU unless --strict (its cap is per batch), else batch. "
+    "Same answers.",
 )
 @api_option(
     "--ordered/--unordered",
@@ -188,7 +189,8 @@ def serve(
     )
     # As predict does: a strict cap holds per batch and the per-batch executor compacts every batch stage by
     # stage, so their time is counted per batch; the refilling scheduler runs full batches.
-    per_batch = strict or scheduler == "batch" or ray_address is not None
+    refill = scheduler == "refill" or (scheduler in (None, "auto") and model.executor.on_gpu)
+    per_batch = strict or not refill or ray_address is not None
     chosen = model.resolve_policy(
         budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else None)
     )

@@ -319,8 +319,9 @@ class AnytimeModel:
         the first unreadable input; "record" gives it an error row and goes on.
         `scheduler`: "refill" keeps a queue of waiting rows per stage so that every stage runs on full
         batches of `batch_size` (see `anytime.runtime.scheduler`); "batch" runs each batch through the
-        stages on its own, compacting it after each exit; "auto" refills streams longer than one batch
-        unless `strict` (whose cap is per batch). Answers are the same either way. `ordered=False`
+        stages on its own, compacting it after each exit; "auto" refills streams longer than one batch on
+        a GPU unless `strict` (whose cap is per batch), and runs per batch on CPU, where refilling was
+        measured not to pay. Answers are the same either way. `ordered=False`
         releases answers as they are ready rather than in input order (refill only). `max_wait_rows`:
         no input waits while more later inputs than this are admitted (default 16 batches).
         `stage_calls`: a `StageCalls` to fill with every stage call's rows and seconds.
@@ -380,7 +381,7 @@ class AnytimeModel:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
         batch_size = int(batch_size)
-        mode = _choose_scheduler(scheduler, strict, inputs, batch_size)
+        mode = _choose_scheduler(scheduler, strict, inputs, batch_size, on_gpu=self.executor.on_gpu)
         # With a latency profile, a policy is priced as its executor runs: the per-batch executor (and a strict
         # cap, which holds per batch) compacts every batch stage by stage; the refilling one runs full batches.
         cost_mode = "per-batch" if mode == "batch" else None
@@ -540,8 +541,10 @@ class AnytimeModel:
         return np.concatenate(out, axis=1)
 
 
-def _choose_scheduler(scheduler: str, strict: bool, inputs: Any, batch_size: int) -> str:
-    """ "refill" or "batch": auto refills unless strict (a per-batch cap) or the input is one batch at most."""
+def _choose_scheduler(scheduler: str, strict: bool, inputs: Any, batch_size: int, on_gpu: bool = False) -> str:
+    """ "refill" or "batch". auto refills streams on a GPU only: on CPU (benchmarks/results/runtime_speed.md)
+    refilling was no faster, since a stage's time per row hardly changes above a few rows, and its queue work
+    put it 8-10% over a time budget; strict (a per-batch cap) and inputs of one batch at most run per batch."""
     if scheduler not in SCHEDULER_CHOICES:
         raise ConfigError(f"scheduler={scheduler!r} is unknown; use one of {', '.join(SCHEDULER_CHOICES)}")
     if strict:
@@ -553,7 +556,7 @@ def _choose_scheduler(scheduler: str, strict: bool, inputs: Any, batch_size: int
         return "batch"
     if scheduler != "auto":
         return scheduler
-    return "batch" if _at_most_one_batch(inputs, batch_size) else "refill"
+    return "refill" if on_gpu and not _at_most_one_batch(inputs, batch_size) else "batch"
 
 
 def _at_most_one_batch(inputs: Any, batch_size: int) -> bool:
