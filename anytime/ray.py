@@ -213,11 +213,14 @@ def predict_dataset(
     `bundle`: a bundle directory, a loaded `AnytimeModel`, or None for the embedded default. The policy
     (`budget`, `policy`, `exit`, as in `AnytimeModel.predict`) is calibrated here, once, and every worker
     uses these thresholds. `strict`: no batch of `batch_size` rows costs more than rows × budget.
-    `workers`: actors of one CPU each (default: the cluster's CPUs); `device`/`threads`: their onnxruntime.
-    The actors hold their CPUs for the whole job, so the operations before this one (reads, repartitions)
-    need CPUs left over: give fewer workers than the cluster has CPUs, or `materialize()` the input first.
+    `workers`: actors of one CPU each (default: the cluster's CPUs less one); `device`/`threads`: their
+    onnxruntime. The actors hold their CPUs for the whole job, and the operations before this one (reads,
+    repartitions) need a CPU left over or they wait forever: hence the default; with `workers` equal to the
+    cluster's CPUs, `materialize()` the input first.
     """
     require_ray()
+    if workers is None:
+        workers = max(1, default_workers() - 1)
     model = bundle if isinstance(bundle, AnytimeModel) else load(bundle, device="cpu", threads=1)
     chosen = model.resolve_policy(budget=budget, policy=policy, exit=exit)
     if strict and chosen.budget is None:
