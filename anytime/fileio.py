@@ -13,23 +13,8 @@ from typing import IO, Any
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` so that `path` holds either its old content or all of the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path, "wb") as fh:
+        fh.write(data)
 
 
 def current_umask() -> int:
@@ -57,6 +42,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh

@@ -7,7 +7,10 @@ runtime under test never does.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,31 @@ import pytest
 PATTERN_CLASSES = ["horizontal", "vertical", "checker/board", "disc"]
 PATTERN_SIZE = 16
 PATTERN_MEAN, PATTERN_STD = 0.45, 0.30
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def decompression_bomb(width: int = 8000, height: int = 8000) -> bytes:
+    """A small PNG whose header claims 64 MP (a few rows of zeros follow): pixels are never decoded."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    rows = zlib.compress(b"\x00" * ((width + 1) * 4), 9)
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+
+
+def broken_image_files(good: np.ndarray) -> dict[str, bytes]:
+    """One unreadable file of each kind serving must turn into an error row (`good`: an image to truncate)."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(good).save(png, format="PNG")
+    return {
+        "truncated.png": png.getvalue()[: len(png.getvalue()) // 2],
+        "empty.png": b"",
+        "notes.png": b"this is a text file, not an image\n",
+        "bomb.png": decompression_bomb(),
+    }
 
 
 def make_pattern_images(n: int, seed: int = 0, size: int = PATTERN_SIZE) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import broken_image_files
 from PIL import Image
 
 # Not a runtime test: the serving environment of .ci/run has no ray; the test environment installs the
@@ -49,12 +50,6 @@ def cluster():
     ray.shutdown()
 
 
-def decompression_bomb() -> bytes:
-    from test_runtime_serve import decompression_bomb as bomb  # the serve tests' 64 MP PNG header
-
-    return bomb()
-
-
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory, pattern_test_images) -> tuple[Path, dict[str, int], list[str]]:
     """70 images in class-named folders and one broken file of each kind (so 2 batches of 64, 3 blocks)."""
@@ -67,14 +62,7 @@ def image_tree(tmp_path_factory, pattern_test_images) -> tuple[Path, dict[str, i
         path = folder / f"img_{i:02d}.png"
         Image.fromarray(x[i, :, :, 0]).save(path)
         truth[str(path)] = int(y[i])
-    good = io.BytesIO()
-    Image.fromarray(x[99, :, :, 0]).save(good, format="PNG")
-    broken = {
-        "truncated.png": good.getvalue()[: len(good.getvalue()) // 2],
-        "empty.png": b"",
-        "notes.png": b"not an image\n",
-        "bomb.png": decompression_bomb(),
-    }
+    broken = broken_image_files(x[99, :, :, 0])
     for name, data in broken.items():
         (root / "disc" / name).write_bytes(data)
     return root, truth, [str(root / "disc" / n) for n in broken]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import broken_image_files
 from PIL import Image
 
 from anytime.cli import main
@@ -33,17 +32,6 @@ def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[i
     return code, out, err
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def decompression_bomb(width: int = 8000, height: int = 8000) -> bytes:
-    """A small PNG whose header claims 64 MP (a few rows of zeros follow): pixels are never decoded."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-    rows = zlib.compress(b"\x00" * ((width + 1) * 4), 9)
-    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
-
-
 @pytest.fixture()
 def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dict[str, str]]:
     """Class-named folders with 24 good images (one RGB) and one broken file of each kind."""
@@ -59,14 +47,7 @@ def image_tree(tmp_path, pattern_test_images) -> tuple[Path, dict[str, int], dic
         truth[str(path)] = int(y[i])
     broken_dir = root / "disc"
     broken_dir.mkdir(exist_ok=True)
-    good_png = io.BytesIO()
-    Image.fromarray(x[30, :, :, 0]).save(good_png, format="PNG")
-    broken = {
-        "truncated.png": good_png.getvalue()[: len(good_png.getvalue()) // 2],
-        "empty.png": b"",
-        "notes.png": b"this is a text file, not an image\n",
-        "bomb.png": decompression_bomb(),
-    }
+    broken = broken_image_files(x[30, :, :, 0])
     for name, data in broken.items():
         (broken_dir / name).write_bytes(data)
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken_dir / "wrong_size.png")
