@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from conftest import broken_image_files
 from PIL import Image
+from test_runtime_serve import run_cli  # the serve tests' CLI runner
 
 # Not a runtime test: the serving environment of .ci/run has no ray; the test environment installs the
 # [ray] extra (README test command), so this runs there.
 ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install -e '.[ray]'")
 
 import anytime.ray as on_ray  # noqa: E402
-from anytime.cli import main  # noqa: E402
 from anytime.runtime.model import load  # noqa: E402
 
 pytestmark = [
@@ -66,16 +66,6 @@ def image_tree(tmp_path_factory, pattern_test_images) -> tuple[Path, dict[str, i
     for name, data in broken.items():
         (root / "disc" / name).write_bytes(data)
     return root, truth, [str(root / "disc" / n) for n in broken]
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = 0 if exc.code is None else int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_rows(path: Path) -> list[dict]:
