@@ -75,6 +75,42 @@ def test_measured_profile_is_sane_and_round_trips(pattern_bundle, tmp_path):
     assert json.loads(path.read_text())["stage_seconds_per_row"] == pytest.approx(list(prof.seconds_per_row))
 
 
+def test_profile_prices_the_executors_host_work_not_the_graphs_alone(pattern_bundle, monkeypatch):
+    """A stage call's time covers the row gather and the exit test around the session run: slow them down by
+    a known amount and the profile's stage times grow by at least that much, stage by stage."""
+    import time
+
+    from anytime.runtime import profiling
+
+    model = anytime.load(pattern_bundle, device="cpu", threads=1)
+    delay = 0.004
+    ex = model.executor
+    take = ex.take_rows
+    monkeypatch.setattr(ex, "take_rows", lambda k, state, rows: (time.sleep(delay), take(k, state, rows))[1])
+    slow = model.profile(batch_size=2, repeats=1, warmup=0)
+    assert slow.timing == "step"
+    gather = np.array(slow.stage_call_seconds)
+    assert np.all(gather[1:] >= delay)  # stages 2..K gather the rows that go on
+    assert np.all(gather[0] < delay)  # the first stage takes the input batch as it is
+    monkeypatch.setattr(ex, "take_rows", take)
+    softmax = profiling.softmax_confidence
+    monkeypatch.setattr(profiling, "softmax_confidence", lambda lg: (time.sleep(delay), softmax(lg))[1])
+    tested = np.array(model.profile(batch_size=2, repeats=1, warmup=0).stage_call_seconds)
+    assert np.all(tested >= delay)  # every stage's exit test
+
+
+def test_older_session_only_profile_loads_and_warns_when_used(pattern_bundle, tmp_path):
+    d = synthetic_profile(pattern_bundle).to_dict()
+    assert d["timing"] == "step"
+    del d["timing"]  # written before the profile timed whole stage steps
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    old = LatencyProfile.load(path)
+    assert old.timing == "session"
+    with pytest.warns(ProfileMismatchWarning, match="times the stage graphs alone"):
+        anytime.load(pattern_bundle, device="cpu", threads=1, profile=old)
+
+
 def test_profile_is_written_atomically(pattern_bundle, tmp_path, monkeypatch):
     path = tmp_path / "profile.json"
     synthetic_profile(pattern_bundle).save(path)
@@ -110,6 +146,7 @@ def test_interpolation_between_row_counts(pattern_bundle):
         (lambda d: d["bundle"].update(identity="abc"), "64 lowercase hex"),
         (lambda d: d.update(batch_size=32), "largest row count"),
         (lambda d: d.update(threads=-2), "threads"),
+        (lambda d: d.update(timing="wall"), "timing is 'wall'"),
     ],
 )
 def test_malformed_profile_is_refused_with_the_fix(pattern_bundle, tmp_path, change, message):

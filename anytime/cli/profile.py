@@ -24,8 +24,9 @@ def profile(
 ) -> None:
     """Measure each stage's time on this machine and provider, for budgets in time.
 
-    Every stage graph is timed warm at the row counts early exit produces (1, 2, 4, ... up to the batch
-    size: later stages run on the rows still going), median of repeats. Profile with the --threads and
+    Every stage is timed warm as the executor runs it (the stage graph plus the host work around it: the
+    gather of the rows that go on, the exit test) at the row counts early exit produces (1, 2, 4, ... up to
+    the batch size: later stages run on the rows still going), median of repeats. Profile with the --threads and
     --device you serve with: a profile is only valid for them. BUNDLE defaults to the embedded model.
     """
     from anytime.runtime.budget import format_seconds

@@ -1,19 +1,22 @@
-"""The latency profile `anytime profile` writes: each stage's measured seconds per session call at several
-row counts, on one machine, provider and thread count, for one bundle.
+"""The latency profile `anytime profile` writes: each stage's measured seconds per call at several row counts,
+on one machine, provider and thread count, for one bundle.
 
     {"format": "anytime-latency-profile", "format_version": 1,
      "bundle": {"arch": "msdnet-tiny", "identity": "<sha256>", "num_exits": 4},
      "provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"], "threads": 1,
      "batch_size": 64, "repeats": 15, "onnxruntime_version": "1.32.0", "anytime_version": "0.1.0",
      "machine": {"cpu": "...", "cpu_count": 2, "platform": "Linux-...", "hostname": "..."},
-     "created": "2026-12-02T15:00:00Z",
+     "created": "2026-12-02T15:00:00Z", "timing": "step",
      "rows": [1, 2, 4, 8, 16, 32, 64],
      "stage_call_seconds": [[...7 medians...], ...one list per stage...],
      "stage_seconds_per_row": [...]}          # at batch_size: stage_call_seconds[k][-1] / batch_size
 
 `rows` are the batch sizes one stage call was timed at (early exit compacts a batch, so later stages run
 on fewer rows); between them the time of a call is interpolated linearly, below the first through zero
-(a stage no row reaches is not called), above the last at the last time per row. `bundle.identity` is
+(a stage no row reaches is not called), above the last at the last time per row. `timing` says what one
+call's time covers: "step", the executor's whole stage step (gathering the rows that go on, the session run,
+the exit test); "session", the session run alone (profiles written before `timing` existed, which lack the
+key, were timed so; they still load, with a warning when used). `bundle.identity` is
 `anytime.formats.bundle.bundle_identity`. Torch-free (json, numpy); this module is the format's one definition.
 """
 
@@ -36,6 +39,10 @@ FORMAT = "anytime-latency-profile"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MAKE_ONE = "make one with `anytime profile BUNDLE -o profile.json` (Python: model.profile().save(path))"
+
+STEP_TIMING = "step"
+SESSION_TIMING = "session"
+TIMINGS = (STEP_TIMING, SESSION_TIMING)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -67,9 +74,12 @@ class LatencyProfile:
     anytime_version: str = ""
     machine: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    timing: str = STEP_TIMING  # what one call's time covers (see the module docstring)
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
+        if self.timing not in TIMINGS:
+            problems.append(f"timing is {self.timing!r}, expected one of {', '.join(TIMINGS)}")
         if problems:
             raise ProfileError("latency profile: " + "; ".join(problems))
 
@@ -122,6 +132,7 @@ class LatencyProfile:
             "anytime_version": self.anytime_version,
             "machine": dict(self.machine),
             "created": self.created,
+            "timing": self.timing,
             "rows": [int(r) for r in self.rows],
             "stage_call_seconds": [[float(t) for t in s] for s in self.stage_call_seconds],
             "stage_seconds_per_row": [float(t) for t in self.seconds_per_row],
@@ -146,6 +157,7 @@ class LatencyProfile:
             anytime_version=str(d.get("anytime_version", "")),
             machine=dict(d.get("machine") or {}),
             created=str(d.get("created", "")),
+            timing=str(d.get("timing", SESSION_TIMING)),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -221,6 +233,8 @@ def profile_problems(d: Any) -> list[str]:
         )
     if not isinstance(d.get("provider"), str) or not d["provider"]:
         problems.append("provider is missing")
+    if "timing" in d and d["timing"] not in TIMINGS:
+        problems.append(f"timing is {d['timing']!r}, expected one of {', '.join(TIMINGS)}")
     threads = d.get("threads")
     if threads is not None and not (_is_int(threads) and threads >= 0):
         problems.append(f"threads is {threads!r}, expected null or an integer >= 0")
