@@ -57,7 +57,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-equal-compute", action="store_true", help="skip joint trained for DR-MGF's wall time")
     p.add_argument("--runs-dir", default=None, help="where run directories go (default: a temporary directory)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "train_methods.md"))
+    p.add_argument(
+        "--keep-rows",
+        default=None,
+        help="a directory (committed) that keeps each finished run's row and split: a later session whose runs "
+        "directory is gone takes finished runs from it instead of training them again",
+    )
     return p.parse_args(argv)
+
+
+KEPT_FILES = ("benchmark_row.json", "split.json", "config.json")
+
+
+def restore_kept(keep: Path, runs: Path) -> None:
+    """Put the kept rows of finished runs back into the runs directory (only where the run is missing)."""
+    for kept in sorted(keep.glob("*/benchmark_row.json")):
+        out = runs / kept.parent.name
+        if not (out / "benchmark_row.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for name in KEPT_FILES:
+                if (kept.parent / name).is_file():
+                    atomic_write_text(out / name, (kept.parent / name).read_text())
+
+
+def keep_row(out: Path, keep: Path) -> None:
+    (keep / out.name).mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        if (out / name).is_file():
+            atomic_write_text(keep / out.name / name, (out / name).read_text())
 
 
 def split_entry(entry: str) -> tuple[str, dict[str, str]]:
@@ -100,6 +127,8 @@ def run_one(args: argparse.Namespace, runs: Path, method: str, seed: int, epochs
         "images_per_s": float(np.mean([r["images_per_s"] for r in result.history])),
     }
     atomic_write_json(row_file, row)
+    if args.keep_rows:
+        keep_row(out, Path(args.keep_rows))
     print(
         f"  {row['method']:<14} seed {seed}  {epochs} ep  test avg {100 * row['test_accuracy_mean']:.2f}%  "
         f"per exit {' '.join(f'{100 * a:.1f}' for a in row['test_accuracy'])}  "
@@ -160,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="anytime-bench-"))
     runs.mkdir(parents=True, exist_ok=True)
+    if args.keep_rows:
+        restore_kept(Path(args.keep_rows), runs)
     print(f"runs in {runs}", flush=True)
 
     rows: list[dict] = []
