@@ -456,3 +456,38 @@ def test_a_policy_fitted_in_time_needs_the_profile(timed_model, pattern_bundle, 
     plain = anytime.load(pattern_bundle, device="cpu")
     with pytest.raises(anytime.AnytimeError, match="budget is in seconds but this model's costs are in macs"):
         plain.resolve_policy(policy=str(path))
+
+
+def test_eval_of_several_bundles_takes_one_profile_each(pattern_bundle, tmp_path, capsys):
+    import shutil
+
+    from anytime.errors import ConfigError
+    from anytime.runtime.evaluation import evaluate
+
+    other = tmp_path / "other"
+    shutil.copytree(pattern_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.setdefault("provenance", {})["note"] = "a second bundle: another identity"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    first, second = synthetic_profile(pattern_bundle), synthetic_profile(other)
+    assert first.bundle_identity != second.bundle_identity
+    doubled = LatencyProfile.from_dict({**second.to_dict(), "stage_call_seconds": [
+        [2 * t for t in stage] for stage in second.stage_call_seconds]})  # fmt: skip
+    paths = [tmp_path / "first.json", tmp_path / "second.json"]
+    first.save(paths[0])
+    doubled.save(paths[1])
+
+    xt, yt = make_pattern_images(32, seed=2)
+    npz = tmp_path / "patterns.npz"
+    np.savez(npz, x_train=xt[:8], y_train=yt[:8], x_test=xt, y_test=yt, classes=np.array(PATTERN_CLASSES))
+    report = evaluate([pattern_bundle, other], f"npz:{npz}", points=3, device="cpu", threads=1, profile=paths)
+    fulls = [m.exits[-1].cost for m in report.models]
+    assert fulls == pytest.approx([first.full_seconds, 2 * first.full_seconds])  # each bundle its own profile
+    with pytest.raises(ConfigError, match="one per model"):
+        evaluate([pattern_bundle, other], f"npz:{npz}", points=3, device="cpu", threads=1, profile=paths[0])
+
+    args = ["eval", str(pattern_bundle), str(other), "--data", f"npz:{npz}", "--points", "3", "--threads", "1"]
+    code, out, err = run_cli(args + ["--profile", str(paths[0]), "--profile", str(paths[1]), "-q"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(args + ["--profile", str(paths[0]), "-q"], capsys)
+    assert code == 2 and "one per model" in err

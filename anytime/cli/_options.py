@@ -182,24 +182,33 @@ def runtime_device_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def profile_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--profile, --cost-mode: budgets in time from a latency profile (serve, calibrate, eval)."""
-    f = api_option(
-        "--cost-mode",
-        type=click.Choice(["full-batches", "per-batch"]),
-        api=LOAD,
-        help="With --profile, how a policy's time is counted: every stage on full batches (a refilling "
-        "scheduler) or each batch compacted stage by stage (--strict always fits this way).",
-    )(f)
-    f = api_option(
-        "--profile",
-        type=click.Path(dir_okay=False),
-        api=LOAD,
-        metavar="FILE",
-        help="Latency profile (written by `anytime profile`): budgets become time per image (0.3ms, 300us; "
-        "40% of the full network's measured time).",
-    )(f)
-    return f
+def profile_options(f: Callable[..., Any] | None = None, *, per_model: bool = False) -> Any:
+    """--profile, --cost-mode: budgets in time from a latency profile (serve, calibrate, eval).
+
+    `per_model` (eval, which takes several models): --profile is repeatable, one per model in order.
+    """
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = api_option(
+            "--cost-mode",
+            type=click.Choice(["full-batches", "per-batch"]),
+            api=LOAD,
+            help="With --profile, how a policy's time is counted: every stage on full batches (a refilling "
+            "scheduler) or each batch compacted stage by stage (--strict always fits this way).",
+        )(f)
+        f = api_option(
+            "--profile",
+            type=click.Path(dir_okay=False),
+            api=LOAD,
+            metavar="FILE",
+            multiple=per_model,
+            help="Latency profile (written by `anytime profile`): budgets become time per image (0.3ms, 300us; "
+            "40% of the full network's measured time)."
+            + (" Repeat it to give one per model, in the order of MODELS." if per_model else ""),
+        )(f)
+        return f
+
+    return decorate(f) if f is not None else decorate
 
 
 def load_bundle(bundle: str | None, **options: Any) -> Any:

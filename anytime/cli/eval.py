@@ -47,7 +47,7 @@ def _export_run(run_dir: Path, bundle_dir: Path, quiet: bool) -> Path:
 @output_option("Report directory for CSV, JSON and PNG plots.", type=click.Path(file_okay=False), metavar="DIR")
 @api_option("--points", type=int, api=EVALUATE, help="Budgets in the sweep, first exit to full network.")
 @runtime_device_options
-@profile_options
+@profile_options(per_model=True)
 @api_option("--plots/--no-plots", api=SAVE_REPORT, help="PNG plots in the report directory (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(
@@ -59,7 +59,7 @@ def eval_command(
     device: str | None,
     providers: str | None,
     threads: int | None,
-    profile: str | None,
+    profile: tuple[str, ...],
     cost_mode: str | None,
     plots: bool | None,
     quiet: bool,
@@ -99,7 +99,7 @@ def eval_command(
                 device=device,
                 providers=providers,
                 threads=threads,
-                profile=profile,
+                profile=list(profile) if len(profile) > 1 else (profile[0] if profile else None),
                 cost_mode=cost_mode,
             ),
         )

@@ -250,13 +250,32 @@ def evaluate(
     **kwargs: Any,
 ) -> EvalReport:
     """Evaluate one or several bundles on the same split; `kwargs` go to `evaluate_model` (device,
-    providers, threads, progress). `names` label the models (default: their directories' names)."""
+    providers, threads, progress, cost_mode). `names` label the models (default: their directories' names).
+    `profile`: one latency profile (of a single bundle) or a list of them, one per bundle in order: a profile
+    describes one bundle's graphs, so several bundles need one each."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     names = list(names) if names is not None else [None] * len(paths)
     if len(names) != len(paths):
         raise ConfigError(f"evaluate() got {len(paths)} bundles but {len(names)} names; give one name per bundle")
-    report = EvalReport([evaluate_model(p, data, split, points, name=n, **kwargs) for p, n in zip(paths, names)])
+    profile = kwargs.pop("profile", None)
+    if isinstance(profile, (list, tuple)):
+        profiles = list(profile)
+    else:
+        profiles = [profile] * len(paths)
+        if profile is not None and len(paths) > 1:
+            profiles = []
+    if len(profiles) != len(paths):
+        raise ConfigError(
+            f"{len(paths)} models but {len(profiles) if profiles else 'one'} latency profile(s): a profile is "
+            "measured for one bundle, so give one per model, in the same order (--profile A.json --profile B.json)"
+        )
+    report = EvalReport(
+        [
+            evaluate_model(p, data, split, points, name=n, profile=prof, **kwargs)
+            for p, n, prof in zip(paths, names, profiles)
+        ]
+    )
     names = [m.name for m in report.models]
     for i, m in enumerate(report.models):  # overlaid plots need distinct labels
         if names.count(m.name) > 1:
