@@ -295,9 +295,12 @@ def _stream(executor, x: np.ndarray, batch: int, thresholds: np.ndarray, schedul
     calls = StageCalls(executor.num_exits)
     exits = np.empty(len(x), dtype=np.int64)
     t0, c0 = time.perf_counter(), time.process_time()
-    if scheduler == "batch":
+    if scheduler in ("batch", "reference"):
+        # reference: every row through every stage, gathered at every boundary: the workload a latency
+        # profile's full-network time stands for.
+        rows = {"profile_rows": batch} if scheduler == "reference" else {}
         for i in range(0, len(x), batch):
-            _, _, e, trace = executor.run_early_exit(x[i : i + batch], thresholds)
+            _, _, e, trace = executor.run_early_exit(x[i : i + batch], thresholds, **rows)
             exits[i : i + batch] = e
             for k, (r, sec) in enumerate(zip(trace.rows_per_stage, trace.stage_seconds)):
                 calls.add(k, r, sec)
@@ -349,8 +352,15 @@ def speed(args: argparse.Namespace) -> None:
         "(`per-batch` for `batch`, `full-batches` for `refill`)."
     )
     emit(
-        "- realised speedup: the stage chain's time with every image through every stage (same executor) over "
-        "the policy's time; ideal (MACs): full MACs over the realised average MACs; ideal (time): the profile's "
+        "- Rounds: each round times the stage chain (every image through every stage, per-batch executor), the "
+        "same with the rows gathered at every stage boundary (the workload the profile's full-network time "
+        "stands for) and then every policy once; a policy's share is its time over that reference's time in the "
+        "same round (median over rounds), which a shared machine's drift over minutes does not move. "
+        "share/budget: that share over the "
+        "budget's fraction (a time policy asks for a fraction of the profile's full-network time), the profile's "
+        "fidelity apart from the machine's speed; time/budget: the median time per image over the budget in "
+        "absolute time, which also carries the drift between profiling and the run. "
+        "realised speedup: the chain's time over the policy's, same round, median; ideal (MACs): full MACs over the realised average MACs; ideal (time): the profile's "
         "full-network time over the profile's time for the realised exits with every stage at its full-batch "
         "time per row (no cost for thinned-out calls); time/budget: measured time per image over the time budget "
         "(the budget is that fraction of the profile's full-network time); time/estimate: measured time over the "
@@ -389,72 +399,81 @@ def speed(args: argparse.Namespace) -> None:
                     full_s = min(_time_full(full, x, batch, full_out)[0] for _ in range(args.repeats)) / len(x)
                 profile = model.profile(batch_size=batch, repeats=args.profile_repeats)
                 never = np.full(ex.num_exits, np.inf, dtype=np.float32)
-                _stream(ex, x[: 2 * batch], batch, never, "batch")
-                # Every image through every stage: both executors run the same full-batch calls, so one reference.
-                chain = float(
-                    np.median(
-                        [
-                            _stream(ex, x, batch, never, sch)[0]
-                            for sch in ("batch", "refill")
-                            for _ in range(args.repeats)
-                        ]
-                    )
-                ) / len(x)
                 prof_full = float(profile.full_seconds)
-                emit(
-                    f"### threads {threads}, batch {batch}\n\nFull network: stage chain {1e6 * chain:.1f} µs "
-                    f"per image, profile {1e6 * prof_full:.1f} µs"
-                    + (f", exit_{b.num_exits}.onnx {1e6 * full_s:.1f} µs" if full_s else "")
-                    + ". Profile µs per row at full batches, per stage: "
-                    + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
-                    + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
-                )
-                emit(
-                    "| budget | policy | executor | realised MACs | µs per image | **time / budget** | time / estimate "
-                    "| realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
-                    "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
-                )
-                emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
                 timed = anytime.load(bundle_path, device="cpu", threads=threads, profile=profile)
+                configs, infeasible = [], []
                 for budget in args.budgets:
                     frac = float(budget.rstrip("%")) / 100
                     for policy_kind in ("MACs", "time"):
                         for sch in ("batch", "refill"):
                             mode = "per-batch" if sch == "batch" else "full-batches"
-                            cost = TimeCost(profile, mode, batch)
                             try:
                                 if policy_kind == "MACs":
                                     pol = model.calibrate(budget)
                                 else:
                                     pol = timed.calibrate(budget, cost_mode=mode)
                             except anytime.AnytimeError as exc:
-                                emit(f"| {budget} | {policy_kind} | {sch} | infeasible: {exc} |")
+                                infeasible.append((budget, policy_kind, sch, str(exc)))
                                 continue
-                            thresholds = pol.threshold_array()
-                            _stream(ex, x[: 2 * batch], batch, thresholds, sch)
-                            wall, cpu, exits, calls = _median(
-                                [_stream(ex, x, batch, thresholds, sch) for _ in range(args.repeats)]
-                            )
-                            per_image = wall / len(x)
-                            reach = np.array([(exits >= k).sum() for k in range(ex.num_exits)])
-                            estimate = float(cost.reach_cost(reach, len(x)))
-                            ideal_estimate = float(TimeCost(profile, "full-batches", batch).reach_cost(reach, len(x)))
-                            real_macs = float(macs[exits].mean())
-                            realised = chain / per_image
-                            ideal_macs = macs[-1] / real_macs
-                            ideal_time = prof_full / ideal_estimate
-                            fill = ", ".join(f"{m:.0f}" for m in calls.mean_rows_per_call()[1:])
-                            session = sum(sum(sec) for sec in calls.seconds)
-                            emit(
-                                f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
-                                f"{1e6 * per_image:.1f} | **{per_image / (frac * prof_full):.2f}** | "
-                                f"{per_image / estimate:.2f} | {realised:.2f}× | "
-                                f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
-                                f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
-                                + (f"{full_s / per_image:.2f}×" if full_s else "")
-                                + " |"
-                            )
-                            print(lines[-1], flush=True)
+                            configs.append((budget, frac, policy_kind, sch, mode, pol.threshold_array()))
+                # Rounds: the full chain, then every policy once, repeated. A shared machine's speed drifts by
+                # tens of percent over minutes; each policy's time is compared with the chain of its own round.
+                for _, _, _, sch, _, thr in configs:
+                    _stream(ex, x[: 2 * batch], batch, thr, sch)
+                _stream(ex, x[: 2 * batch], batch, never, "batch")
+                chains: list[float] = []
+                references: list[float] = []
+                runs: list[list] = [[] for _ in configs]
+                for _ in range(args.repeats):
+                    chains.append(_stream(ex, x, batch, never, "batch")[0])
+                    references.append(_stream(ex, x, batch, never, "reference")[0])
+                    for c, (_, _, _, sch, _, thr) in enumerate(configs):
+                        runs[c].append(_stream(ex, x, batch, thr, sch))
+                chain = float(np.median(chains)) / len(x)
+                emit(
+                    f"### threads {threads}, batch {batch}\n\nFull network: stage chain {1e6 * chain:.1f} µs "
+                    f"per image (median of {args.repeats} rounds, range {1e6 * min(chains) / len(x):.1f}-"
+                    f"{1e6 * max(chains) / len(x):.1f}), the same with the profile's row gathers "
+                    f"{1e6 * float(np.median(references)) / len(x):.1f} µs, profile {1e6 * prof_full:.1f} µs"
+                    + (f", exit_{b.num_exits}.onnx {1e6 * full_s:.1f} µs" if full_s else "")
+                    + ". Profile µs per row at full batches, per stage: "
+                    + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
+                    + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
+                )
+                emit(
+                    "| budget | policy | executor | realised MACs | µs per image | time / budget | **share / budget** "
+                    "| time / estimate | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
+                    "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
+                )
+                emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                for budget, policy_kind, sch, exc in infeasible:
+                    emit(f"| {budget} | {policy_kind} | {sch} | infeasible: {exc} |")
+                for (budget, frac, policy_kind, sch, mode, _), passes in zip(configs, runs):
+                    wall, cpu, exits, calls = _median(passes)
+                    per_image = wall / len(x)
+                    # The policy's time over the profile's full-network workload timed in the same round, against
+                    # the budget's fraction; the speedup is over the plain chain of the same round.
+                    share = float(np.median([p[0] / c for p, c in zip(passes, references)]))
+                    speedup = float(np.median([c / p[0] for p, c in zip(passes, chains)]))
+                    reach = np.array([(exits >= k).sum() for k in range(ex.num_exits)])
+                    estimate = float(TimeCost(profile, mode, batch).reach_cost(reach, len(x)))
+                    ideal_estimate = float(TimeCost(profile, "full-batches", batch).reach_cost(reach, len(x)))
+                    real_macs = float(macs[exits].mean())
+                    realised = speedup
+                    ideal_macs = macs[-1] / real_macs
+                    ideal_time = prof_full / ideal_estimate
+                    fill = ", ".join(f"{m:.0f}" for m in calls.mean_rows_per_call()[1:])
+                    session = sum(sum(sec) for sec in calls.seconds)
+                    emit(
+                        f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
+                        f"{1e6 * per_image:.1f} | {per_image / (frac * prof_full):.2f} | **{share / frac:.2f}** | "
+                        f"{per_image / estimate:.2f} | {realised:.2f}× | "
+                        f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
+                        f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
+                        + (f"{full_s / per_image:.2f}×" if full_s else "")
+                        + " |"
+                    )
+                    print(lines[-1], flush=True)
                 emit("")
     text = "\n".join(lines) + "\n"
     from anytime.fileio import atomic_write_text

@@ -80,7 +80,7 @@ def test_profile_prices_the_executors_host_work_not_the_graphs_alone(pattern_bun
     a known amount and the profile's stage times grow by at least that much, stage by stage."""
     import time
 
-    from anytime.runtime import profiling
+    from anytime.runtime import engine
 
     model = anytime.load(pattern_bundle, device="cpu", threads=1)
     delay = 0.004
@@ -93,10 +93,33 @@ def test_profile_prices_the_executors_host_work_not_the_graphs_alone(pattern_bun
     assert np.all(gather[1:] >= delay)  # stages 2..K gather the rows that go on
     assert np.all(gather[0] < delay)  # the first stage takes the input batch as it is
     monkeypatch.setattr(ex, "take_rows", take)
-    softmax = profiling.softmax_confidence
-    monkeypatch.setattr(profiling, "softmax_confidence", lambda lg: (time.sleep(delay), softmax(lg))[1])
+    softmax = engine.softmax_confidence
+    monkeypatch.setattr(engine, "softmax_confidence", lambda lg: (time.sleep(delay), softmax(lg))[1])
     tested = np.array(model.profile(batch_size=2, repeats=1, warmup=0).stage_call_seconds)
     assert np.all(tested >= delay)  # every stage's exit test
+
+
+def test_batch_trace_splits_the_batch_time_by_stage(pattern_bundle):
+    """The per-stage steps and gathers a profile is made of cover the session runs and lie inside the call."""
+    import time
+
+    model = anytime.load(pattern_bundle, device="cpu", threads=1)
+    ex = model.executor
+    x, _ = make_pattern_images(16, seed=3)
+    x = model.preprocessor.normalise(x)
+    for thresholds, rows in ((np.full(4, np.inf, dtype=np.float32), 5), (np.full(4, 0.5, np.float32), None)):
+        t0 = time.perf_counter()
+        labels, _, exits, trace = ex.run_early_exit(x, thresholds, profile_rows=rows)
+        wall = time.perf_counter() - t0
+        stages = len(trace.rows_per_stage)
+        assert len(trace.step_seconds) == stages and len(trace.gather_seconds) == ex.num_exits
+        assert all(step >= session for step, session in zip(trace.step_seconds, trace.stage_seconds))
+        assert sum(trace.step_seconds) + sum(trace.gather_seconds) <= wall
+        if rows:  # the first 5 rows went through every stage, gathered at each boundary; the rest left at once
+            assert trace.rows_per_stage == [16, 5, 5, 5] and all(g > 0 for g in trace.gather_seconds[1:])
+            assert list(exits) == [3] * 5 + [0] * 11
+            assert list(labels[:5]) == list(ex.run_all(x[:5])[-1].argmax(axis=1))
+        assert trace.gather_seconds[0] == 0.0
 
 
 def test_older_session_only_profile_loads_and_warns_when_used(pattern_bundle, tmp_path):

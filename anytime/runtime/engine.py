@@ -94,9 +94,14 @@ class BatchTrace:
     """What one early-exit batch did: rows entering each stage and seconds spent per stage."""
 
     rows_per_stage: list[int] = field(default_factory=list)
-    stage_seconds: list[float] = field(default_factory=list)
+    stage_seconds: list[float] = field(default_factory=list)  # session runs alone
     overhead_seconds: float = 0.0  # host-side work between session runs (softmax, masks, compaction)
     total_cost: float = 0.0
+    # The whole batch's wall time split by stage (what a latency profile prices): step_seconds[k] is stage
+    # k's session run plus its exit test and bookkeeping (stage 0 also the batch's set-up); gather_seconds[k]
+    # the copy of the rows that enter stage k (0 for the first stage and for rows passed on without a copy).
+    step_seconds: list[float] = field(default_factory=list)
+    gather_seconds: list[float] = field(default_factory=list)
 
 
 class StageExecutor:
@@ -296,20 +301,27 @@ class StageExecutor:
         x: np.ndarray,
         thresholds: np.ndarray,
         cap_per_image: float | None = None,
+        profile_rows: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchTrace]:
         """Early exit over one batch: (labels, confidences, 0-based exits, trace).
 
         `cap_per_image` (strict mode): the batch's total cost never exceeds n × cap. When the thresholds
         would send more samples on than the remaining budget pays for, the least confident continue and
         the rest answer at the exit they have reached.
+
+        `profile_rows` (latency profiling, which times a later stage's call on r rows where serving makes it:
+        after a full first stage): the first `profile_rows` rows go on through every stage whatever the
+        thresholds, the others answer at the first exit, and the rows that go on are gathered at every stage
+        boundary even when they are all the rows, as a compacted batch's are.
         """
+        t_start = time.perf_counter()
         n = x.shape[0]
         k_exits = self.num_exits
         thresholds = np.asarray(thresholds, dtype=np.float32)
         labels = np.empty(n, dtype=np.int64)
         confidence = np.empty(n, dtype=np.float32)
         exits = np.empty(n, dtype=np.int64)
-        trace = BatchTrace()
+        trace = BatchTrace(gather_seconds=[0.0] * k_exits)
         active = np.arange(n)
         state = self.start(x)
         costs = self.costs
@@ -324,6 +336,9 @@ class StageExecutor:
             conf, pred = softmax_confidence(logits)
             if k == k_exits - 1:
                 leave = np.ones(active.size, dtype=bool)
+            elif profile_rows is not None:
+                leave = np.zeros(active.size, dtype=bool)
+                leave[profile_rows:] = True
             else:
                 leave = conf >= thresholds[k]
                 if cap_total is not None:
@@ -332,15 +347,23 @@ class StageExecutor:
             if leave.all():
                 idx = active
                 labels[idx], confidence[idx], exits[idx] = pred, conf, k
-                trace.overhead_seconds += time.perf_counter() - t1
+                t_end = time.perf_counter()
+                trace.overhead_seconds += t_end - t1
+                trace.step_seconds.append(t_end - (t_start if k == 0 else t0))
                 break
-            if leave.any():
+            gather = 0.0
+            if leave.any() or profile_rows is not None:
                 idx = active[leave]
                 labels[idx], confidence[idx], exits[idx] = pred[leave], conf[leave], k
                 keep = np.flatnonzero(~leave)
                 active = active[keep]
+                tg = time.perf_counter()
                 state = self.take_rows(k + 1, state, keep)
-            trace.overhead_seconds += time.perf_counter() - t1
+                gather = time.perf_counter() - tg
+                trace.gather_seconds[k + 1] = gather
+            t_end = time.perf_counter()
+            trace.overhead_seconds += t_end - t1
+            trace.step_seconds.append(t_end - (t_start if k == 0 else t0) - gather)
         trace.total_cost = float(costs[exits].sum())
         return labels, confidence, exits, trace
 

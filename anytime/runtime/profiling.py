@@ -3,12 +3,12 @@ model it is used with.
 
 A profile prices what the early-exit executor really does for one stage call, not the graph alone: gathering
 the rows that go on into a compacted batch (from the second stage on), the session run, and the exit test
-(softmax confidence, the threshold mask). On a small model that host work is a tenth of the time or more
+(softmax confidence, the threshold mask, the answers' bookkeeping); the batch's set-up counts to the first
+stage. The times come from the executor's own trace of `run_early_exit`: a full batch through the first
+stage, then r of its rows through every later stage, for each row count r. On a small model that host work is a tenth of the time or more
 (measured: 7-16% on msdnet-tiny at batch 64), and a profile of the session runs alone made every time
-budget overshoot by that much. Each row count of `profile_rows(batch_size)` runs as a chain through all
-stages, as the executor runs a batch (so caches hold what they hold in serving), warm, on the model's own
-sessions: early exit compacts a batch, so later stages run on fewer rows, and a small call costs more per
-row. The inputs are random (a stage's time does not depend on the pixel values). Repeats go round all row
+budget overshoot by that much. Each row count of `profile_rows(batch_size)` is timed so, warm, on the model's own sessions: early exit
+compacts a batch, so later stages run on fewer rows, and a small call costs more per row. The inputs are random (a stage's time does not depend on the pixel values). Repeats go round all row
 counts in turn, so a slow spell of a shared machine spreads over all of them, and the median is kept.
 """
 
@@ -18,7 +18,6 @@ import datetime
 import logging
 import os
 import platform
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,6 @@ from anytime import __version__
 from anytime.errors import ConfigError, ProfileError, ProfileMismatchWarning
 from anytime.formats.bundle import Bundle, bundle_identity
 from anytime.formats.profile import MAKE_ONE, SESSION_TIMING, STEP_TIMING, LatencyProfile, profile_rows
-from anytime.runtime.calibration import softmax_confidence
 
 if TYPE_CHECKING:
     from anytime.runtime.engine import StageExecutor
@@ -77,14 +75,13 @@ def measure_profile(
     spec = bundle.input
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows[-1], spec.channels, spec.height, spec.width)).astype(np.float32)
-    inputs = [np.ascontiguousarray(x[:r]) for r in rows]
-    keeps = [np.arange(r) for r in rows]
     times = np.empty((bundle.num_exits, len(rows), int(repeats)))
     for rep in range(-int(warmup), int(repeats)):
-        for i in range(len(rows)):
-            seconds = _time_stage_steps(executor, inputs[i], keeps[i])
+        for i, r in enumerate(rows):
+            later, first = _time_stage_steps(executor, x, r)
             if rep >= 0:
-                times[:, i, rep] = seconds
+                times[1:, i, rep] = later
+                times[0, i, rep] = first
     medians = np.median(times, axis=2)
     log.debug("profile medians (s per stage step): %s", medians)
     return LatencyProfile(
@@ -104,22 +101,23 @@ def measure_profile(
     )
 
 
-def _time_stage_steps(executor: StageExecutor, x: np.ndarray, keep: np.ndarray) -> list[float]:
-    """Seconds of each stage step for a batch `x` that no exit lets go: the same work per stage as
-    `StageExecutor.run_early_exit` does on a batch whose rows all go on (the row gather included, which the
-    executor does whenever some rows leave)."""
-    never = np.float32(np.inf)
-    seconds = []
-    state = executor.start(x)
-    for k in range(executor.num_exits):
-        t0 = time.perf_counter()
-        if k:
-            state = executor.take_rows(k, state, keep)
-        logits, state = executor.run_stage(k, state)
-        confidence, _ = softmax_confidence(logits)
-        np.flatnonzero(confidence < never)
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tuple[list[float], float]:
+    """(seconds of stages 2..K on `rows` rows after the first stage ran on all of `x`, seconds of the first
+    stage on `rows` rows), each stage's time being its step in the executor's own trace (session run, exit
+    test, bookkeeping) plus the gather of the rows that enter it.
+
+    A later stage is timed where serving calls it: after the first stage has run on a full batch, which
+    leaves the caches cold for the small call (measured: a stage on a few rows costs up to a fifth more
+    then than after a chain of equally small calls)."""
+    never = np.full(executor.num_exits, np.inf, dtype=np.float32)
+    *_, trace = executor.run_early_exit(x, never, profile_rows=rows)
+    later = [step + gather for step, gather in zip(trace.step_seconds[1:], trace.gather_seconds[1:])]
+    if rows == x.shape[0]:
+        first = trace.step_seconds[0]
+    else:
+        *_, small = executor.run_early_exit(x[:rows], never, profile_rows=rows)
+        first = small.step_seconds[0]
+    return later, first
 
 
 def check_profile(profile: LatencyProfile, bundle: Bundle, executor: StageExecutor, where: str = "") -> None:
