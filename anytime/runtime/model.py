@@ -489,6 +489,9 @@ class AnytimeModel:
                 for k, (r, sec) in enumerate(zip(trace.rows_per_stage, trace.stage_seconds)):
                     stage_calls.add(k, r, sec)
         inference = time.perf_counter() - t0
+        estimate = None
+        if self.latency_profile is not None:
+            estimate = float(sum(self.latency_profile.call_seconds(k, r) for k, r in enumerate(rows)))
         return Predictions(
             paths=loaded["names"],
             label_array=labels,
@@ -504,6 +507,7 @@ class AnytimeModel:
             policy=chosen,
             speed={"preprocess_s": loaded["seconds"], "inference_s": inference},
             rows_per_stage=rows,
+            estimated_seconds=estimate,
         )
 
     def _answered(self, part: Answered, chosen: ExitPolicy, preprocess: float, inference: float) -> Predictions:
@@ -528,6 +532,8 @@ class AnytimeModel:
             policy=chosen,
             speed={"preprocess_s": preprocess, "inference_s": inference},
             rows_per_stage=[int((part.exits >= k).sum()) for k in range(self.num_exits)],
+            # Refilled stages run full batches: each image costs its exit's full-batch time.
+            estimated_seconds=float(costs[ran].sum()) if self.latency_profile is not None else None,
         )
 
     def run_all_exits(self, inputs: Any, batch_size: int = 64) -> np.ndarray:

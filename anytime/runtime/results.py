@@ -75,6 +75,10 @@ class Predictions:
     seconds: float = 0.0  # wall time of the whole call
     speed: dict[str, float] = field(default_factory=dict)  # ms per image: preprocess, inference, total
     rows_per_stage: list[int] = field(default_factory=list)  # samples that ran each stage
+    # With a latency profile: its estimate of this part's inference time priced as the part ran (the
+    # per-batch executor: every stage call at the rows it ran; refill: full batches). A row's `cost` is its
+    # exit's time at full batches, which leaves out what thinned-out calls cost.
+    estimated_seconds: float | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -147,8 +151,8 @@ class Predictions:
 
     @property
     def average_cost(self) -> float:
-        c = self.costs
-        return float(c.mean()) if c.size else math.nan
+        """Average cost per image; with a latency profile, its estimate of the time as the batches ran."""
+        return RunningTotals.of(self).average_cost
 
     @property
     def exit_histogram(self) -> list[int]:
@@ -254,6 +258,8 @@ class RunningTotals:
     seconds: float = 0.0
     inference_seconds: float = 0.0  # measured: running the stage graphs (decoding excluded)
     exit_counts: np.ndarray | None = None
+    estimated_seconds: float = 0.0  # the latency profile's estimate, as run (see Predictions)
+    estimated_images: int = 0  # images the estimate covers (all of them, or it is not used)
 
     def __post_init__(self) -> None:
         if self.exit_counts is None:
@@ -279,10 +285,17 @@ class RunningTotals:
         self.labelled += int(known.sum())
         self.correct += int((preds.label_array[known] == preds.true_label_array[known]).sum())
         self.inference_seconds += float(preds.speed.get("inference_s", 0.0))
+        if preds.estimated_seconds is not None:
+            self.estimated_seconds += float(preds.estimated_seconds)
+            self.estimated_images += int(ok.sum())
 
     @property
     def average_cost(self) -> float:
-        return self.cost_sum / self.images if self.images else math.nan
+        if not self.images:
+            return math.nan
+        if self.estimated_images == self.images:
+            return self.estimated_seconds / self.images
+        return self.cost_sum / self.images
 
     @property
     def accuracy(self) -> float | None:
@@ -302,7 +315,7 @@ class RunningTotals:
         lines = [head]
         if self.images:
             timed = self.cost_convention == TIME_CONVENTION
-            what = "average time (latency profile estimate)" if timed else "average cost"
+            what = "average time (latency profile estimate, as the batches ran)" if timed else "average cost"
             cost = f"{what} {format_cost(self.average_cost, self.cost_convention)} per image"
             if self.budget is not None:
                 cost += (
@@ -438,6 +451,8 @@ def concat(parts: Sequence[Predictions], **kw: Any) -> Predictions:
     rows = [0] * first.num_exits
     for p in parts:
         rows = [a + b for a, b in zip(rows, p.rows_per_stage or [0] * first.num_exits)]
+    estimates = [p.estimated_seconds for p in parts]
+    kw.setdefault("estimated_seconds", None if None in estimates else float(sum(e or 0.0 for e in estimates)))
     return Predictions(
         paths=[x for p in parts for x in p.paths],
         label_array=np.concatenate([p.label_array for p in parts]),
