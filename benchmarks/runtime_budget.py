@@ -363,19 +363,19 @@ def speed(args: argparse.Namespace) -> None:
         "realised speedup: the chain's time over the policy's, same round, median; ideal (MACs): full MACs over the realised average MACs; ideal (time): the profile's "
         "full-network time over the profile's time for the realised exits with every stage at its full-batch "
         "time per row (no cost for thinned-out calls); time/budget: measured time per image over the time budget "
-        "(the budget is that fraction of the profile's full-network time); time/estimate: measured time over the "
-        "profile's estimate for the exits the test images really took, priced as that executor runs (`per-batch` "
-        "for `batch`, `full-batches` for `refill`): how well the profile predicts, apart from calibration's "
-        "validation-to-test shift; host work: the share of the time outside onnxruntime's session runs (softmax, "
+        "(the budget is that fraction of the profile's full-network time); share/profile's share: the measured "
+        "share over the profile's share for the exits the test images really took, priced as that executor runs "
+        "(`per-batch` for `batch`, `full-batches` for `refill`): how well the profile predicts, apart from "
+        "calibration's validation-to-test shift (share/budget carries both); host work: the share of the time outside onnxruntime's session runs (softmax, "
         "masks, row copies, queues). exit_K.onnx: the single full graph's time over the policy's.\n"
     )
     for bundle_path in args.bundle:
         base = anytime.load(bundle_path, device="cpu")
         b = base.bundle
         full_entry = [e for e in b.manifest.get("full_exits", []) if int(e["exit"]) == b.num_exits]
-        x_all = base.preprocessor.normalise(x_u8)
         n_images = args.images.get(b.arch, args.images.get("*", 4096))
-        x = np.ascontiguousarray(x_all[:n_images])
+        pre = base.preprocessor  # the bundle's own preprocessing (msdnet-cifar10 resizes 28 to 32 pixels)
+        x = pre.normalise(np.stack([pre.to_array(img) for img in x_u8[:n_images]]))
         macs = base.exit_costs
         emit(
             f"## `{b.arch}` ({Path(bundle_path).name}): {b.num_exits} exits, "
@@ -442,7 +442,7 @@ def speed(args: argparse.Namespace) -> None:
                 )
                 emit(
                     "| budget | policy | executor | realised MACs | µs per image | time / budget | **share / budget** "
-                    "| time / estimate | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
+                    "| share / profile's share | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
                     "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
                 )
                 emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -467,7 +467,7 @@ def speed(args: argparse.Namespace) -> None:
                     emit(
                         f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
                         f"{1e6 * per_image:.1f} | {per_image / (frac * prof_full):.2f} | **{share / frac:.2f}** | "
-                        f"{per_image / estimate:.2f} | {realised:.2f}× | "
+                        f"{share / (estimate / prof_full):.2f} | {realised:.2f}× | "
                         f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
                         f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
                         + (f"{full_s / per_image:.2f}×" if full_s else "")
