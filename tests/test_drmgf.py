@@ -329,6 +329,22 @@ def test_split_passes_cover_the_epoch_once_between_them():
     assert all(torch.isfinite(v).all() for v in state_of(model).values())
 
 
+def test_split_passes_scale_their_deltas_so_the_fused_step_is_a_full_epochs():
+    # Mean fusion makes the fused step linear in the Δ_t: with the default gain (T) every parameter's step
+    # is T times the plain average's (gain 1), from the same start, data order and passes.
+    steps = {}
+    for gain in (None, 1.0):
+        model, ctx, method = setup_method(DRAvgF, passes="split", split_gain=gain)
+        theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+        method.train_epoch(ctx, 0)
+        steps[gain] = {k: v.detach() - theta0[k] for k, v in model.named_parameters()}
+    assert method.delta_gain == 1.0
+    moved = [k for k, v in steps[1.0].items() if v.abs().max() > 1e-6]
+    assert moved
+    for name in moved:
+        torch.testing.assert_close(steps[None][name], 3 * steps[1.0][name], rtol=1e-4, atol=1e-6)
+
+
 def capture_pass_ends(model, ctx, method) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
     """θ0 at the epoch start and each exit pass's folded parameters at its end."""
     theta0: dict[str, torch.Tensor] = {}
@@ -447,6 +463,10 @@ def test_options_are_validated():
         DRMGFOptions(momentum="keep")
     with pytest.raises(ConfigError, match="passes must be one of full, split"):
         DRMGFOptions(passes="half")
+    with pytest.raises(ConfigError, match="split_gain applies to passes=split only"):
+        DRMGFOptions(split_gain=2.0)
+    with pytest.raises(ConfigError, match="split_gain must be > 0"):
+        DRMGFOptions(passes="split", split_gain=0.0)
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

@@ -12,7 +12,8 @@ empty for the whole run (kept only to measure what momentum is worth).
 
 `passes="split"` is the cheap variant: exit t's pass covers only the t-th of T disjoint parts of the
 epoch's batches, so the T passes together see the training set once and an epoch costs about two joint
-epochs (one of passes, one of fusion) instead of T + 1.
+epochs (one of passes, one of fusion) instead of T + 1. Fusion averages the Δ_t, so split passes' Δ_t
+(each 1/T of an epoch) are scaled by `split_gain` (default T) to keep the fused step a full epoch long.
 
 Fusion rules (θ0 + ...):
 - a parameter on one route (head, deepest-only block): its owner's Δ;
@@ -75,6 +76,10 @@ class DRMGFOptions(MethodOptions):
     exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
     momentum: Literal["carry", "fused", "reset"] = "carry"  # network optimiser momentum across exit passes
     passes: Literal["full", "split"] = "full"  # "split": each exit pass over a 1/T part of the epoch
+    # Split passes: each Δ_t is multiplied by this before fusion. None: T, so that the fused step (a
+    # normalised average of the Δ_t) is as long as a full pass's, as T disjoint parts from one start add
+    # up to one epoch to first order; 1 is the plain average (1/T of a full epoch's step).
+    split_gain: float | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -104,6 +109,11 @@ class DRMGFOptions(MethodOptions):
             f"momentum must be one of {', '.join(MOMENTUM_RULES)}, got '{self.momentum}'",
         )
         need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
+        need(self.split_gain is None or self.split_gain > 0, f"split_gain must be > 0, got {self.split_gain}")
+        need(
+            self.split_gain is None or self.passes == "split",
+            "split_gain applies to passes=split only; add -m passes=split or drop split_gain",
+        )
 
 
 @dataclass(frozen=True)
@@ -263,9 +273,19 @@ class DRMGF(TrainingMethod):
         """Δ_t = (parameters with exit t's gates folded in) − θ0, for exit t's route only."""
         params = dict(model.named_parameters())
         folded = self.gates.effective_weights(params, t) if dynamic and self.gates is not None else {}
+        gain = self.delta_gain
         for name in self.routes.per_exit[t]:
             row = self.deltas[name][self.owners[name].index(t)]
             torch.sub(folded.get(name, params[name]), start.params[name], out=row)
+            if gain != 1.0:
+                row.mul_(gain)
+
+    @property
+    def delta_gain(self) -> float:
+        opts: DRMGFOptions = self.options  # type: ignore[assignment]
+        if opts.passes != "split":
+            return 1.0
+        return float(self.num_exits) if opts.split_gain is None else opts.split_gain
 
     # ----------------------------------------------------------------- fusion
     def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot") -> float:
