@@ -8,9 +8,7 @@ report checks), plus the equal-wall-clock pair:
   joint            E epochs
   pcgrad           E epochs (the best prior baseline in benchmarks/results/train_methods.md)
   drmgf            E epochs (T exit passes + 1 fusion pass per epoch: about (T+1)x a joint epoch)
-  drmgf-split      E epochs, -m passes=split (each exit pass over 1/T of the epoch: about 2x a joint epoch;
-                   each pass's update scaled by T before fusion, the default split_gain)
-  drmgf-split-mean the same with split_gain=1 (the plain average of the 1/T-epoch updates)
+  drmgf-split      E epochs, -m passes=split (each exit pass over 1/T of the epoch: about 2x a joint epoch)
   joint-2x         2E epochs (the wall-clock of drmgf-split)
 
 Every epoch records the per-exit test accuracy (after the epoch's training and validation; not counted as
@@ -73,7 +71,6 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ("drmgf", "drmgf", e, {}),
         ("pcgrad", "pcgrad", e, {}),
         ("drmgf-split", "drmgf", e, {"passes": "split"}),
-        ("drmgf-split-mean", "drmgf", e, {"passes": "split", "split_gain": 1.0}),
         ("joint-2x", "joint", 2 * e, {}),
     ]
     runs = []
@@ -241,7 +238,7 @@ def converged(record: dict[str, Any]) -> tuple[bool, float]:
 
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
-    order = ["joint", "pcgrad", "drmgf", "drmgf-split", "drmgf-split-mean", "joint-2x"]
+    order = ["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"]
     for arch in dict.fromkeys(r["arch"] for r in records):
         rs = [r for r in records if r["arch"] == arch]
         exits = len(rs[0]["test_accuracy"])
@@ -354,9 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=f"npz:{DEFAULT_DATA}")
     p.add_argument("--archs", type=lambda s: s.split(","), default=["msdnet-tiny", "sdn-tiny"])
     p.add_argument(
-        "--methods",
-        type=lambda s: s.split(","),
-        default=["joint", "pcgrad", "drmgf", "drmgf-split", "drmgf-split-mean", "joint-2x"],
+        "--methods", type=lambda s: s.split(","), default=["joint", "pcgrad", "drmgf", "drmgf-split", "joint-2x"]
     )
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16)

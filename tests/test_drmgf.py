@@ -329,11 +329,11 @@ def test_split_passes_cover_the_epoch_once_between_them():
     assert all(torch.isfinite(v).all() for v in state_of(model).values())
 
 
-def test_split_passes_scale_their_deltas_so_the_fused_step_is_a_full_epochs():
-    # Mean fusion makes the fused step linear in the Δ_t: with the default gain (T) every parameter's step
-    # is T times the plain average's (gain 1), from the same start, data order and passes.
+def test_split_gain_scales_every_parameters_fused_step():
+    # Mean fusion makes the fused step linear in the Δ_t: with gain 3 every parameter's step is 3 times the
+    # plain average's (the default, gain 1), from the same start, data order and passes.
     steps = {}
-    for gain in (None, 1.0):
+    for gain in (3.0, 1.0):
         model, ctx, method = setup_method(DRAvgF, passes="split", split_gain=gain)
         theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
         method.train_epoch(ctx, 0)
@@ -342,7 +342,7 @@ def test_split_passes_scale_their_deltas_so_the_fused_step_is_a_full_epochs():
     moved = [k for k, v in steps[1.0].items() if v.abs().max() > 1e-6]
     assert moved
     for name in moved:
-        torch.testing.assert_close(steps[None][name], 3 * steps[1.0][name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(steps[3.0][name], 3 * steps[1.0][name], rtol=1e-4, atol=1e-6)
 
 
 def capture_pass_ends(model, ctx, method) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:

@@ -12,8 +12,8 @@ empty for the whole run (kept only to measure what momentum is worth).
 
 `passes="split"` is the cheap variant: exit t's pass covers only the t-th of T disjoint parts of the
 epoch's batches, so the T passes together see the training set once and an epoch costs about two joint
-epochs (one of passes, one of fusion) instead of T + 1. Fusion averages the Δ_t, so split passes' Δ_t
-(each 1/T of an epoch) are scaled by `split_gain` (default T) to keep the fused step a full epoch long.
+epochs (one of passes, one of fusion) instead of T + 1. Fusion averages the Δ_t, each 1/T of an epoch
+long; `split_gain` scales them (default 1: measured, larger gains are unstable at lr 0.1).
 
 Fusion rules (θ0 + ...):
 - a parameter on one route (head, deepest-only block): its owner's Δ;
@@ -76,10 +76,10 @@ class DRMGFOptions(MethodOptions):
     exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
     momentum: Literal["carry", "fused", "reset"] = "carry"  # network optimiser momentum across exit passes
     passes: Literal["full", "split"] = "full"  # "split": each exit pass over a 1/T part of the epoch
-    # Split passes: each Δ_t is multiplied by this before fusion. None: T, so that the fused step (a
-    # normalised average of the Δ_t) is as long as a full pass's, as T disjoint parts from one start add
-    # up to one epoch to first order; 1 is the plain average (1/T of a full epoch's step).
-    split_gain: float | None = None
+    # Split passes: each Δ_t is multiplied by this before fusion. The fused step is a normalised average
+    # of the Δ_t, so with 1 it is 1/T of a full pass's; T would match a full epoch to first order, but at
+    # lr 0.1 gains of 2 and more made training collapse (docs/drmgf.md), so the default stays 1.
+    split_gain: float = 1.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -109,9 +109,9 @@ class DRMGFOptions(MethodOptions):
             f"momentum must be one of {', '.join(MOMENTUM_RULES)}, got '{self.momentum}'",
         )
         need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
-        need(self.split_gain is None or self.split_gain > 0, f"split_gain must be > 0, got {self.split_gain}")
+        need(self.split_gain > 0, f"split_gain must be > 0, got {self.split_gain}")
         need(
-            self.split_gain is None or self.passes == "split",
+            self.split_gain == 1.0 or self.passes == "split",
             "split_gain applies to passes=split only; add -m passes=split or drop split_gain",
         )
 
@@ -285,7 +285,7 @@ class DRMGF(TrainingMethod):
         opts: DRMGFOptions = self.options  # type: ignore[assignment]
         if opts.passes != "split":
             return 1.0
-        return float(self.num_exits) if opts.split_gain is None else opts.split_gain
+        return opts.split_gain
 
     # ----------------------------------------------------------------- fusion
     def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot") -> float:
