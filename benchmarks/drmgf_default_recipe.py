@@ -82,7 +82,7 @@ def report(args: argparse.Namespace) -> None:
         "msdnet-tiny, Fashion-MNIST, the first 20,000 training images, 6 epochs, batch 64, SGD (lr /10 at 50% "
         "and 75% of the epochs), average test top-1 (%) over the 4 exits on all 10,000 test images; "
         "`benchmarks/drmgf_default_recipe.py`, one thread per run on the 2-core CPU machine.\n",
-        "| variant | what it tells | " + " | ".join(f"seed {s}" for s in seeds) + " | − joint (paired, mean) |",
+        "| variant | what it tells | " + " | ".join(f"seed {s}" for s in seeds) + " | − joint (paired: mean ± std) |",
         "|---|---|" + "---|" * len(seeds) + "---|",
     ]
     for name, (_, _, _, what) in VARIANTS.items():
@@ -91,7 +91,10 @@ def report(args: argparse.Namespace) -> None:
             continue
         cells = [f"{100 * mine[s]:.2f}" if s in mine else "" for s in seeds]
         diffs = [mine[s] - joint[s] for s in mine if s in joint]
-        diff = f"{100 * np.mean(diffs):+.2f} ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})" if diffs else ""
+        spread = f" ± {100 * np.std(diffs, ddof=1):.2f}" if len(diffs) > 1 else ""
+        diff = (
+            f"{100 * np.mean(diffs):+.2f}{spread} ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})" if diffs else ""
+        )
         lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {diff if name != 'joint' else ''} |")
     text = "\n".join(lines) + "\n"
     out = ROOT / "benchmarks" / "results" / "drmgf_default_recipe.md"
