@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from anytime.fileio import atomic_write_json, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "drmgf_default_recipe"
 
@@ -67,9 +69,7 @@ def run(args: argparse.Namespace) -> None:
                 "test_accuracy": summary["test_accuracy"],
                 "train_time_s": summary["train_time_s"],
             }
-            tmp = result.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(result)
+            atomic_write_json(result, record)
             print(f"{name} seed {seed}: {100 * np.mean(record['test_accuracy']):.2f}")
 
 
@@ -97,10 +97,7 @@ def report(args: argparse.Namespace) -> None:
         )
         lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {diff if name != 'joint' else ''} |")
     text = "\n".join(lines) + "\n"
-    out = ROOT / "benchmarks" / "results" / "drmgf_default_recipe.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(ROOT / "benchmarks" / "results" / "drmgf_default_recipe.md", text)
     print(text)
 
 

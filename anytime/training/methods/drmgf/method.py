@@ -282,10 +282,8 @@ class DRMGF(TrainingMethod):
 
     @property
     def delta_gain(self) -> float:
-        opts: DRMGFOptions = self.options  # type: ignore[assignment]
-        if opts.passes != "split":
-            return 1.0
-        return opts.split_gain
+        # The options refuse a gain other than 1 without split passes.
+        return self.options.split_gain  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------- fusion
     def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot") -> float:
