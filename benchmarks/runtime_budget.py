@@ -60,15 +60,12 @@ def build(args: argparse.Namespace) -> None:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    from anytime.runtime.profiling import cpu_name
+
+    return (
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def _time_full(session, x: np.ndarray, batch: int, out_name: str) -> tuple[float, int]:
@@ -322,14 +319,15 @@ def _median(runs):
 
 
 def speed(args: argparse.Namespace) -> None:
-    """Per-batch executor against the refilling scheduler, MAC and time budgets, side by side in one run."""
+    """Per-batch executor against the refilling scheduler, MAC and time budgets, side by side in one run.
+
+    onnxruntime's shared thread pool is made once per process, so each thread count is measured by a child
+    process of its own (`--part`), and this one writes the header and joins their blocks."""
     import onnxruntime as ort
 
-    import anytime
-    from anytime.runtime.costmodel import TimeCost
-
-    data = np.load(args.data)
-    x_u8 = data["x_test"][..., None]
+    if args.part:
+        _speed_blocks(args)
+        return
     lines: list[str] = []
     emit = lines.append
     emit("# Early exit in real time: MAC and time budgets, per-batch executor and refilling scheduler\n")
@@ -375,8 +373,91 @@ def speed(args: argparse.Namespace) -> None:
         "calibration's validation-to-test shift (share/budget carries both); host work: the share of the time outside onnxruntime's session runs (softmax, "
         "masks, row copies, queues). exit_K.onnx: the single full graph's time over the policy's.\n"
     )
+    emit(
+        f"- Thread pool: `{args.thread_pool}` (`--thread-pool`, as `anytime serve` defaults to). Each thread count "
+        "runs in a process of its own. At 2 threads and more a block first compares the two pools on the same "
+        "thresholds (MAC policy, per-batch executor): `session`, a blocking pool per stage session (the Python "
+        "API's default); `shared`, one spinning pool for every stage; timed in the same rounds.\n"
+    )
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            part = Path(tmp) / f"threads-{threads}.md"
+            argv = [a for a in sys.argv[1:] if a != "--part"]
+            argv = _replace_option(_replace_option(argv, "--threads", str(threads)), "--out", str(part))
+            subprocess.run([sys.executable, __file__, *argv, "--part"], check=True)
+            lines.append(part.read_text())
+    text = "\n".join(lines) + "\n"
+    from anytime.fileio import atomic_write_text
+
+    atomic_write_text(Path(args.out), text)
+    print(text)
+    print(f"wrote {args.out}")
+
+
+def _replace_option(argv: list[str], name: str, value: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out + [name, value]
+
+
+def _pool_comparison(args, threads: int, x: np.ndarray, session_model, shared) -> list[str]:
+    """The same MAC-policy thresholds on a per-session-pool model and a shared-pool one, in the same rounds."""
+    never = np.full(shared.num_exits, np.inf, dtype=np.float32)
+    out = [
+        f"#### Thread pools at {threads} threads (MAC policy, per-batch executor; µs per image, median of "
+        f"{args.repeats} rounds)\n",
+        "| batch | budget | session pool | shared pool | shared / session |",
+        "|---|---|---|---|---|",
+    ]
+    for batch in args.batches:
+        configs = [("chain", never)] + [
+            (budget, session_model.calibrate(budget, policy=args.policy).threshold_array()) for budget in args.budgets
+        ]
+        for _, thr in configs:
+            for m in (session_model, shared):
+                _stream(m.executor, x[: 2 * batch], batch, thr, "batch")
+        times = {(name, pool): [] for name, _ in configs for pool in ("session", "shared")}
+        for _ in range(args.repeats):
+            for name, thr in configs:
+                for pool, m in (("session", session_model), ("shared", shared)):
+                    times[(name, pool)].append(_stream(m.executor, x, batch, thr, "batch")[0] / len(x))
+        for name, _ in configs:
+            a, b = (float(np.median(times[(name, pool)])) for pool in ("session", "shared"))
+            out.append(f"| {batch} | {name} | {1e6 * a:.1f} | {1e6 * b:.1f} | {b / a:.2f} |")
+    return out + [""]
+
+
+def _speed_blocks(args: argparse.Namespace) -> None:
+    """One thread count's blocks (a child process of `speed`): every bundle, every batch size."""
+    import onnxruntime as ort
+
+    import anytime
+    from anytime.runtime.costmodel import TimeCost
+    from anytime.runtime.threadpool import configure_threads
+
+    data = np.load(args.data)
+    x_u8 = data["x_test"][..., None]
+    lines: list[str] = []
+    emit = lines.append
+    (threads,) = args.threads
+    compare = {}
+    if threads > 1 and args.thread_pool == "shared":
+        # Made before the shared pool exists: onnxruntime refuses per-session pools after it.
+        compare = {p: anytime.load(p, device="cpu", threads=threads, thread_pool="session") for p in args.bundle}
     for bundle_path in args.bundle:
-        base = anytime.load(bundle_path, device="cpu")
+        base = anytime.load(bundle_path, device="cpu", threads=threads, thread_pool=args.thread_pool)
         b = base.bundle
         full_entry = [e for e in b.manifest.get("full_exits", []) if int(e["exit"]) == b.num_exits]
         n_images = args.images.get(b.arch, args.images.get("*", 4096))
@@ -384,109 +465,106 @@ def speed(args: argparse.Namespace) -> None:
         x = pre.normalise(np.stack([pre.to_array(img) for img in x_u8[:n_images]]))
         macs = base.exit_costs
         emit(
-            f"## `{b.arch}` ({Path(bundle_path).name}): {b.num_exits} exits, "
+            f"## `{b.arch}` ({Path(bundle_path).name}), threads {threads}: {b.num_exits} exits, "
             f"{macs[-1] / 1e6:.2f} M MACs, {len(x)} test images\n"
         )
-        for threads in args.threads:
-            model = anytime.load(bundle_path, device="cpu", threads=threads)
-            ex = model.executor
-            full_s = None
+        model = base
+        ex = model.executor
+        if bundle_path in compare:
+            lines += _pool_comparison(args, threads, x, compare[bundle_path], model)
+        full_s = None
+        if full_entry:
+            options = ort.SessionOptions()
+            configure_threads(options, threads, shared_pool=model.executor.thread_pool == "shared")
+            full = ort.InferenceSession(str(b.file(full_entry[0]["file"])), options, providers=["CPUExecutionProvider"])
+            full_out = full.get_outputs()[0].name
+        for batch in args.batches:
             if full_entry:
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = threads
-                options.inter_op_num_threads = 1
-                full = ort.InferenceSession(
-                    str(b.file(full_entry[0]["file"])), options, providers=["CPUExecutionProvider"]
-                )
-                full_out = full.get_outputs()[0].name
-            for batch in args.batches:
-                if full_entry:
-                    _time_full(full, x[: 2 * batch], batch, full_out)
-                    full_s = min(_time_full(full, x, batch, full_out)[0] for _ in range(args.repeats)) / len(x)
-                profile = model.profile(batch_size=batch, repeats=args.profile_repeats)
-                never = np.full(ex.num_exits, np.inf, dtype=np.float32)
-                prof_full = float(profile.full_seconds)
-                timed = anytime.load(bundle_path, device="cpu", threads=threads, profile=profile)
-                configs, infeasible = [], []
-                for budget in args.budgets:
-                    frac = float(budget.rstrip("%")) / 100
-                    for policy_kind in ("MACs", "time"):
-                        for sch in ("batch", "refill"):
-                            mode = "per-batch" if sch == "batch" else "full-batches"
-                            try:
-                                if policy_kind == "MACs":
-                                    pol = model.calibrate(budget, policy=args.policy)
-                                else:
-                                    pol = timed.calibrate(budget, policy=args.policy, cost_mode=mode)
-                            except anytime.AnytimeError as exc:
-                                infeasible.append((budget, policy_kind, sch, str(exc)))
-                                continue
-                            configs.append((budget, frac, policy_kind, sch, mode, pol.threshold_array()))
-                # Rounds: the full chain, then every policy once, repeated. A shared machine's speed drifts by
-                # tens of percent over minutes; each policy's time is compared with the chain of its own round.
-                for _, _, _, sch, _, thr in configs:
-                    _stream(ex, x[: 2 * batch], batch, thr, sch)
-                _stream(ex, x[: 2 * batch], batch, never, "batch")
-                chains: list[float] = []
-                references: list[float] = []
-                runs: list[list] = [[] for _ in configs]
-                for _ in range(args.repeats):
-                    chains.append(_stream(ex, x, batch, never, "batch")[0])
-                    references.append(_stream(ex, x, batch, never, "reference")[0])
-                    for c, (_, _, _, sch, _, thr) in enumerate(configs):
-                        runs[c].append(_stream(ex, x, batch, thr, sch))
-                chain = float(np.median(chains)) / len(x)
+                _time_full(full, x[: 2 * batch], batch, full_out)
+                full_s = min(_time_full(full, x, batch, full_out)[0] for _ in range(args.repeats)) / len(x)
+            profile = model.profile(batch_size=batch, repeats=args.profile_repeats)
+            never = np.full(ex.num_exits, np.inf, dtype=np.float32)
+            prof_full = float(profile.full_seconds)
+            timed = anytime.load(
+                bundle_path, device="cpu", threads=threads, thread_pool=args.thread_pool, profile=profile
+            )
+            configs, infeasible = [], []
+            for budget in args.budgets:
+                frac = float(budget.rstrip("%")) / 100
+                for policy_kind in ("MACs", "time"):
+                    for sch in ("batch", "refill"):
+                        mode = "per-batch" if sch == "batch" else "full-batches"
+                        try:
+                            if policy_kind == "MACs":
+                                pol = model.calibrate(budget, policy=args.policy)
+                            else:
+                                pol = timed.calibrate(budget, policy=args.policy, cost_mode=mode)
+                        except anytime.AnytimeError as exc:
+                            infeasible.append((budget, policy_kind, sch, str(exc)))
+                            continue
+                        configs.append((budget, frac, policy_kind, sch, mode, pol.threshold_array()))
+            # Rounds: the full chain, then every policy once, repeated. A shared machine's speed drifts by
+            # tens of percent over minutes; each policy's time is compared with the chain of its own round.
+            for _, _, _, sch, _, thr in configs:
+                _stream(ex, x[: 2 * batch], batch, thr, sch)
+            _stream(ex, x[: 2 * batch], batch, never, "batch")
+            chains: list[float] = []
+            references: list[float] = []
+            runs: list[list] = [[] for _ in configs]
+            for _ in range(args.repeats):
+                chains.append(_stream(ex, x, batch, never, "batch")[0])
+                references.append(_stream(ex, x, batch, never, "reference")[0])
+                for c, (_, _, _, sch, _, thr) in enumerate(configs):
+                    runs[c].append(_stream(ex, x, batch, thr, sch))
+            chain = float(np.median(chains)) / len(x)
+            emit(
+                f"### threads {threads} ({ex.thread_pool} pool), batch {batch}\n\nFull network: stage chain {1e6 * chain:.1f} µs "
+                f"per image (median of {args.repeats} rounds, range {1e6 * min(chains) / len(x):.1f}-"
+                f"{1e6 * max(chains) / len(x):.1f}), the same with the profile's row gathers "
+                f"{1e6 * float(np.median(references)) / len(x):.1f} µs, profile {1e6 * prof_full:.1f} µs"
+                + (f", exit_{b.num_exits}.onnx {1e6 * full_s:.1f} µs" if full_s else "")
+                + ". Profile µs per row at full batches, per stage: "
+                + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
+                + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
+            )
+            emit(
+                "| budget | policy | executor | realised MACs | µs per image | time / budget | **share / budget** "
+                "| share / profile's share | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
+                "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
+            )
+            emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for budget, policy_kind, sch, exc in infeasible:
+                emit(f"| {budget} | {policy_kind} | {sch} | infeasible: {exc} |")
+            for (budget, frac, policy_kind, sch, mode, _), passes in zip(configs, runs):
+                wall, cpu, exits, calls = _median(passes)
+                per_image = wall / len(x)
+                # The policy's time over the profile's full-network workload timed in the same round, against
+                # the budget's fraction; the speedup is over the plain chain of the same round.
+                share = float(np.median([p[0] / c for p, c in zip(passes, references)]))
+                speedup = float(np.median([c / p[0] for p, c in zip(passes, chains)]))
+                reach = np.array([(exits >= k).sum() for k in range(ex.num_exits)])
+                estimate = float(TimeCost(profile, mode, batch).reach_cost(reach, len(x)))
+                ideal_estimate = float(TimeCost(profile, "full-batches", batch).reach_cost(reach, len(x)))
+                real_macs = float(macs[exits].mean())
+                realised = speedup
+                ideal_macs = macs[-1] / real_macs
+                ideal_time = prof_full / ideal_estimate
+                fill = ", ".join(f"{m:.0f}" for m in calls.mean_rows_per_call()[1:])
+                session = sum(sum(sec) for sec in calls.seconds)
                 emit(
-                    f"### threads {threads}, batch {batch}\n\nFull network: stage chain {1e6 * chain:.1f} µs "
-                    f"per image (median of {args.repeats} rounds, range {1e6 * min(chains) / len(x):.1f}-"
-                    f"{1e6 * max(chains) / len(x):.1f}), the same with the profile's row gathers "
-                    f"{1e6 * float(np.median(references)) / len(x):.1f} µs, profile {1e6 * prof_full:.1f} µs"
-                    + (f", exit_{b.num_exits}.onnx {1e6 * full_s:.1f} µs" if full_s else "")
-                    + ". Profile µs per row at full batches, per stage: "
-                    + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
-                    + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
+                    f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
+                    f"{1e6 * per_image:.1f} | {per_image / (frac * prof_full):.2f} | **{share / frac:.2f}** | "
+                    f"{share / (estimate / prof_full):.2f} | {realised:.2f}× | "
+                    f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
+                    f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
+                    + (f"{full_s / per_image:.2f}×" if full_s else "")
+                    + " |"
                 )
-                emit(
-                    "| budget | policy | executor | realised MACs | µs per image | time / budget | **share / budget** "
-                    "| share / profile's share | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
-                    "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
-                )
-                emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-                for budget, policy_kind, sch, exc in infeasible:
-                    emit(f"| {budget} | {policy_kind} | {sch} | infeasible: {exc} |")
-                for (budget, frac, policy_kind, sch, mode, _), passes in zip(configs, runs):
-                    wall, cpu, exits, calls = _median(passes)
-                    per_image = wall / len(x)
-                    # The policy's time over the profile's full-network workload timed in the same round, against
-                    # the budget's fraction; the speedup is over the plain chain of the same round.
-                    share = float(np.median([p[0] / c for p, c in zip(passes, references)]))
-                    speedup = float(np.median([c / p[0] for p, c in zip(passes, chains)]))
-                    reach = np.array([(exits >= k).sum() for k in range(ex.num_exits)])
-                    estimate = float(TimeCost(profile, mode, batch).reach_cost(reach, len(x)))
-                    ideal_estimate = float(TimeCost(profile, "full-batches", batch).reach_cost(reach, len(x)))
-                    real_macs = float(macs[exits].mean())
-                    realised = speedup
-                    ideal_macs = macs[-1] / real_macs
-                    ideal_time = prof_full / ideal_estimate
-                    fill = ", ".join(f"{m:.0f}" for m in calls.mean_rows_per_call()[1:])
-                    session = sum(sum(sec) for sec in calls.seconds)
-                    emit(
-                        f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
-                        f"{1e6 * per_image:.1f} | {per_image / (frac * prof_full):.2f} | **{share / frac:.2f}** | "
-                        f"{share / (estimate / prof_full):.2f} | {realised:.2f}× | "
-                        f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
-                        f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
-                        + (f"{full_s / per_image:.2f}×" if full_s else "")
-                        + " |"
-                    )
-                    print(lines[-1], flush=True)
-                emit("")
-    text = "\n".join(lines) + "\n"
+                print(lines[-1], flush=True)
+            emit("")
     from anytime.fileio import atomic_write_text
 
-    atomic_write_text(Path(args.out), text)
-    print(text)
-    print(f"wrote {args.out}")
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -523,6 +601,8 @@ def main() -> None:
         choices=["geometric", "search", "best"],
         help="threshold policy; geometric (the default) spends the whole budget on any model, so every budget binds",
     )
+    ps.add_argument("--thread-pool", default="shared", choices=["shared", "session"])
+    ps.add_argument("--part", action="store_true", help=argparse.SUPPRESS)
     ps.add_argument("--repeats", type=int, default=5)
     ps.add_argument("--profile-repeats", type=int, default=15)
     ps.add_argument(

@@ -9,12 +9,18 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The verbs default to onnxruntime's shared thread pool, which is process-wide and once made cannot be undone:
+# every later session of the process would run on it. The verbs run in this process, so keep them on per-session
+# pools; test_thread_pool.py checks the shared pool, and the verbs' default, in processes of their own.
+os.environ["ANYTIME_THREAD_POOL"] = "session"
 
 PATTERN_CLASSES = ["horizontal", "vertical", "checker/board", "disc"]
 PATTERN_SIZE = 16

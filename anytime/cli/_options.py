@@ -163,7 +163,20 @@ def output_option(
 
 
 def runtime_device_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--device, --providers, --threads: where `anytime.load` runs the bundle (serve, calibrate, eval)."""
+    """--device, --providers, --threads, --thread-pool: where `anytime.load` runs the bundle (serve, calibrate,
+    eval, profile)."""
+    # Not an api_option: the command line's own default. A shared pool is process-wide (onnxruntime then
+    # refuses per-session pools), so `anytime.load` does not make one unasked; a verb's process is its own.
+    f = click.option(
+        "--thread-pool",
+        type=click.Choice(["shared", "session"]),
+        default="shared",
+        show_default=True,
+        envvar="ANYTIME_THREAD_POOL",
+        help="shared: one onnxruntime intra-op pool of --threads for every stage, whose workers spin (much faster "
+        "on the small batches early exit leaves, at 2 threads and more); session: a pool per stage session "
+        "(the Python API's default). Env: ANYTIME_THREAD_POOL.",
+    )(f)
     f = api_option(
         "--threads",
         type=click.IntRange(min=0),

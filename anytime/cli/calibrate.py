@@ -42,6 +42,7 @@ def calibrate(
     device: str | None,
     providers: str | None,
     threads: int | None,
+    thread_pool: str | None,
     profile: str | None,
     cost_mode: str | None,
 ) -> None:
@@ -59,6 +60,7 @@ def calibrate(
         device=device,
         providers=providers,
         threads=threads,
+        thread_pool=thread_pool,
         verify=verify,
         profile=profile,
         cost_mode=cost_mode,

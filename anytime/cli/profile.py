@@ -21,6 +21,7 @@ def profile(
     device: str | None,
     providers: str | None,
     threads: int | None,
+    thread_pool: str | None,
 ) -> None:
     """Measure each stage's time on this machine and provider, for budgets in time.
 
@@ -31,11 +32,12 @@ def profile(
     """
     from anytime.runtime.budget import format_seconds
 
-    model = load_bundle(bundle, device=device, providers=providers, threads=threads)
+    model = load_bundle(bundle, device=device, providers=providers, threads=threads, thread_pool=thread_pool)
     prof = model.profile(**given(batch_size=batch_size, repeats=repeats))
     threads_text = "onnxruntime's default" if prof.threads is None else str(prof.threads)
     click.echo(
-        f"{model.bundle.arch} on {prof.provider}, threads {threads_text}, {prof.repeats} repeats; "
+        f"{model.bundle.arch} on {prof.provider}, threads {threads_text} ({prof.thread_pool} pool), "
+        f"{prof.repeats} repeats; "
         f"CPU {prof.machine.get('cpu')}"
     )
     macs = model.bundle.exit_costs
@@ -56,6 +58,7 @@ def profile(
         prof.save(output)
         serve = f"anytime serve {model.bundle.path} IMAGES --profile {output}"
         serve += f" --threads {prof.threads}" if prof.threads is not None else ""
+        serve += " --thread-pool session" if prof.thread_pool == "session" and prof.threads != 1 else ""
         click.echo(f"profile written to {output}; use it with: {serve} --budget 50%")
     else:
         click.echo("not saved: add -o FILE to write it")

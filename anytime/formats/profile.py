@@ -4,6 +4,7 @@ on one machine, provider and thread count, for one bundle.
     {"format": "anytime-latency-profile", "format_version": 1,
      "bundle": {"arch": "msdnet-tiny", "identity": "<sha256>", "num_exits": 4},
      "provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"], "threads": 1,
+     "thread_pool": "shared",
      "batch_size": 64, "repeats": 15, "onnxruntime_version": "1.32.0", "anytime_version": "0.1.0",
      "machine": {"cpu": "...", "cpu_count": 2, "platform": "Linux-...", "hostname": "..."},
      "created": "2026-12-02T15:00:00Z", "timing": "step",
@@ -16,7 +17,9 @@ on fewer rows); between them the time of a call is interpolated linearly, below 
 (a stage no row reaches is not called), above the last at the last time per row. `timing` says what one
 call's time covers: "step", the executor's whole stage step (gathering the rows that go on, the session run,
 the exit test); "session", the session run alone (profiles written before `timing` existed, which lack the
-key, were timed so; they still load, with a warning when used). `bundle.identity` is
+key, were timed so; they still load, with a warning when used). `thread_pool` is how the stage sessions
+shared intra-op threads: "shared", one process-wide pool; "session", one pool per stage session (profiles
+without the key were measured so). `bundle.identity` is
 `anytime.formats.bundle.bundle_identity`. Torch-free (json, numpy); this module is the format's one definition.
 """
 
@@ -43,6 +46,7 @@ MAKE_ONE = "make one with `anytime profile BUNDLE -o profile.json` (Python: mode
 STEP_TIMING = "step"
 SESSION_TIMING = "session"
 TIMINGS = (STEP_TIMING, SESSION_TIMING)
+THREAD_POOLS = ("shared", "session")  # the executor's intra-op pools (anytime.runtime.engine.resolve_thread_pool)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,6 +73,9 @@ class LatencyProfile:
     provider: str
     providers: list[str] = field(default_factory=list)
     threads: int | None = None  # intra-op threads asked for; None: onnxruntime's default
+    # "shared": one intra-op pool for every stage session (spinning); "session": a blocking pool per stage
+    # session, which profiles written before the shared pool existed all used.
+    thread_pool: str = "session"
     repeats: int = 0
     onnxruntime_version: str = ""
     anytime_version: str = ""
@@ -78,6 +85,8 @@ class LatencyProfile:
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
+        if self.thread_pool not in THREAD_POOLS:
+            problems.append(f"thread_pool is {self.thread_pool!r}, expected one of {', '.join(THREAD_POOLS)}")
         if self.timing not in TIMINGS:
             problems.append(f"timing is {self.timing!r}, expected one of {', '.join(TIMINGS)}")
         if problems:
@@ -126,6 +135,7 @@ class LatencyProfile:
             "provider": self.provider,
             "providers": list(self.providers),
             "threads": self.threads,
+            "thread_pool": self.thread_pool,
             "batch_size": self.batch_size,
             "repeats": self.repeats,
             "onnxruntime_version": self.onnxruntime_version,
@@ -152,6 +162,7 @@ class LatencyProfile:
             provider=str(d["provider"]),
             providers=[str(p) for p in d.get("providers", [d["provider"]])],
             threads=None if d.get("threads") is None else int(d["threads"]),
+            thread_pool=str(d.get("thread_pool", "session")),
             repeats=int(d.get("repeats", 0)),
             onnxruntime_version=str(d.get("onnxruntime_version", "")),
             anytime_version=str(d.get("anytime_version", "")),
@@ -181,7 +192,7 @@ class LatencyProfile:
         per_row = ", ".join(f"{1e6 * t:.3g}" for t in self.seconds_per_row)
         return (
             f"latency profile of {self.bundle_arch} ({self.bundle_identity[:12]}) on {self.provider}, "
-            f"threads {threads}, batch {self.batch_size}: full network {1e6 * self.full_seconds:.4g} µs per image; "
+            f"threads {threads} ({self.thread_pool} pool), batch {self.batch_size}: full network {1e6 * self.full_seconds:.4g} µs per image; "
             f"per stage µs per row [{per_row}]"
         )
 
@@ -233,6 +244,8 @@ def profile_problems(d: Any) -> list[str]:
         )
     if not isinstance(d.get("provider"), str) or not d["provider"]:
         problems.append("provider is missing")
+    if "thread_pool" in d and d["thread_pool"] not in THREAD_POOLS:
+        problems.append(f"thread_pool is {d['thread_pool']!r}, expected one of {', '.join(THREAD_POOLS)}")
     if "timing" in d and d["timing"] not in TIMINGS:
         problems.append(f"timing is {d['timing']!r}, expected one of {', '.join(TIMINGS)}")
     threads = d.get("threads")

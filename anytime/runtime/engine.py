@@ -27,6 +27,7 @@ from anytime.errors import BundleError, ConfigError, MissingDependencyError, req
 from anytime.formats.bundle import Bundle, StageSpec
 from anytime.runtime.calibration import softmax_confidence
 from anytime.runtime.iobinding import CPU, CUDA, DeviceRows, bind_input, resolve_io_binding
+from anytime.runtime.threadpool import configure_threads, resolve_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +67,21 @@ def resolve_providers(providers: Sequence[Any] | str | None, device: str | None 
 
 
 def create_session(
-    path: str | Path, providers: Sequence[Any], threads: int | None = None, spinning: bool = False
+    path: str | Path,
+    providers: Sequence[Any],
+    threads: int | None = None,
+    spinning: bool = False,
+    shared_pool: bool = False,
 ) -> Any:
-    """One onnxruntime session for one graph, with the options every anytime session uses."""
+    """One onnxruntime session for one graph, with the options every anytime session uses.
+
+    `threads`, `spinning`, `shared_pool`: see `anytime.runtime.threadpool.configure_threads`."""
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     ort = import_onnxruntime(gpu=CUDA in names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc. on stderr
-    if threads is not None:
-        if int(threads) < 0:
-            raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    # One session per stage means one intra-op thread pool per stage. Spinning workers of the stage
-    # that just ran compete with the next stage's pool for the same cores (measured: a 4-stage chain
-    # at 16 threads ran at 0.2× the full graph's speed); blocking instead of spinning avoids that.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    configure_threads(options, threads, spinning, shared_pool)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
@@ -117,6 +116,7 @@ class StageExecutor:
         threads: int | None = None,
         spinning: bool = False,
         io_binding: bool | str = "auto",
+        thread_pool: str = "session",
     ) -> None:
         self.bundle = bundle
         self._setup(
@@ -129,6 +129,7 @@ class StageExecutor:
             threads,
             spinning,
             io_binding,
+            thread_pool,
         )
 
     @classmethod
@@ -160,6 +161,7 @@ class StageExecutor:
             None,
             False,
             False,
+            "session",
         )
         return executor
 
@@ -174,11 +176,15 @@ class StageExecutor:
         threads: int | None,
         spinning: bool,
         io_binding: bool | str,
+        thread_pool: str,
     ) -> None:
         wanted = resolve_providers(providers, device)
+        self.thread_pool, self.threads = resolve_thread_pool(thread_pool, threads)
         self.sessions = []
         for stage in stages:
-            session = create_session(directory / stage.file, wanted, threads, spinning)
+            session = create_session(
+                directory / stage.file, wanted, self.threads, spinning, shared_pool=self.thread_pool == "shared"
+            )
             self._check_io(session, stage)
             self.sessions.append(session)
         in_use = self.sessions[0].get_providers()

@@ -162,6 +162,7 @@ def evaluate_model(
     name: str | None = None,
     profile: Any = None,
     cost_mode: str = "full-batches",
+    thread_pool: str = "session",
 ) -> ModelReport:
     """One bundle on one split. `name` labels it in tables and plots (default: the directory's name).
     `profile` (a latency profile of this bundle) puts costs and budgets in seconds per image."""
@@ -170,7 +171,15 @@ def evaluate_model(
     t0 = time.perf_counter()
     label = name or Path(path).expanduser().resolve().name
     bundle_dir = check_bundle_dir(path)
-    model = load(bundle_dir, providers=providers, device=device, threads=threads, profile=profile, cost_mode=cost_mode)
+    model = load(
+        bundle_dir,
+        providers=providers,
+        device=device,
+        threads=threads,
+        thread_pool=thread_pool,
+        profile=profile,
+        cost_mode=cost_mode,
+    )
     ds, images = _split_images(data, split)
     if ds.info.num_classes != len(model.classes):
         raise DatasetError(
@@ -250,7 +259,7 @@ def evaluate(
     **kwargs: Any,
 ) -> EvalReport:
     """Evaluate one or several bundles on the same split; `kwargs` go to `evaluate_model` (device,
-    providers, threads, progress, cost_mode). `names` label the models (default: their directories' names).
+    providers, threads, thread_pool, progress, cost_mode). `names` label the models (default: their directories' names).
     `profile`: one latency profile (of a single bundle) or a list of them, one per bundle in order: a profile
     describes one bundle's graphs, so several bundles need one each."""
     if isinstance(paths, (str, os.PathLike)):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from anytime.errors import ConfigError
+from anytime.runtime.threadpool import configure_threads
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -170,7 +171,7 @@ class DeviceRows:
     def _session(self, graph: bytes) -> Any:
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = 1
+        configure_threads(options, 1)
         return self.ort.InferenceSession(graph, sess_options=options, providers=self.providers)
 
     def _run(self, session: Any, feeds: dict[str, Any], outputs: Sequence[str]) -> list[Any]:

@@ -597,6 +597,7 @@ def load(
     profile: ProfileLike | None = None,
     cost_mode: str = "full-batches",
     io_binding: bool | str = "auto",
+    thread_pool: str = "session",
 ) -> AnytimeModel:
     """Load a bundle (the embedded default when None) on onnxruntime.
 
@@ -604,7 +605,13 @@ def load(
     onnxruntime-gpu and a GPU are present. `threads`: intra-op threads (None: onnxruntime's default).
     `verify`: check every file's sha256 against the manifest. `io_binding`: keep the stages' state
     tensors on the device between stages, only logits coming to the host ("auto": with CUDA; True also
-    works on CPU; an unsupported provider with True is an error).
+    works on CPU; an unsupported provider with True is an error). `thread_pool`: "session" (default), a pool
+    of `threads` per stage session, whose workers block between calls; "shared", one onnxruntime intra-op pool
+    of `threads` for every session in this process, whose workers spin, which runs the small batches early
+    exit leaves much faster at 2 threads and more (measured on msdnet-tiny: `benchmarks/results/runtime_speed.md`).
+    The shared pool is process-wide and onnxruntime makes it once: after it, every onnxruntime session of the
+    process, anytime's and any other, must use it (sessions made with default options fail), which is why a
+    library call does not make it unasked. `anytime serve`, `profile` and `eval` do.
     `profile`: a latency profile (`LatencyProfile` or the JSON `anytime profile` writes) makes time the cost
     convention: budgets in seconds per image (`0.3ms`, `300us`; `40%` of the full network's measured time).
     `cost_mode`: how a policy's time is counted with a profile: "full-batches" (every stage runs full
@@ -612,7 +619,9 @@ def load(
     strict prediction always fits its policy this way).
     """
     b = read_bundle(bundle, verify=verify)
-    executor = StageExecutor(b, providers=providers, device=device, threads=threads, io_binding=io_binding)
+    executor = StageExecutor(
+        b, providers=providers, device=device, threads=threads, io_binding=io_binding, thread_pool=thread_pool
+    )
     return AnytimeModel(b, executor, max_pixels=max_pixels, workers=workers, profile=profile, cost_mode=cost_mode)
 
 

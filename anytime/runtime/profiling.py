@@ -57,8 +57,7 @@ def machine_info() -> dict[str, Any]:
 
 def executor_threads(executor: StageExecutor) -> int | None:
     """The intra-op thread count the executor's sessions were made with; None for onnxruntime's default."""
-    threads = int(executor.sessions[0].get_session_options().intra_op_num_threads)
-    return threads or None
+    return executor.threads
 
 
 def measure_profile(
@@ -92,6 +91,7 @@ def measure_profile(
         provider=str(executor.providers[0]),
         providers=[str(p) for p in executor.providers],
         threads=executor_threads(executor),
+        thread_pool=executor.thread_pool,
         repeats=int(repeats),
         onnxruntime_version=str(ort.__version__),
         anytime_version=__version__,
@@ -149,6 +149,11 @@ def check_profile(profile: LatencyProfile, bundle: Bundle, executor: StageExecut
             return "onnxruntime's default" if n is None else str(n)
 
         problems.append(f"threads {show(profile.threads)} when measured, {show(threads)} now")
+    if profile.thread_pool != executor.thread_pool and threads != 1:  # one thread: no pool workers at all
+        problems.append(
+            f"a {profile.thread_pool} intra-op thread pool when measured, a {executor.thread_pool} one now "
+            "(a shared pool runs small compacted batches much faster at 2 threads and more)"
+        )
     cpu = cpu_name()
     if profile.machine.get("cpu") not in (None, cpu):
         problems.append(f"CPU {profile.machine.get('cpu')!r} when measured, {cpu!r} now")
