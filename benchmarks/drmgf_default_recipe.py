@@ -37,6 +37,13 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
     "dr-avgf": ("dr-avgf", [], 0.1, "gated exit passes, plain mean fusion"),
     "meta-gf": ("meta-gf", [], 0.1, "plain exit passes, meta fusion"),
     "passes-mean": ("drmgf", ["gate=false", "fusion=mean"], 0.1, "plain exit passes, plain mean fusion"),
+    "drmgf-implr0": (
+        "drmgf",
+        ["importance_lr=0"],
+        0.1,
+        "gated exit passes with the importance frozen at its start (routes fixed; only V trains)",
+    ),
+    "drmgf-implr0.1": ("drmgf", ["importance_lr=0.1"], 0.1, "the importance variables at a tenth of the lr"),
 }
 
 

@@ -319,6 +319,21 @@ def test_other_exits_importance_never_moves_during_an_exit_pass():
     assert len(checked) == 6
 
 
+def test_importance_lr_scales_the_importance_steps_and_zero_freezes_them():
+    """-m importance_lr=R: M's lr is R times the network's at every epoch; 0 keeps the routes fixed while
+    the weights still train through the gated forward."""
+    _, ctx, method = setup_method(epochs=4, importance_lr=0.25)
+    for epoch in (0, 1):
+        method.train_epoch(ctx, epoch)
+        assert method.importance_optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * ctx.lr(epoch))
+    model, ctx, method = setup_method(epochs=4, importance_lr=0.0)
+    before, weights = method.gates.state_dict(), state_of(model)
+    method.train_epoch(ctx, 0)
+    after = method.gates.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(weights[k], v) for k, v in state_of(model).items())
+
+
 def test_split_passes_cover_the_epoch_once_between_them():
     model, ctx, method = setup_method(passes="split")
     method.train_epoch(ctx, 0)
@@ -467,6 +482,8 @@ def test_options_are_validated():
         DRMGFOptions(split_gain=2.0)
     with pytest.raises(ConfigError, match="split_gain must be > 0"):
         DRMGFOptions(passes="split", split_gain=0.0)
+    with pytest.raises(ConfigError, match="importance_lr must be >= 0"):
+        DRMGFOptions(importance_lr=-0.1)
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

@@ -73,6 +73,8 @@ class DRMGFOptions(MethodOptions):
     fusion_init: float = 1e-3  # initial value of every fusion scale
     importance_momentum: float = 0.9
     importance_weight_decay: float = 5e-5
+    # The importance variables' learning rate as a multiple of the network's (the paper: the same, 1).
+    importance_lr: float = 1.0
     exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
     momentum: Literal["carry", "fused", "reset"] = "carry"  # network optimiser momentum across exit passes
     passes: Literal["full", "split"] = "full"  # "split": each exit pass over a 1/T part of the epoch
@@ -96,6 +98,7 @@ class DRMGFOptions(MethodOptions):
         need(
             0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}"
         )
+        need(self.importance_lr >= 0, f"importance_lr must be >= 0, got {self.importance_lr}")
         need(
             self.importance_weight_decay >= 0,
             f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}",
@@ -145,7 +148,7 @@ class DRMGF(TrainingMethod):
         if self.gates is not None and self.gates.layers:
             self.importance_optimizer = torch.optim.SGD(
                 self.gates.parameters(),
-                lr=ctx.lr(0),
+                lr=ctx.lr(0) * opts.importance_lr,
                 momentum=opts.importance_momentum,
                 weight_decay=opts.importance_weight_decay,
             )
@@ -197,7 +200,7 @@ class DRMGF(TrainingMethod):
         dynamic = self.dynamic(epoch)
         if self.importance_optimizer is not None:
             for group in self.importance_optimizer.param_groups:
-                group["lr"] = ctx.lr(epoch)
+                group["lr"] = ctx.lr(epoch) * opts.importance_lr
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
         fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
