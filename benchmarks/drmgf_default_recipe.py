@@ -44,6 +44,13 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
         "gated exit passes with the importance frozen at its start (routes fixed; only V trains)",
     ),
     "drmgf-implr0.1": ("drmgf", ["importance_lr=0.1"], 0.1, "the importance variables at a tenth of the lr"),
+    "drmgf-implr2": ("drmgf", ["importance_lr=2"], 0.1, "the importance variables at twice the lr"),
+    "drmgf-anchor": (
+        "drmgf",
+        ["importance_start=fused"],
+        0.1,
+        "each epoch's gated passes start from the fused network (importance re-anchored), routes learned within",
+    ),
 }
 
 

@@ -334,6 +334,37 @@ def test_importance_lr_scales_the_importance_steps_and_zero_freezes_them():
     assert any(not torch.equal(weights[k], v) for k, v in state_of(model).items())
 
 
+@pytest.mark.parametrize("start", ["carry", "fused"])
+def test_importance_start_decides_whether_gated_passes_start_from_the_fused_network(start):
+    """-m importance_start=fused: at each dynamic epoch's first pass every exit's gated network equals the
+    fused one; with the paper's carry it is exit t's own magnitudes on the fused directions."""
+    model, ctx, method = setup_method(epochs=4, importance_start=start)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    gaps: dict[int, float] = {}
+
+    def on_start(epoch, phase):
+        if not phase.startswith("exit ") or epoch in gaps:
+            return
+        model.eval()
+        with torch.no_grad():
+            plain = model(x)
+            gaps[epoch] = max(
+                float((gated - ref).abs().max())
+                for t in range(method.num_exits)
+                for gated, ref in zip(method.gates.forward(model, x, t), plain)
+            )
+        model.train()
+
+    ctx.on_start = on_start
+    method.train_epoch(ctx, 0)
+    method.train_epoch(ctx, 1)
+    assert gaps[0] < 1e-6  # identity at init either way
+    if start == "fused":
+        assert gaps[1] < 1e-6
+    else:
+        assert gaps[1] > 1e-4
+
+
 def test_split_passes_cover_the_epoch_once_between_them():
     model, ctx, method = setup_method(passes="split")
     method.train_epoch(ctx, 0)
@@ -484,6 +515,8 @@ def test_options_are_validated():
         DRMGFOptions(passes="split", split_gain=0.0)
     with pytest.raises(ConfigError, match="importance_lr must be >= 0"):
         DRMGFOptions(importance_lr=-0.1)
+    with pytest.raises(ConfigError, match="importance_start must be one of carry, fused"):
+        DRMGFOptions(importance_start="init")
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

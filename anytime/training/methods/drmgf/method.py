@@ -44,7 +44,7 @@ from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
 from anytime.training.base import MethodOptions, TrainingContext, TrainingMethod
 from anytime.training.methods.drmgf.fusion import FusionScales
-from anytime.training.methods.drmgf.gates import RouteGates
+from anytime.training.methods.drmgf.gates import RouteGates, identity_importance
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ FUSIONS = ("meta", "mean")
 EXIT_ORDERS = ("deepest-first", "shallowest-first")
 MOMENTUM_RULES = ("carry", "fused", "reset")
 PASS_DATA = ("full", "split")
+IMPORTANCE_STARTS = ("carry", "fused")
 
 
 def _sum_losses(losses: list[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +76,11 @@ class DRMGFOptions(MethodOptions):
     importance_weight_decay: float = 5e-5
     # The importance variables' learning rate as a multiple of the network's (the paper: the same, 1).
     importance_lr: float = 1.0
+    # Where each epoch's gated passes start their importance: "carry" (the paper), M_t as exit t's last pass
+    # left it, so the gated network starts from exit t's own magnitudes on the fused directions; "fused",
+    # every M reset so that each gated network starts as the fused one (the identity), its route then
+    # learned within the pass.
+    importance_start: Literal["carry", "fused"] = "carry"
     exit_order: Literal["deepest-first", "shallowest-first"] = "deepest-first"
     momentum: Literal["carry", "fused", "reset"] = "carry"  # network optimiser momentum across exit passes
     passes: Literal["full", "split"] = "full"  # "split": each exit pass over a 1/T part of the epoch
@@ -99,6 +105,10 @@ class DRMGFOptions(MethodOptions):
             0 <= self.importance_momentum < 1, f"importance_momentum must be in [0, 1), got {self.importance_momentum}"
         )
         need(self.importance_lr >= 0, f"importance_lr must be >= 0, got {self.importance_lr}")
+        need(
+            self.importance_start in IMPORTANCE_STARTS,
+            f"importance_start must be one of {', '.join(IMPORTANCE_STARTS)}, got '{self.importance_start}'",
+        )
         need(
             self.importance_weight_decay >= 0,
             f"importance_weight_decay must be >= 0, got {self.importance_weight_decay}",
@@ -201,6 +211,8 @@ class DRMGF(TrainingMethod):
         if self.importance_optimizer is not None:
             for group in self.importance_optimizer.param_groups:
                 group["lr"] = ctx.lr(epoch) * opts.importance_lr
+        if dynamic and opts.importance_start == "fused":
+            self._anchor_importance(model)
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
         fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
@@ -234,6 +246,18 @@ class DRMGF(TrainingMethod):
         ctx.sync_buffers(model)
         metrics["dynamic_routes"] = float(dynamic)
         return metrics
+
+    @torch.no_grad()
+    def _anchor_importance(self, model: nn.Module) -> None:
+        """Every M set so that each exit's gated network equals the plain one (and its momentum cleared)."""
+        assert self.gates is not None
+        params = dict(model.named_parameters())
+        for layer in self.gates.layers:
+            identity = identity_importance(params[layer.name])
+            for m in self.gates.importance[layer.name]:
+                m.copy_(identity)
+        if self.importance_optimizer is not None:
+            self.importance_optimizer.state.clear()
 
     def _exit_pass(
         self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool, part: tuple[int, int] | None = None
