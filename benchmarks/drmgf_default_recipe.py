@@ -45,6 +45,12 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
     ),
     "drmgf-implr0.1": ("drmgf", ["importance_lr=0.1"], 0.1, "the importance variables at a tenth of the lr"),
     "drmgf-implr2": ("drmgf", ["importance_lr=2"], 0.1, "the importance variables at twice the lr"),
+    "drmgf-aux1": (
+        "drmgf",
+        ["aux_weight=1"],
+        0.1,
+        "every exit pass weighs all exits' losses like joint (ρ = 1): the fused step as long as joint's",
+    ),
     "drmgf-anchor": (
         "drmgf",
         ["importance_start=fused"],
