@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from typing import Any
 
 from anytime.errors import ConfigError, require
@@ -25,12 +26,12 @@ log = logging.getLogger(__name__)
 # size); absent while there is none. onnxruntime makes it once per process, cannot resize it, and from then
 # on refuses sessions with their own pools.
 _shared_pool: dict[str, int | None] = {}
+_shared_pool_lock = threading.Lock()
 
 
-def shared_pool_threads() -> int | None | str:
-    """The thread count of this process's shared pool (None: onnxruntime's default), or "none" when the
-    process has none."""
-    return _shared_pool.get("threads", "none")
+def shared_pool() -> tuple[bool, int | None]:
+    """(whether this process has a shared pool, its thread count; None: onnxruntime's default)."""
+    return "threads" in _shared_pool, _shared_pool.get("threads")
 
 
 def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int | None]:
@@ -46,9 +47,15 @@ def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int
     if threads is not None and int(threads) < 0:
         raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
     wanted = int(threads) if threads else None
+    with _shared_pool_lock:
+        return _resolve_locked(kind, wanted)
+
+
+def _resolve_locked(kind: str, wanted: int | None) -> tuple[str, int | None]:
     if "threads" in _shared_pool:
         have = _shared_pool["threads"]
-        if kind != "shared" or have != wanted:
+        # One thread has no pool workers to share: a session pool of 1 and the shared pool of 1 are alike.
+        if have != wanted or (kind != "shared" and wanted != 1):
 
             def show(n: int | None) -> str:
                 return "onnxruntime's default number of" if n is None else str(n)
