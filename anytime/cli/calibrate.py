@@ -42,7 +42,7 @@ def calibrate(
     device: str | None,
     providers: str | None,
     threads: int | None,
-    thread_pool: str | None,
+    thread_pool: str,
     profile: str | None,
     cost_mode: str | None,
 ) -> None:

@@ -59,7 +59,7 @@ def eval_command(
     device: str | None,
     providers: str | None,
     threads: int | None,
-    thread_pool: str | None,
+    thread_pool: str,
     profile: tuple[str, ...],
     cost_mode: str | None,
     plots: bool | None,

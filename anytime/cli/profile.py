@@ -21,7 +21,7 @@ def profile(
     device: str | None,
     providers: str | None,
     threads: int | None,
-    thread_pool: str | None,
+    thread_pool: str,
 ) -> None:
     """Measure each stage's time on this machine and provider, for budgets in time.
 

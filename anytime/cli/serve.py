@@ -105,7 +105,7 @@ def serve(
     device: str | None,
     providers: str | None,
     threads: int | None,
-    thread_pool: str | None,
+    thread_pool: str,
     profile: str | None,
     cost_mode: str | None,
     io_binding: str | None,

@@ -46,7 +46,7 @@ MAKE_ONE = "make one with `anytime profile BUNDLE -o profile.json` (Python: mode
 STEP_TIMING = "step"
 SESSION_TIMING = "session"
 TIMINGS = (STEP_TIMING, SESSION_TIMING)
-THREAD_POOLS = ("shared", "session")  # the executor's intra-op pools (anytime.runtime.engine.resolve_thread_pool)
+THREAD_POOLS = ("shared", "session")  # the executor's intra-op pools (anytime.runtime.threadpool.resolve_thread_pool)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -55,11 +55,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def executor_threads(executor: StageExecutor) -> int | None:
-    """The intra-op thread count the executor's sessions were made with; None for onnxruntime's default."""
-    return executor.threads
-
-
 def measure_profile(
     bundle: Bundle, executor: StageExecutor, batch_size: int = 64, repeats: int = 15, warmup: int = 2, seed: int = 0
 ) -> LatencyProfile:
@@ -90,7 +85,7 @@ def measure_profile(
         bundle_identity=bundle_identity(bundle),
         provider=str(executor.providers[0]),
         providers=[str(p) for p in executor.providers],
-        threads=executor_threads(executor),
+        threads=executor.threads,
         thread_pool=executor.thread_pool,
         repeats=int(repeats),
         onnxruntime_version=str(ort.__version__),
@@ -141,7 +136,7 @@ def check_profile(profile: LatencyProfile, bundle: Bundle, executor: StageExecut
             f"{name} was measured on {profile.provider}, but this model runs on {provider}; times do not carry "
             f"over between providers: {MAKE_ONE} with the same --device/--providers"
         )
-    threads = executor_threads(executor)
+    threads = executor.threads
     problems = []
     if profile.threads != threads:
 

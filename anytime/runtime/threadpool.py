@@ -34,6 +34,13 @@ def shared_pool() -> tuple[bool, int | None]:
     return "threads" in _shared_pool, _shared_pool.get("threads")
 
 
+def _checked_threads(threads: int | None) -> int | None:
+    """`threads` as onnxruntime takes it (None or 0: its default, returned as None); negative is refused."""
+    if threads is not None and int(threads) < 0:
+        raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
+    return int(threads) if threads else None
+
+
 def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int | None]:
     """(pool kind, intra-op threads) an executor gets when it asks for `thread_pool` and `threads`.
 
@@ -44,9 +51,7 @@ def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int
     kind = str(thread_pool).lower()
     if kind not in THREAD_POOLS:
         raise ConfigError(f"thread_pool {thread_pool!r} is unknown; use one of {', '.join(THREAD_POOLS)}")
-    if threads is not None and int(threads) < 0:
-        raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
-    wanted = int(threads) if threads else None
+    wanted = _checked_threads(threads)
     with _shared_pool_lock:
         return _resolve_locked(kind, wanted)
 
@@ -95,8 +100,6 @@ def configure_threads(options: Any, threads: int | None, spinning: bool = False,
         options.use_per_session_threads = False
         return
     if threads is not None:
-        if int(threads) < 0:
-            raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
-        options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = _checked_threads(threads) or 0
         options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")

@@ -134,6 +134,15 @@ class RouteGates:
             importance[layer.name] = [init.clone().requires_grad_(True) for _ in layer.exits]
         return cls(layers, importance, kappa)
 
+    @torch.no_grad()
+    def reset_to_identity(self, model: nn.Module) -> None:
+        """Every exit's importance set, in place, so that its gated network equals `model`'s plain one."""
+        params = dict(model.named_parameters())
+        for layer in self.layers:
+            identity = identity_importance(params[layer.name])
+            for m in self.importance[layer.name]:
+                m.copy_(identity)
+
     def parameters(self, exit_index: int | None = None) -> list[torch.Tensor]:
         """All importance tensors, or only exit `exit_index`'s."""
         out = []

@@ -44,7 +44,7 @@ from anytime.errors import ConfigError, TrainingError
 from anytime.models.base import MultiExitNetwork
 from anytime.training.base import MethodOptions, TrainingContext, TrainingMethod
 from anytime.training.methods.drmgf.fusion import FusionScales
-from anytime.training.methods.drmgf.gates import RouteGates, identity_importance
+from anytime.training.methods.drmgf.gates import RouteGates
 
 logger = logging.getLogger(__name__)
 
@@ -247,15 +247,10 @@ class DRMGF(TrainingMethod):
         metrics["dynamic_routes"] = float(dynamic)
         return metrics
 
-    @torch.no_grad()
     def _anchor_importance(self, model: nn.Module) -> None:
         """Every M set so that each exit's gated network equals the plain one (and its momentum cleared)."""
         assert self.gates is not None
-        params = dict(model.named_parameters())
-        for layer in self.gates.layers:
-            identity = identity_importance(params[layer.name])
-            for m in self.gates.importance[layer.name]:
-                m.copy_(identity)
+        self.gates.reset_to_identity(model)
         if self.importance_optimizer is not None:
             self.importance_optimizer.state.clear()
 
