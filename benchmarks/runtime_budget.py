@@ -18,6 +18,7 @@ at equal average cost.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -353,7 +354,9 @@ def speed(args: argparse.Namespace) -> None:
         "MAC policy: thresholds fitted to the MAC budget; "
         "time policy: thresholds fitted, with the latency profile measured in this run at this batch size and "
         "thread count, to the same fraction of the full network's profiled time, priced as the executor runs "
-        "(`per-batch` for `batch`, `full-batches` for `refill`)."
+        "(`per-batch` for `batch`, `full-batches` for `refill`), the first stage priced between its back-to-back "
+        "time and its time in a full chain by the share of the later stages' work that runs; `time, chain`: the "
+        "same with the first stage always at its time in a full chain (profiles without back-to-back times)."
     )
     emit(
         "- Rounds: each round times the stage chain (every image through every stage, per-batch executor), the "
@@ -485,20 +488,25 @@ def _speed_blocks(args: argparse.Namespace) -> None:
             profile = model.profile(batch_size=batch, repeats=args.profile_repeats)
             never = np.full(ex.num_exits, np.inf, dtype=np.float32)
             prof_full = float(profile.full_seconds)
-            timed = anytime.load(
-                bundle_path, device="cpu", threads=threads, thread_pool=args.thread_pool, profile=profile
-            )
+            # "time, chain": the first stage priced at its time in a full chain whatever the budget, as
+            # profiles without first_stage_alone_seconds are: the comparison for the pricing that has it.
+            chain_profile = dataclasses.replace(profile, first_stage_alone_seconds=None)
+            profiles = {"time": profile, "time, chain": chain_profile}
+            timed = {
+                kind: anytime.load(bundle_path, device="cpu", threads=threads, thread_pool=args.thread_pool, profile=p)
+                for kind, p in profiles.items()
+            }
             configs, infeasible = [], []
             for budget in args.budgets:
                 frac = float(budget.rstrip("%")) / 100
-                for policy_kind in ("MACs", "time"):
+                for policy_kind in ("MACs", "time", "time, chain"):
                     for sch in ("batch", "refill"):
                         mode = "per-batch" if sch == "batch" else "full-batches"
                         try:
                             if policy_kind == "MACs":
                                 pol = model.calibrate(budget, policy=args.policy)
                             else:
-                                pol = timed.calibrate(budget, policy=args.policy, cost_mode=mode)
+                                pol = timed[policy_kind].calibrate(budget, policy=args.policy, cost_mode=mode)
                         except anytime.AnytimeError as exc:
                             infeasible.append((budget, policy_kind, sch, str(exc)))
                             continue
@@ -543,7 +551,8 @@ def _speed_blocks(args: argparse.Namespace) -> None:
                 share = float(np.median([p[0] / c for p, c in zip(passes, references)]))
                 speedup = float(np.median([c / p[0] for p, c in zip(passes, chains)]))
                 reach = np.array([(exits >= k).sum() for k in range(ex.num_exits)])
-                estimate = float(TimeCost(profile, mode, batch).reach_cost(reach, len(x)))
+                priced_by = profiles.get(policy_kind, profile)
+                estimate = float(TimeCost(priced_by, mode, batch).reach_cost(reach, len(x)))
                 ideal_estimate = float(TimeCost(profile, "full-batches", batch).reach_cost(reach, len(x)))
                 real_macs = float(macs[exits].mean())
                 realised = speedup

@@ -3,6 +3,7 @@ the errors, the overshoot warning, and the CLI (`anytime profile`, `--profile`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -68,6 +69,8 @@ def test_measured_profile_is_sane_and_round_trips(pattern_bundle, tmp_path):
     # No timing claims here (a shared machine makes them flaky; speed lives in benchmarks/): only that
     # every stage was timed at every row count and the derived numbers agree with the table.
     np.testing.assert_allclose(prof.seconds_per_row, table[:, -1] / 8)
+    alone = prof.first_stage_alone_seconds
+    assert alone is not None and len(alone) == 4 and all(np.isfinite(alone)) and min(alone) > 0
     assert prof.onnxruntime_version and prof.machine["cpu_count"] >= 1
     path = prof.save(tmp_path / "profile.json")
     again = LatencyProfile.load(path)
@@ -159,6 +162,62 @@ def test_interpolation_between_row_counts(pattern_bundle):
     assert prof.full_seconds == pytest.approx(full_batch_seconds()[-1])
 
 
+ALONE_SHARE = 0.5  # hand-made: the first stage back to back takes half its time in a full chain
+
+
+def with_first_stage_alone(prof: LatencyProfile) -> LatencyProfile:
+    return dataclasses.replace(prof, first_stage_alone_seconds=[ALONE_SHARE * t for t in prof.stage_call_seconds[0]])
+
+
+def test_first_stage_is_priced_by_how_much_later_work_runs(pattern_bundle, tmp_path):
+    chain_only = synthetic_profile(pattern_bundle)
+    prof = with_first_stage_alone(chain_only)
+    t = [lambda r, k=k: (OVERHEAD_US[k] + PER_ROW_US[k] * r) * 1e-6 for k in range(4)]
+    # Every row through every stage: the chain the table was timed in.
+    assert prof.batch_seconds([64, 64, 64, 64]) == pytest.approx(sum(t[k](64) for k in range(4)))
+    # Every row leaving at the first exit: back-to-back calls.
+    assert prof.batch_seconds([64, 0, 0, 0]) == pytest.approx(ALONE_SHARE * t[0](64))
+    # Between: by the share of the later work that runs (here stage 2 on 32 rows).
+    share = t[1](32) / (t[1](64) + t[2](64) + t[3](64))
+    expected = t[0](64) * (ALONE_SHARE + (1 - ALONE_SHARE) * share) + t[1](32)
+    assert prof.batch_seconds([64, 32, 0, 0]) == pytest.approx(expected)
+    # Arrays of expected row counts price element by element.
+    both = prof.batch_seconds([np.array([64.0, 64.0]), np.array([32.0, 0.0]), np.zeros(2), np.zeros(2)])
+    np.testing.assert_allclose(both, [expected, ALONE_SHARE * t[0](64)])
+    # Without back-to-back times (older profiles) the first stage is always at its chain time.
+    assert chain_only.batch_seconds([64, 0, 0, 0]) == pytest.approx(t[0](64))
+    # The cost models: per-batch prices each batch so; full batches too, no longer linear in the exits.
+    reach = np.array([[64, 64], [64, 0], [64, 0], [64, 0]])
+    per_batch = TimeCost(prof, mode="per-batch").reach_cost(reach, 64)
+    np.testing.assert_allclose(per_batch, [sum(t[k](64) for k in range(4)) / 64, ALONE_SHARE * t[0](64) / 64])
+    full = TimeCost(prof, mode="full-batches")
+    assert not full.linear and TimeCost(chain_only, mode="full-batches").linear
+    np.testing.assert_allclose(full.reach_cost(reach, 64), per_batch)
+    half = full.reach_cost(np.array([128, 64, 0, 0]), 128)
+    per_row = [t[k](64) / 64 for k in range(4)]
+    share = 0.5 * per_row[1] / sum(per_row[1:])
+    assert half == pytest.approx(per_row[0] * (ALONE_SHARE + (1 - ALONE_SHARE) * share) + 0.5 * per_row[1])
+    # The file keeps the times; a profile without them still loads.
+    again = LatencyProfile.load(prof.save(tmp_path / "p.json"))
+    assert again.first_stage_alone_seconds == pytest.approx(prof.first_stage_alone_seconds)
+    assert LatencyProfile.load(chain_only.save(tmp_path / "q.json")).first_stage_alone_seconds is None
+
+
+def test_time_policies_spend_what_back_to_back_first_stages_save(pattern_bundle):
+    """At a budget where most rows leave at the first exit, pricing its calls back to back lets more rows go
+    on for the same budget, and the policy still meets the budget in its own pricing."""
+    chain_only = anytime.load(pattern_bundle, device="cpu", threads=1, profile=synthetic_profile(pattern_bundle))
+    blended = anytime.load(
+        pattern_bundle, device="cpu", threads=1, profile=with_first_stage_alone(synthetic_profile(pattern_bundle))
+    )
+    for mode in ("per-batch", "full-batches"):
+        a = chain_only.calibrate("45%", "search", cost_mode=mode)
+        b = blended.calibrate("45%", "search", cost_mode=mode)
+        assert b.expected_cost <= blended.budget_cost("45%") * (1 + 1e-9)
+        assert b.exit_fractions[0] < a.exit_fractions[0], mode  # more rows go on
+        assert b.expected_accuracy >= a.expected_accuracy
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -170,6 +229,8 @@ def test_interpolation_between_row_counts(pattern_bundle):
         (lambda d: d.update(batch_size=32), "largest row count"),
         (lambda d: d.update(threads=-2), "threads"),
         (lambda d: d.update(timing="wall"), "timing is 'wall'"),
+        (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 3), "first_stage_alone_seconds must hold 7"),
+        (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 6 + [0.0]), "first_stage_alone_seconds = "),
     ],
 )
 def test_malformed_profile_is_refused_with_the_fix(pattern_bundle, tmp_path, change, message):

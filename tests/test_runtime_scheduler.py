@@ -12,7 +12,7 @@ from anytime.errors import ConfigError
 from anytime.runtime.inputs import InputItem, MissingInput
 from anytime.runtime.iobinding import DeviceRows, concat_graph, gather_graph, resolve_io_binding
 from anytime.runtime.model import _choose_scheduler
-from anytime.runtime.scheduler import RefillingScheduler, StageCalls
+from anytime.runtime.scheduler import QueueBuffers, RefillingScheduler, StageCalls, free_queue_buffers
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -180,6 +180,106 @@ def test_stage_calls_are_recorded_by_both_schedulers(model, pattern_test_images)
     assert refilled.calls[-1] < per_batch.calls[-1]  # the last stage waits for rows instead of running on few
     assert all(f <= 1.0 for f in refilled.fill(64)) and refilled.fill(64)[-1] > per_batch.fill(64)[-1]
     assert all(s >= 0 for s in refilled.seconds_per_row())
+
+
+def _preprocessed(model, images: np.ndarray) -> np.ndarray:
+    pre = model.preprocessor
+    return pre.normalise(np.stack([pre.to_array(img) for img in images]))
+
+
+def _answers(scheduler: RefillingScheduler, x: np.ndarray, batch_size: int, interleave=None) -> np.ndarray:
+    """Exits of `x` streamed through `scheduler` in batches (0-based; -1 where unanswered)."""
+    exits = np.full(len(x), -1)
+    answered = []
+    for i in range(0, len(x), batch_size):
+        part = x[i : i + batch_size]
+        answered += scheduler.add(part, np.arange(len(part)), len(part), payload=i)
+        if interleave is not None:
+            interleave()
+    answered += scheduler.finish()
+    for a in answered:
+        exits[a.payload + a.rows] = a.exits
+    return exits
+
+
+def test_queue_buffers_are_reused_by_the_next_scheduler_and_can_be_freed(pattern_bundle, pattern_test_images):
+    x, _ = pattern_test_images
+    own = anytime.load(pattern_bundle, device="cpu", threads=1)  # a pool of its own
+    thresholds = own.calibrate("50%").threshold_array()
+    images, x = x, _preprocessed(own, x)
+    pool = QueueBuffers.of(own.executor)
+    assert pool.held_bytes == 0
+    expected = own.predict(list(images), budget="50%", batch_size=16, scheduler="batch").exit_array - 1
+    first = _answers(RefillingScheduler(own.executor, thresholds, 16), x, 16)
+    held = pool.held_bytes
+    assert held > 0  # the stages after the first queued rows in buffers, now kept
+    kept = {stage: dict(buffers) for stage, buffers in pool._free.items()}
+    second = RefillingScheduler(own.executor, thresholds, 16)
+    again = _answers(second, x, 16)
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(again, expected)
+    # The second scheduler filled the very arrays the first left, and gave them back.
+    assert {s: {n: id(b) for n, b in bufs.items()} for s, bufs in pool._free.items()} == {
+        s: {n: id(b) for n, b in bufs.items()} for s, bufs in kept.items()
+    }
+    # Another batch size needs other shapes: new buffers, and the pool then keeps those.
+    np.testing.assert_array_equal(_answers(RefillingScheduler(own.executor, thresholds, 8), x, 8), expected)
+    assert pool.held_bytes == held // 2
+    free_queue_buffers(own.executor)
+    assert pool.held_bytes == 0
+
+
+def test_two_schedulers_at_once_on_one_executor_do_not_share_buffers(pattern_bundle, pattern_test_images):
+    x, _ = pattern_test_images
+    own = anytime.load(pattern_bundle, device="cpu", threads=1)
+    thresholds = own.calibrate("50%").threshold_array()
+    images, x = x, _preprocessed(own, x)
+    expected = own.predict(list(images), budget="50%", batch_size=16, scheduler="batch").exit_array - 1
+    _answers(RefillingScheduler(own.executor, thresholds, 16), x, 16)  # leaves a set in the pool
+    a, b = RefillingScheduler(own.executor, thresholds, 16), RefillingScheduler(own.executor, thresholds, 16)
+    reversed_x = x[::-1].copy()
+    b_exits = np.full(len(x), -1)
+    b_answered = []
+    positions = iter(range(0, len(x), 16))
+
+    def feed_b() -> None:
+        i = next(positions, None)
+        if i is not None:
+            part = reversed_x[i : i + 16]
+            b_answered.extend(b.add(part, np.arange(len(part)), len(part), payload=i))
+
+    a_exits = _answers(a, x, 16, interleave=feed_b)
+    for i in positions:
+        part = reversed_x[i : i + 16]
+        b_answered.extend(b.add(part, np.arange(len(part)), len(part), payload=i))
+    b_answered += b.finish()
+    for ans in b_answered:
+        b_exits[ans.payload + ans.rows] = ans.exits
+    np.testing.assert_array_equal(a_exits, expected)
+    np.testing.assert_array_equal(b_exits[::-1], expected)
+
+
+def test_a_scheduler_that_fails_midway_leaves_the_pool_usable(pattern_bundle, pattern_test_images, monkeypatch):
+    x, _ = pattern_test_images
+    own = anytime.load(pattern_bundle, device="cpu", threads=1)
+    thresholds = own.calibrate("50%").threshold_array()
+    images, x = x, _preprocessed(own, x)
+    expected = own.predict(list(images), budget="50%", batch_size=16, scheduler="batch").exit_array - 1
+    broken = RefillingScheduler(own.executor, thresholds, 16)
+    real_run_stage = own.executor.run_stage
+    calls = {"n": 0}
+
+    def failing(k, state):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise RuntimeError("stage failed")
+        return real_run_stage(k, state)
+
+    monkeypatch.setattr(own.executor, "run_stage", failing)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        _answers(broken, x, 16)
+    monkeypatch.setattr(own.executor, "run_stage", real_run_stage)
+    np.testing.assert_array_equal(_answers(RefillingScheduler(own.executor, thresholds, 16), x, 16), expected)
 
 
 # --- IO binding ---------------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ def profile(
             f"  {k + 1:>5}  {format_seconds(per_row):>14}  {format_seconds(prof.stage_call_seconds[k][0]):>10}  "
             f"{100 * per_row / prof.full_seconds:>6.1f}%  {100 * stage_macs[k] / float(macs[-1]):>6.1f}%"
         )
+    if prof.first_stage_alone_seconds is not None:
+        alone = prof.first_stage_alone_seconds[-1] / prof.batch_size
+        click.echo(
+            f"stage 1 back to back (every row leaving at exit 1): {format_seconds(alone)} per row "
+            f"({alone / prof.seconds_per_row[0]:.2f} of its time in a full chain)"
+        )
     click.echo(
         f"full network {format_seconds(prof.full_seconds)} per image at batch {prof.batch_size} "
         f"({1 / prof.full_seconds:,.0f} images/s on one stream)"

@@ -10,11 +10,17 @@ on one machine, provider and thread count, for one bundle.
      "created": "2026-12-02T15:00:00Z", "timing": "step",
      "rows": [1, 2, 4, 8, 16, 32, 64],
      "stage_call_seconds": [[...7 medians...], ...one list per stage...],
+     "first_stage_alone_seconds": [...7 medians...],
      "stage_seconds_per_row": [...]}          # at batch_size: stage_call_seconds[k][-1] / batch_size
 
 `rows` are the batch sizes one stage call was timed at (early exit compacts a batch, so later stages run
 on fewer rows); between them the time of a call is interpolated linearly, below the first through zero
-(a stage no row reaches is not called), above the last at the last time per row. `timing` says what one
+(a stage no row reaches is not called), above the last at the last time per row. The table times the first
+stage after a whole chain of later calls (every row going on); `first_stage_alone_seconds` times it in
+calls that follow each other with no later stage between them (every row leaving at the first exit), which
+is faster because the caches still hold the first stage's data (measured on msdnet-tiny: 0.85 of the chain
+time at 2 threads). A batch's first-stage call is priced between the two by how much of the later stages'
+work the batch runs (`batch_seconds`); profiles without the key price it at the chain time. `timing` says what one
 call's time covers: "step", the executor's whole stage step (gathering the rows that go on, the session run,
 the exit test); "session", the session run alone (profiles written before `timing` existed, which lack the
 key, were timed so; they still load, with a warning when used). `thread_pool` is how the stage sessions
@@ -29,6 +35,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -82,9 +89,12 @@ class LatencyProfile:
     machine: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     timing: str = STEP_TIMING  # what one call's time covers (see the module docstring)
+    # [i]: median seconds of a first-stage call on rows[i] rows right after another first-stage call
+    first_stage_alone_seconds: list[float] | None = None
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
+        problems += _alone_problems(self.rows, self.first_stage_alone_seconds)
         if self.thread_pool not in THREAD_POOLS:
             problems.append(f"thread_pool is {self.thread_pool!r}, expected one of {', '.join(THREAD_POOLS)}")
         if self.timing not in TIMINGS:
@@ -104,12 +114,32 @@ class LatencyProfile:
     def call_seconds(self, stage: int, rows: Any) -> np.ndarray:
         """Seconds of one call of `stage` (0-based) on `rows` rows (a number or an array; fractional rows
         interpolate, which is what an expected row count needs); 0 rows cost nothing."""
-        r = np.asarray(rows, dtype=np.float64)
-        xs = np.concatenate([[0.0], np.asarray(self.rows, dtype=np.float64)])
-        ys = np.concatenate([[0.0], np.asarray(self.stage_call_seconds[stage], dtype=np.float64)])
-        inside = np.interp(np.minimum(r, xs[-1]), xs, ys)
-        # Beyond the largest row count measured: the time per row of the largest call.
-        return np.where(r > xs[-1], r * (ys[-1] / xs[-1]), inside)
+        return _interpolate(self.rows, self.stage_call_seconds[stage], rows)
+
+    def first_stage_seconds(self, rows: Any, later_share: Any = 1.0) -> np.ndarray:
+        """Seconds of one first-stage call on `rows` rows when `later_share` (0..1) of the later stages'
+        work for those rows runs before the next first-stage call: 1 is the chain the table was timed in,
+        0 is back-to-back first-stage calls (`first_stage_alone_seconds`); linear between."""
+        chain = self.call_seconds(0, rows)
+        if self.first_stage_alone_seconds is None:
+            return chain
+        alone = _interpolate(self.rows, self.first_stage_alone_seconds, rows)
+        share = np.clip(np.asarray(later_share, dtype=np.float64), 0.0, 1.0)
+        return alone + (chain - alone) * share
+
+    def batch_seconds(self, rows_per_stage: Sequence[Any]) -> np.ndarray:
+        """Seconds of one batch whose stage k runs on `rows_per_stage[k]` rows (numbers, or arrays of one
+        shape: expected row counts interpolate), the first stage priced by the share of the later stages'
+        work that runs (`first_stage_seconds`): the later calls' time over their time had every row gone on."""
+        first_rows = np.asarray(rows_per_stage[0], dtype=np.float64)
+        later = sum((self.call_seconds(k, rows_per_stage[k]) for k in range(1, len(rows_per_stage))), np.zeros(()))
+        if self.first_stage_alone_seconds is None or len(rows_per_stage) < 2:
+            return self.call_seconds(0, first_rows) + later
+        every_row_on = sum(self.call_seconds(k, first_rows) for k in range(1, len(rows_per_stage)))
+        share = np.divide(
+            later, every_row_on, out=np.zeros(np.broadcast(later, every_row_on).shape), where=every_row_on > 0
+        )
+        return self.first_stage_seconds(first_rows, share) + later
 
     @property
     def seconds_per_row(self) -> np.ndarray:
@@ -146,6 +176,11 @@ class LatencyProfile:
             "rows": [int(r) for r in self.rows],
             "stage_call_seconds": [[float(t) for t in s] for s in self.stage_call_seconds],
             "stage_seconds_per_row": [float(t) for t in self.seconds_per_row],
+            **(
+                {"first_stage_alone_seconds": [float(t) for t in self.first_stage_alone_seconds]}
+                if self.first_stage_alone_seconds is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -169,6 +204,11 @@ class LatencyProfile:
             machine=dict(d.get("machine") or {}),
             created=str(d.get("created", "")),
             timing=str(d.get("timing", SESSION_TIMING)),
+            first_stage_alone_seconds=(
+                None
+                if d.get("first_stage_alone_seconds") is None
+                else [float(t) for t in d["first_stage_alone_seconds"]]
+            ),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -195,6 +235,26 @@ class LatencyProfile:
             f"threads {threads} ({self.thread_pool} pool), batch {self.batch_size}: full network {1e6 * self.full_seconds:.4g} µs per image; "
             f"per stage µs per row [{per_row}]"
         )
+
+
+def _interpolate(rows: list[int], seconds: list[float], at: Any) -> np.ndarray:
+    """A call's seconds on `at` rows from the times of calls on `rows` rows: linear between, through zero
+    below the first, and beyond the last at the last time per row."""
+    r = np.asarray(at, dtype=np.float64)
+    xs = np.concatenate([[0.0], np.asarray(rows, dtype=np.float64)])
+    ys = np.concatenate([[0.0], np.asarray(seconds, dtype=np.float64)])
+    inside = np.interp(np.minimum(r, xs[-1]), xs, ys)
+    return np.where(r > xs[-1], r * (ys[-1] / xs[-1]), inside)
+
+
+def _alone_problems(rows: Any, alone: Any) -> list[str]:
+    if alone is None or not isinstance(rows, list):
+        return []
+    if not isinstance(alone, list) or len(alone) != len(rows):
+        return [f"first_stage_alone_seconds must hold {len(rows)} numbers, one per row count"]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in alone):
+        return [f"first_stage_alone_seconds = {alone} must be positive finite seconds"]
+    return []
 
 
 def _is_int(v: Any) -> TypeGuard[int]:
@@ -233,6 +293,7 @@ def profile_problems(d: Any) -> list[str]:
             + ("; upgrade anytime to read it" if newer else "")
         ]
     problems = _table_problems(d.get("rows"), d.get("stage_call_seconds"))
+    problems += _alone_problems(d.get("rows"), d.get("first_stage_alone_seconds"))
     bundle = d.get("bundle")
     if not isinstance(bundle, dict) or not isinstance(bundle.get("identity"), str):
         problems.append("bundle.identity is missing")

@@ -9,6 +9,11 @@ With reach fractions p_k (the share of images that run stage k; p_1 = 1):
 - time with per-batch compaction (`TimeCost(mode="per-batch")`, today's executor and `strict`): each batch of
   B images calls stage k on p_k·B rows, and a small call costs more per row, so the time per image is
   sum_k T_k(p_k·B) / B with T_k the profiled seconds of one call (interpolated between measured row counts).
+
+Either way the first stage is cheaper when little of the later stages' work runs between its calls (at a
+25% budget most rows leave at the first exit and its calls nearly follow each other): a profile that timed
+it back to back prices it between that time and its time in a full chain, by the share of the later work
+that runs (`LatencyProfile.batch_seconds`). That makes the full-batch time non-linear in the exits taken.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class TimeCost:
     @property
     def linear(self) -> bool:
         """True when the cost is the mean of the exits' cumulative costs (calibration's fast exact path)."""
-        return self.mode == "full-batches"
+        return self.mode == "full-batches" and self.profile.first_stage_alone_seconds is None
 
     @property
     def exit_costs(self) -> np.ndarray:
@@ -50,12 +55,21 @@ class TimeCost:
     def reach_cost(self, reach: np.ndarray, count: int) -> np.ndarray:
         """Seconds per image given `reach[k, ...]`, the number of the `count` images that run stage k."""
         reach = np.asarray(reach, dtype=np.float64)
-        if self.linear:
+        if self.mode == "full-batches":
+            # Every call on a full batch: the same as a batch of B whose stage k runs on p_k·B rows, each
+            # stage at its full-batch time per row.
             per_row = self.profile.seconds_per_row.reshape((-1,) + (1,) * (reach.ndim - 1))
-            return (per_row * reach).sum(axis=0) / count
+            cost = (per_row * reach).sum(axis=0) / count
+            if self.linear:
+                return cost
+            later = (per_row[1:] * reach[1:]).sum(axis=0)
+            every_row_on = per_row[1:].sum() * reach[0]
+            share = np.divide(later, every_row_on, out=np.zeros_like(later), where=every_row_on > 0)
+            b = self.profile.batch_size
+            first = self.profile.first_stage_seconds(b, share) / b
+            return cost + (first - per_row[0]) * reach[0] / count
         rows = reach / count * self.batch_size
-        total = sum(self.profile.call_seconds(k, rows[k]) for k in range(reach.shape[0]))
-        return np.asarray(total, dtype=np.float64) / self.batch_size
+        return np.asarray(self.profile.batch_seconds(list(rows)), dtype=np.float64) / self.batch_size
 
     def __repr__(self) -> str:
         return f"TimeCost({self.profile.bundle_arch}, mode={self.mode!r}, batch_size={self.batch_size})"

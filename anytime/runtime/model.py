@@ -491,7 +491,7 @@ class AnytimeModel:
         inference = time.perf_counter() - t0
         estimate = None
         if self.latency_profile is not None:
-            estimate = float(sum(self.latency_profile.call_seconds(k, r) for k, r in enumerate(rows)))
+            estimate = float(self.latency_profile.batch_seconds(rows))
         return Predictions(
             paths=loaded["names"],
             label_array=labels,

@@ -70,12 +70,15 @@ def measure_profile(
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows[-1], spec.channels, spec.height, spec.width)).astype(np.float32)
     times = np.empty((bundle.num_exits, len(rows), int(repeats)))
+    alone = np.empty((len(rows), int(repeats)))
     for rep in range(-int(warmup), int(repeats)):
         for i, r in enumerate(rows):
             later, first = _time_stage_steps(executor, x, r)
+            first_alone = _time_first_stage_alone(executor, x, r)
             if rep >= 0:
                 times[1:, i, rep] = later
                 times[0, i, rep] = first
+                alone[i, rep] = first_alone
     medians = np.median(times, axis=2)
     log.debug("profile medians (s per stage step): %s", medians)
     return LatencyProfile(
@@ -93,6 +96,7 @@ def measure_profile(
         machine=machine_info(),
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         timing=STEP_TIMING,
+        first_stage_alone_seconds=[float(max(t, 1e-9)) for t in np.median(alone, axis=1)],
     )
 
 
@@ -113,6 +117,21 @@ def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tupl
         *_, small = executor.run_early_exit(x[:rows], never, profile_rows=rows)
         first = small.step_seconds[0]
     return later, first
+
+
+def _time_first_stage_alone(executor: StageExecutor, x: np.ndarray, rows: int) -> float:
+    """Seconds of the first stage's step on `rows` rows among back-to-back first-stage calls (every row
+    leaving at the first exit), as serving runs it at budgets where few rows go on.
+
+    The first calls after a full chain are as slow as the chain's or slower, and about three calls warm it
+    up (measured on msdnet-tiny), so the median of three calls is taken after three untimed ones."""
+    first_only = np.full(executor.num_exits, -np.inf, dtype=np.float32)
+    seconds = []
+    for call in range(6):
+        *_, trace = executor.run_early_exit(x[:rows], first_only)
+        if call >= 3:
+            seconds.append(trace.step_seconds[0])
+    return float(np.median(seconds))
 
 
 def check_profile(profile: LatencyProfile, bundle: Bundle, executor: StageExecutor, where: str = "") -> None:
