@@ -12,7 +12,7 @@ from anytime.errors import ConfigError
 from anytime.runtime.inputs import InputItem, MissingInput
 from anytime.runtime.iobinding import DeviceRows, concat_graph, gather_graph, resolve_io_binding
 from anytime.runtime.model import _choose_scheduler
-from anytime.runtime.scheduler import QueueBuffers, RefillingScheduler, StageCalls, free_queue_buffers
+from anytime.runtime.scheduler import RefillingScheduler, StageCalls, free_queue_buffers
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -207,7 +207,7 @@ def test_queue_buffers_are_reused_by_the_next_scheduler_and_can_be_freed(pattern
     own = anytime.load(pattern_bundle, device="cpu", threads=1)  # a pool of its own
     thresholds = own.calibrate("50%").threshold_array()
     images, x = x, _preprocessed(own, x)
-    pool = QueueBuffers.of(own.executor)
+    pool = own.executor.queue_buffers
     assert pool.held_bytes == 0
     expected = own.predict(list(images), budget="50%", batch_size=16, scheduler="batch").exit_array - 1
     first = _answers(RefillingScheduler(own.executor, thresholds, 16), x, 16)
@@ -222,9 +222,11 @@ def test_queue_buffers_are_reused_by_the_next_scheduler_and_can_be_freed(pattern
     assert {s: {n: id(b) for n, b in bufs.items()} for s, bufs in pool._free.items()} == {
         s: {n: id(b) for n, b in bufs.items()} for s, bufs in kept.items()
     }
-    # Another batch size needs other shapes: new buffers, and the pool then keeps those.
+    # A smaller batch size fits in the kept buffers; a larger one needs new ones, which the pool then keeps.
     np.testing.assert_array_equal(_answers(RefillingScheduler(own.executor, thresholds, 8), x, 8), expected)
-    assert pool.held_bytes == held // 2
+    assert pool.held_bytes == held
+    np.testing.assert_array_equal(_answers(RefillingScheduler(own.executor, thresholds, 32), x, 32), expected)
+    assert pool.held_bytes == 2 * held
     free_queue_buffers(own.executor)
     assert pool.held_bytes == 0
 

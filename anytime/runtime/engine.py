@@ -25,6 +25,7 @@ import numpy as np
 
 from anytime.errors import BundleError, ConfigError, MissingDependencyError, require
 from anytime.formats.bundle import Bundle, StageSpec
+from anytime.runtime.buffers import BufferPool, Buffers
 from anytime.runtime.calibration import softmax_confidence
 from anytime.runtime.iobinding import CPU, CUDA, DeviceRows, bind_input, resolve_io_binding
 from anytime.runtime.threadpool import configure_threads, resolve_thread_pool
@@ -202,6 +203,9 @@ class StageExecutor:
         self._out_names = [list(s.outputs) for s in stages]
         self._logit_pos = [s.outputs.index(s.logits) for s in stages]
         self._state_names = [list(s.state_outputs) for s in stages]
+        # Host arrays the rows that go on are copied into, kept between batches (anytime.runtime.buffers).
+        self.gather_buffers = BufferPool()
+        self.queue_buffers = BufferPool()  # the refilling scheduler's
         self._setup_io_binding(io_binding, wanted)
 
     def _setup_io_binding(self, io_binding: bool | str, wanted: Sequence[Any]) -> None:
@@ -274,11 +278,30 @@ class StageExecutor:
         outs = binding.get_outputs()
         return outs[0].numpy(), dict(zip(bound[1:], list(outs)[1:]))
 
-    def take_rows(self, k: int, state: dict[str, Any], rows: np.ndarray | slice) -> dict[str, Any]:
-        """The given rows (0-based indices in that order, or a slice) of a state entering stage k."""
+    def free_buffers(self) -> None:
+        """Free the host buffers kept between batches and schedulers (about one batch of every stage's state)."""
+        self.gather_buffers.clear()
+        self.queue_buffers.clear()
+
+    def take_rows(
+        self, k: int, state: dict[str, Any], rows: np.ndarray | slice, out: Buffers | None = None
+    ) -> dict[str, Any]:
+        """The given rows (0-based indices in that order, or a slice) of a state entering stage k; host
+        arrays are copied into `out`'s first rows when given (views of them are returned)."""
         ops = self._device_rows[k]
         if ops is None or all(isinstance(v, np.ndarray) for v in state.values()):
-            return {n: v[rows] for n, v in state.items()}
+            if out is None:
+                return {n: v[rows] for n, v in state.items()}
+            taken = {}
+            for n, v in state.items():
+                target = out[n][: len(range(*rows.indices(v.shape[0]))) if isinstance(rows, slice) else rows.size]
+                if isinstance(rows, slice):
+                    target[...] = v[rows]
+                else:
+                    # mode="raise" (the default) with out= copies through a temporary: 10x slower measured.
+                    np.take(v, rows, axis=0, out=target, mode="clip")
+                taken[n] = target
+            return taken
         if isinstance(rows, slice):
             rows = np.arange(rows.start or 0, rows.stop)
         return ops.gather(state, rows)
@@ -330,6 +353,7 @@ class StageExecutor:
         trace = BatchTrace(gather_seconds=[0.0] * k_exits)
         active = np.arange(n)
         state = self.start(x)
+        lent: dict[int, Buffers] = {}  # gather buffers taken from the pool for this batch
         costs = self.costs
         spent = n * float(costs[0])
         cap_total = None if cap_per_image is None else n * float(cap_per_image)
@@ -364,12 +388,16 @@ class StageExecutor:
                 keep = np.flatnonzero(~leave)
                 active = active[keep]
                 tg = time.perf_counter()
-                state = self.take_rows(k + 1, state, keep)
+                if all(isinstance(v, np.ndarray) for v in state.values()):
+                    lent[k + 1] = self.gather_buffers.take(k + 1, n, state)
+                state = self.take_rows(k + 1, state, keep, out=lent.get(k + 1))
                 gather = time.perf_counter() - tg
                 trace.gather_seconds[k + 1] = gather
             t_end = time.perf_counter()
             trace.overhead_seconds += t_end - t1
             trace.step_seconds.append(t_end - (t_start if k == 0 else t0) - gather)
+        for stage, buffers in lent.items():
+            self.gather_buffers.give_back(stage, buffers)
         trace.total_cost = float(costs[exits].sum())
         return labels, confidence, exits, trace
 

@@ -17,20 +17,17 @@ Bounds (what `StageCalls` instruments and the tests check):
   `max_wait_rows + batch_size`; the price of order is that memory and the wait of early answers, not
   computation: the stage calls are the same in both orders.
 - the queue buffers (`batch_size` rows of each stage's state) outlive the scheduler: `finish()` leaves them
-  with the executor for the next scheduler of the same batch size (`QueueBuffers`; one set per executor,
-  so at most (K-1) x batch_size rows of state stay held: 1.2 GB for msdnet-cifar10 at batch 256, 4 MB for
-  msdnet-tiny at 64). Fresh memory costs: on the development VM, filling new buffers ran at 0.5 GB/s against
-  4-11 GB/s into reused ones, and a scheduler per call over 512 msdnet-cifar10 images spent a quarter of
-  its time there. `free_queue_buffers(executor)` hands them back.
+  in the executor's `queue_buffers` (`anytime.runtime.buffers.BufferPool`) for the next scheduler, so at
+  most (K-1) x batch_size rows of state stay held (1.2 GB for msdnet-cifar10 at batch 256, 4 MB for
+  msdnet-tiny at 64). Fresh memory is slow: a scheduler per call over 512 msdnet-cifar10 images spent a
+  quarter of its time filling new buffers. `free_queue_buffers(executor)` hands them back.
 Each input is answered by exactly the stages the per-batch executor would run for it, with the same
 thresholds, so answers are identical; only which rows share a stage call differs.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from anytime.errors import ConfigError
+from anytime.runtime.buffers import BufferPool
 from anytime.runtime.calibration import softmax_confidence
 
 DEFAULT_WAIT_BATCHES = 16  # max_wait_rows defaults to this many batches
@@ -119,65 +117,20 @@ class _Admitted:
 Rows = np.ndarray | slice | None  # which rows of a state to queue: indices, a slice, or all
 
 
-class QueueBuffers:
-    """Host queue buffers kept between schedulers of one executor: stage -> state name -> array.
-
-    A scheduler takes a stage's buffers when its queue first holds rows and gives them all back at
-    `finish()`; one that fails midway keeps them, and they are freed with it. Two schedulers running at
-    once on one executor get one set each, and the pool keeps one set afterwards."""
-
-    _pools: "weakref.WeakKeyDictionary[Any, QueueBuffers]" = weakref.WeakKeyDictionary()
-    _pools_lock = threading.Lock()
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: dict[int, dict[str, np.ndarray]] = {}
-
-    @classmethod
-    def of(cls, executor: Any) -> "QueueBuffers":
-        with cls._pools_lock:
-            pool = cls._pools.get(executor)
-            if pool is None:
-                pool = cls._pools[executor] = cls()
-            return pool
-
-    def take(self, stage: int, capacity: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Buffers of `capacity` rows shaped like `state`'s tensors: kept ones when they fit, else new."""
-        wanted = {name: ((capacity, *v.shape[1:]), v.dtype) for name, v in state.items()}
-        with self._lock:
-            kept = self._free.pop(stage, None)
-        if kept is not None and {n: (b.shape, b.dtype) for n, b in kept.items()} == wanted:
-            return kept
-        return {name: np.empty(shape, dtype) for name, (shape, dtype) in wanted.items()}
-
-    def give_back(self, stage: int, buffers: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            self._free[stage] = buffers
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-
-    @property
-    def held_bytes(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for buffers in self._free.values() for b in buffers.values())
-
-
 def free_queue_buffers(executor: Any) -> None:
     """Free the queue buffers finished schedulers left with `executor` (see the module docstring)."""
-    QueueBuffers.of(executor).clear()
+    executor.queue_buffers.clear()
 
 
 class _HostQueue:
     """Rows waiting for one stage on the host: one buffer of `capacity` rows per state tensor, kept between
-    schedulers (`QueueBuffers`).
+    schedulers (the executor's `queue_buffers`).
 
     Rows are copied straight into the buffer (compaction and queueing in one copy, as much copying as
     per-batch compaction does), and a full batch arriving at an empty queue is queued without a copy.
     """
 
-    def __init__(self, capacity: int, pool: QueueBuffers, stage: int) -> None:
+    def __init__(self, capacity: int, pool: BufferPool, stage: int) -> None:
         self.capacity = capacity
         self.rows = 0
         self._pool = pool
@@ -287,7 +240,7 @@ class RefillingScheduler:
         self.num_stages = executor.num_exits
         self.ordered = ordered
         self.calls = stage_calls if stage_calls is not None else StageCalls(self.num_stages)
-        pool = QueueBuffers.of(executor)
+        pool = executor.queue_buffers
         self._queues: list[_HostQueue | _DeviceQueue] = [
             _DeviceQueue(executor, k) if executor.io_binding else _HostQueue(self.batch_size, pool, k)
             for k in range(self.num_stages)
