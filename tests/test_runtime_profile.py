@@ -89,7 +89,9 @@ def test_profile_prices_the_executors_host_work_not_the_graphs_alone(pattern_bun
     delay = 0.004
     ex = model.executor
     take = ex.take_rows
-    monkeypatch.setattr(ex, "take_rows", lambda k, state, rows: (time.sleep(delay), take(k, state, rows))[1])
+    monkeypatch.setattr(
+        ex, "take_rows", lambda k, state, rows, out=None: (time.sleep(delay), take(k, state, rows, out))[1]
+    )
     slow = model.profile(batch_size=2, repeats=1, warmup=0)
     assert slow.timing == "step"
     gather = np.array(slow.stage_call_seconds)
