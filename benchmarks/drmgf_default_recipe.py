@@ -57,6 +57,19 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
         0.1,
         "each epoch's gated passes start from the fused network (importance re-anchored), routes learned within",
     ),
+    "drmgf-rounds5": (
+        "drmgf",
+        ["rounds=5"],
+        0.1,
+        "five fusions an epoch, each exit pass 1/5 of the epoch from the last fusion (63 steps, as at 4,000 "
+        "images where DR-MGF led): do long passes drift apart before they are merged?",
+    ),
+    "passes-mean-rounds5": (
+        "drmgf",
+        ["gate=false", "fusion=mean", "rounds=5"],
+        0.1,
+        "plain exit passes, plain mean fusion, five fusions an epoch: the structure's own cost with short passes",
+    ),
 }
 
 

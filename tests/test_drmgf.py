@@ -375,6 +375,57 @@ def test_split_passes_cover_the_epoch_once_between_them():
     assert all(torch.isfinite(v).all() for v in state_of(model).values())
 
 
+def test_rounds_fuse_several_times_an_epoch_and_each_exit_still_sees_it_once():
+    model, ctx, method = setup_method(DRAvgF, rounds=3)
+    rounds_start: list[dict[str, torch.Tensor]] = []
+    fused: list[dict[str, torch.Tensor]] = []
+
+    def start(epoch, phase):
+        if phase.startswith("exit 3 "):  # deepest first: the first pass of each round
+            rounds_start.append(state_of(model))
+
+    def end(epoch, phase):
+        if phase.startswith("fusion"):
+            fused.append(state_of(model))
+
+    ctx.on_start, ctx.on_end = start, end
+    method.train_epoch(ctx, 0)
+    names = [p for _, p in ctx.phases]
+    assert names == [f"{what} {r}/3" for r in (1, 2, 3) for what in ("exit 3", "exit 2", "exit 1", "fusion")]
+    # Each exit's passes, and the fusion passes, cover the epoch's images exactly once between the rounds.
+    per_pass = {}
+    for (_, phase), idx in zip(ctx.phases, ctx.seen):  # one batch per part here: 3 batches, 3 rounds
+        per_pass.setdefault(phase.rsplit(" ", 1)[0], []).append(idx)
+    assert sorted(per_pass) == ["exit 1", "exit 2", "exit 3", "fusion"]
+    for key, parts in per_pass.items():
+        assert sorted(torch.cat(parts).tolist()) == list(range(len(ctx.y))), key
+    # Round r starts from the network fused at the end of round r-1 (mean fusion refreshes BN statistics,
+    # so compare the parameters), and the fused networks differ from round to round.
+    params = [n for n, _ in model.named_parameters()]
+    for r in (1, 2):
+        for name in params:
+            assert torch.equal(rounds_start[r][name], fused[r - 1][name]), (r, name)
+    assert any(not torch.equal(fused[0][n], fused[1][n]) for n in params)
+
+
+def test_failed_round_leaves_the_model_of_the_epoch_start():
+    model, ctx, method = setup_method(rounds=2)
+    theta0 = state_of(model)
+    clean = ctx.exit_losses
+
+    def poisoned(outputs, targets, epoch):
+        losses = clean(outputs, targets, epoch)
+        if ctx.phases[-1][1] == "exit 2 2/2":  # the second round, after one fusion moved the network
+            losses[0] = losses[0] * float("nan")
+        return losses
+
+    ctx.exit_losses = poisoned
+    with pytest.raises(TrainingError, match="exit 1"):
+        method.train_epoch(ctx, 0)
+    for key, value in state_of(model).items():
+        assert torch.equal(value, theta0[key]), key
+
+
 def test_split_gain_scales_every_parameters_fused_step():
     # Mean fusion makes the fused step linear in the Δ_t: with gain 3 every parameter's step is 3 times the
     # plain average's (the default, gain 1), from the same start, data order and passes.
@@ -517,6 +568,10 @@ def test_options_are_validated():
         DRMGFOptions(importance_lr=-0.1)
     with pytest.raises(ConfigError, match="importance_start must be one of carry, fused"):
         DRMGFOptions(importance_start="init")
+    with pytest.raises(ConfigError, match="rounds must be an integer >= 1, got 0"):
+        DRMGFOptions(rounds=0)
+    with pytest.raises(ConfigError, match="rounds applies to passes=full only"):
+        DRMGFOptions(rounds=2, passes="split")
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

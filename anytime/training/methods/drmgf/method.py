@@ -15,6 +15,12 @@ epoch's batches, so the T passes together see the training set once and an epoch
 epochs (one of passes, one of fusion) instead of T + 1. Fusion averages the Δ_t, each 1/T of an epoch
 long; `split_gain` scales them (default 1: measured, larger gains are unstable at lr 0.1).
 
+`rounds=R` fuses R times per epoch: the epoch's exit passes and its fusion pass are cut into R contiguous
+parts, and round r runs every exit pass over its part r, from the network fused in round r-1, then fuses
+over the fusion pass's part r. Each exit still sees the whole epoch once, so an epoch costs what it costs
+with R = 1 (the paper's), but each pass drifts from its start for 1/R as many steps before the exits'
+updates are merged.
+
 Fusion rules (θ0 + ...):
 - a parameter on one route (head, deepest-only block): its owner's Δ;
 - a shared conv weight (meta fusion): per [o, i/groups] connection Σ_t Ω_t Δ_t / Σ_t Ω_t with
@@ -88,6 +94,7 @@ class DRMGFOptions(MethodOptions):
     # of the Δ_t, so with 1 it is 1/T of a full pass's; T would match a full epoch to first order, but at
     # lr 0.1 gains of 2 and more made training collapse (docs/drmgf.md), so the default stays 1.
     split_gain: float = 1.0
+    rounds: int = 1  # fusions per epoch (see the module docstring); 1: the paper's, one per epoch
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -123,6 +130,14 @@ class DRMGFOptions(MethodOptions):
         )
         need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
         need(self.split_gain > 0, f"split_gain must be > 0, got {self.split_gain}")
+        need(
+            isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1,
+            f"rounds must be an integer >= 1, got {self.rounds!r}",
+        )
+        need(
+            self.rounds == 1 or self.passes == "full",
+            "rounds applies to passes=full only (split passes already cut the epoch); drop one of them",
+        )
         need(
             self.split_gain == 1.0 or self.passes == "split",
             "split_gain applies to passes=split only; add -m passes=split or drop split_gain",
@@ -213,38 +228,57 @@ class DRMGF(TrainingMethod):
                 group["lr"] = ctx.lr(epoch) * opts.importance_lr
         if dynamic and opts.importance_start == "fused":
             self._anchor_importance(model)
+        epoch_start = snapshot(model)
+        epoch_optimizer = copy.deepcopy(ctx.optimizer.state_dict())
+        sums: dict[str, float] = {}
+        try:
+            for r in range(opts.rounds):
+                round_metrics = self._round(ctx, epoch, dynamic, (r, opts.rounds) if opts.rounds > 1 else None)
+                for name, value in round_metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value
+        except BaseException:
+            # An interrupted or failed epoch leaves the plain model of the epoch start, never a half-trained
+            # exit pass or a half-fused network (M and s may have moved; the next epoch re-derives all).
+            restore(model, epoch_start)
+            ctx.optimizer.load_state_dict(copy.deepcopy(epoch_optimizer))
+            raise
+        metrics = {name: total / opts.rounds for name, total in sums.items()}
+        ctx.sync_buffers(model)
+        metrics["dynamic_routes"] = float(dynamic)
+        return metrics
+
+    def _round(
+        self, ctx: TrainingContext, epoch: int, dynamic: bool, round_part: tuple[int, int] | None
+    ) -> dict[str, float]:
+        """Every exit pass from the current network, then fusion; `round_part` (r, R): over part r of R."""
+        opts: DRMGFOptions = self.options  # type: ignore[assignment]
+        model = ctx.model
         start = snapshot(model)
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
         fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
         metrics: dict[str, float] = {}
-        try:
-            for k, t in enumerate(self.exit_order()):
-                restore(model, start)
-                if opts.momentum != "carry":
-                    # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
-                    ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-                part = (k, self.num_exits) if opts.passes == "split" else None
-                # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
-                metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic, part)
-                self._record_deltas(model, start, t, dynamic)
-                if fused_momentum is not None:
-                    fused_momentum.add(ctx.optimizer, t)
+        for k, t in enumerate(self.exit_order()):
             restore(model, start)
+            if opts.momentum != "carry":
+                # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
+                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+            # Split passes share one order and take its k-th part; rounds take part r of each exit's own order.
+            split = opts.passes == "split"
+            part = (k, self.num_exits) if split else round_part
+            phase = "exit passes" if split else f"exit {t + 1}"
+            # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
+            metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic, part, phase)
+            self._record_deltas(model, start, t, dynamic)
             if fused_momentum is not None:
-                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-                fused_momentum.write(ctx.optimizer)
-            elif opts.momentum == "reset":
-                ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-            # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
-            metrics["loss"] = self._fuse(ctx, epoch, start)
-        except BaseException:
-            # An interrupted or failed epoch leaves the plain model of the epoch start, never a half-trained
-            # exit pass or a half-fused network (M and s may have moved; the next epoch re-derives all).
-            restore(model, start)
+                fused_momentum.add(ctx.optimizer, t)
+        restore(model, start)
+        if fused_momentum is not None:
             ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-            raise
-        ctx.sync_buffers(model)
-        metrics["dynamic_routes"] = float(dynamic)
+            fused_momentum.write(ctx.optimizer)
+        elif opts.momentum == "reset":
+            ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+        # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
+        metrics["loss"] = self._fuse(ctx, epoch, start, round_part)
         return metrics
 
     def _anchor_importance(self, model: nn.Module) -> None:
@@ -255,7 +289,13 @@ class DRMGF(TrainingMethod):
             self.importance_optimizer.state.clear()
 
     def _exit_pass(
-        self, ctx: TrainingContext, epoch: int, t: int, dynamic: bool, part: tuple[int, int] | None = None
+        self,
+        ctx: TrainingContext,
+        epoch: int,
+        t: int,
+        dynamic: bool,
+        part: tuple[int, int] | None = None,
+        phase: str | None = None,
     ) -> float:
         model, rho, precision = ctx.model, self.options.aux_weight, ctx.precision  # type: ignore[attr-defined]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -265,7 +305,7 @@ class DRMGF(TrainingMethod):
             # step it again (with momentum) at every step of this pass. Only M_t may move here.
             for m in self.gates.parameters():
                 m.grad = None
-        phase = "exit passes" if part is not None else f"exit {t + 1}"
+        phase = phase or f"exit {t + 1}"
         total, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=phase, part=part)):
             with precision.autocast():
@@ -308,7 +348,7 @@ class DRMGF(TrainingMethod):
         return self.options.split_gain  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------- fusion
-    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot") -> float:
+    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", part: tuple[int, int] | None = None) -> float:
         model = ctx.model
         params = dict(model.named_parameters())
         fusion = self.fusion
@@ -317,12 +357,12 @@ class DRMGF(TrainingMethod):
                 if fusion is None or name not in fusion:  # one owner: its Δ; shared: the plain mean
                     params[name].copy_(start.params[name] + stacked.mean(dim=0))
         if fusion is None or not fusion:
-            return self._refresh_batchnorm(ctx, epoch)
+            return self._refresh_batchnorm(ctx, epoch, part)
         fusion.begin(start.params, self.gates)
         scales = fusion.parameters()
         loss_sum, count = 0.0, 0
         precision = ctx.precision
-        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion", part=part)):
             with precision.autocast():
                 outputs = functional_call(model, fusion.fused(), (x,), strict=False)
                 loss = _sum_losses(ctx.exit_losses(outputs, y, epoch))
@@ -354,10 +394,10 @@ class DRMGF(TrainingMethod):
         return self.fusion.views() if self.fusion is not None else {}
 
     @torch.no_grad()
-    def _refresh_batchnorm(self, ctx: TrainingContext, epoch: int) -> float:
+    def _refresh_batchnorm(self, ctx: TrainingContext, epoch: int, part: tuple[int, int] | None = None) -> float:
         """Mean fusion has nothing to learn; one forward pass in train mode re-estimates BN statistics."""
         loss_sum, count = 0.0, 0
-        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion")):
+        for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion", part=part)):
             with ctx.precision.autocast():
                 loss = _sum_losses(ctx.exit_losses(ctx.model(x), y, epoch))
             value = float(loss)
