@@ -478,6 +478,9 @@ def test_cli_profile_then_serve_calibrate_and_eval_in_time(pattern_bundle, tmp_p
     assert "profile written to" in out and "--threads 1" in out and "full network" in out
     prof = LatencyProfile.load(path)
     assert prof.rows == [1, 2, 4, 8, 16] and prof.threads == 1
+    assert prof.first_stage_alone_seconds is not None
+    ratio = prof.first_stage_alone_seconds[-1] / prof.stage_call_seconds[0][-1]
+    assert "stage 1 back to back (every row leaving at exit 1)" in out and f"({ratio:.2f} of its time" in out
     full = prof.full_seconds
     # Between the first exit's and the full network's measured time: feasible whatever the timings were.
     budget_us = f"{1e6 * (prof.exit_seconds[0] + full) / 2:.4f}us"
