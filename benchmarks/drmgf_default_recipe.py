@@ -64,6 +64,12 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
         "five fusions an epoch, each exit pass 1/5 of the epoch from the last fusion (63 steps, as at 4,000 "
         "images where DR-MGF led): do long passes drift apart before they are merged?",
     ),
+    "drmgf-rounds20": (
+        "drmgf",
+        ["rounds=20"],
+        0.1,
+        "twenty fusions an epoch (16 steps a pass): does the gap keep shrinking as passes shorten?",
+    ),
     "passes-mean-rounds5": (
         "drmgf",
         ["gate=false", "fusion=mean", "rounds=5"],
