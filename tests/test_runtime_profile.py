@@ -199,6 +199,13 @@ def test_first_stage_is_priced_by_how_much_later_work_runs(pattern_bundle, tmp_p
     per_row = [t[k](64) / 64 for k in range(4)]
     share = 0.5 * per_row[1] / sum(per_row[1:])
     assert half == pytest.approx(per_row[0] * (ALONE_SHARE + (1 - ALONE_SHARE) * share) + 0.5 * per_row[1])
+    # A back-to-back time measured above the chain time (noise) is priced at the chain time: cost never
+    # falls as more rows go on, and every row leaving at the first exit costs no more than that exit.
+    slower = dataclasses.replace(
+        chain_only, first_stage_alone_seconds=[2 * t for t in chain_only.stage_call_seconds[0]]
+    )
+    assert slower.batch_seconds([64, 0, 0, 0]) == pytest.approx(t[0](64))
+    assert slower.batch_seconds([64, 8, 0, 0]) == pytest.approx(t[0](64) + t[1](8))
     # The file keeps the times; a profile without them still loads.
     again = LatencyProfile.load(prof.save(tmp_path / "p.json"))
     assert again.first_stage_alone_seconds == pytest.approx(prof.first_stage_alone_seconds)
@@ -218,6 +225,18 @@ def test_time_policies_spend_what_back_to_back_first_stages_save(pattern_bundle)
         assert b.expected_cost <= blended.budget_cost("45%") * (1 + 1e-9)
         assert b.exit_fractions[0] < a.exit_fractions[0], mode  # more rows go on
         assert b.expected_accuracy >= a.expected_accuracy
+
+
+def test_a_noisy_back_to_back_time_above_the_chain_time_keeps_policies_within_budget(pattern_bundle):
+    """Under load a back-to-back median can come out above the chain's; priced as measured, the cheapest
+    policies cost more than the first exit and calibration overshot low budgets by 15-26% (seen)."""
+    base = synthetic_profile(pattern_bundle)
+    slower = dataclasses.replace(base, first_stage_alone_seconds=[1.3 * t for t in base.stage_call_seconds[0]])
+    model = anytime.load(pattern_bundle, device="cpu", threads=1, profile=slower)
+    for mode in ("full-batches", "per-batch"):
+        for budget in ("41%", "45%", "60%"):
+            for name, fitted in model.calibrate_all(budget, cost_mode=mode).items():
+                assert fitted.expected_cost <= model.budget_cost(budget) * (1 + 1e-9), (mode, budget, name)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,9 @@ class LatencyProfile:
         chain = self.call_seconds(0, rows)
         if self.first_stage_alone_seconds is None:
             return chain
-        alone = _interpolate(self.rows, self.first_stage_alone_seconds, rows)
+        # Never above the chain time: a slower back-to-back median is noise, and a higher price for less
+        # work would make cost fall as more rows go on, and the cheapest policy dearer than the first exit.
+        alone = np.minimum(_interpolate(self.rows, self.first_stage_alone_seconds, rows), chain)
         share = np.clip(np.asarray(later_share, dtype=np.float64), 0.0, 1.0)
         return alone + (chain - alone) * share
 
