@@ -2,7 +2,7 @@
 # Rebuild the embedded default model (anytime/assets/default) with this project's own commands:
 # msdnet-tiny trained on Fashion-MNIST, exported, evaluated. Run from the repository root.
 #
-#   [METHOD=joint] scripts/build_default_model.sh [DEVICE] [EPOCHS] [TRAIN_LIMIT]
+#   [METHOD=joint] [METHOD_OPTIONS="k=v ..."] scripts/build_default_model.sh [DEVICE] [EPOCHS] [TRAIN_LIMIT]
 #
 # The shipped bundle was made on this project's 2-core CPU machine with
 #   OMP_NUM_THREADS=1 scripts/build_default_model.sh cpu 6 20000
@@ -16,14 +16,17 @@ EPOCHS=${2:-6}
 TRAIN_LIMIT=${3:-20000}
 DATA=${DATA:-npz:../shared/data/fashion-mnist.npz}
 METHOD=${METHOD:-joint}
+METHOD_OPTIONS=${METHOD_OPTIONS:-}
 RUN=${RUN:-runs/default-$METHOD}
+OPTION_ARGS=()
+for option in $METHOD_OPTIONS; do OPTION_ARGS+=(-m "$option"); done
 ANYTIME=${ANYTIME:-anytime}
 
 if [ -f "$RUN/checkpoints/last.pt" ] && [ ! -f "$RUN/model.json" ]; then
   $ANYTIME train --resume "$RUN" --device "$DEVICE" -q
 elif [ ! -f "$RUN/model.json" ]; then
-  $ANYTIME train --arch msdnet-tiny --data "$DATA" --method "$METHOD" --epochs "$EPOCHS" --seed 0 \
-    --train-limit "$TRAIN_LIMIT" --device "$DEVICE" -o "$RUN" -q
+  $ANYTIME train --arch msdnet-tiny --data "$DATA" --method "$METHOD" ${OPTION_ARGS[@]+"${OPTION_ARGS[@]}"} \
+    --epochs "$EPOCHS" --seed 0 --train-limit "$TRAIN_LIMIT" --device "$DEVICE" -o "$RUN" -q
 fi
 $ANYTIME export "$RUN" -o anytime/assets/default --force
 python scripts/write_sample_images.py --npz "${DATA#npz:}" --out anytime/assets/samples
