@@ -408,24 +408,6 @@ def test_rounds_fuse_several_times_an_epoch_and_each_exit_still_sees_it_once():
     assert any(not torch.equal(fused[0][n], fused[1][n]) for n in params)
 
 
-def test_failed_round_leaves_the_model_of_the_epoch_start():
-    model, ctx, method = setup_method(rounds=2)
-    theta0 = state_of(model)
-    clean = ctx.exit_losses
-
-    def poisoned(outputs, targets, epoch):
-        losses = clean(outputs, targets, epoch)
-        if ctx.phases[-1][1] == "exit 2 2/2":  # the second round, after one fusion moved the network
-            losses[0] = losses[0] * float("nan")
-        return losses
-
-    ctx.exit_losses = poisoned
-    with pytest.raises(TrainingError, match="exit 1"):
-        method.train_epoch(ctx, 0)
-    for key, value in state_of(model).items():
-        assert torch.equal(value, theta0[key]), key
-
-
 def test_split_gain_scales_every_parameters_fused_step():
     # Mean fusion makes the fused step linear in the Δ_t: with gain 3 every parameter's step is 3 times the
     # plain average's (the default, gain 1), from the same start, data order and passes.
@@ -667,14 +649,16 @@ def test_lateral_normalisation_is_per_filter():
     torch.testing.assert_close(n[1], torch.tensor([2.0, 0.0]) / (1 + 2e-4) ** 0.75)
 
 
-def test_failed_epoch_leaves_the_model_of_the_epoch_start():
-    model, ctx, method = setup_method()
+# With rounds=2 the failure is in the second round, after one fusion moved the network.
+@pytest.mark.parametrize("options, failing_phase", [({}, "exit 2"), ({"rounds": 2}, "exit 2 2/2")])
+def test_failed_epoch_leaves_the_model_of_the_epoch_start(options, failing_phase):
+    model, ctx, method = setup_method(**options)
     theta0 = state_of(model)
     clean = ctx.exit_losses
 
     def poisoned(outputs, targets, epoch):
         losses = clean(outputs, targets, epoch)
-        if ctx.phases[-1][1] == "exit 2":
+        if ctx.phases[-1][1] == failing_phase:
             losses[0] = losses[0] * float("nan")
         return losses
 

@@ -12,7 +12,7 @@ from anytime.errors import ConfigError
 from anytime.runtime.inputs import InputItem, MissingInput
 from anytime.runtime.iobinding import DeviceRows, concat_graph, gather_graph, resolve_io_binding
 from anytime.runtime.model import _choose_scheduler
-from anytime.runtime.scheduler import RefillingScheduler, StageCalls, free_queue_buffers
+from anytime.runtime.scheduler import RefillingScheduler, StageCalls
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -227,7 +227,7 @@ def test_queue_buffers_are_reused_by_the_next_scheduler_and_can_be_freed(pattern
     assert pool.held_bytes == held
     np.testing.assert_array_equal(_answers(RefillingScheduler(own.executor, thresholds, 32), x, 32), expected)
     assert pool.held_bytes == 2 * held
-    free_queue_buffers(own.executor)
+    own.executor.free_buffers()
     assert pool.held_bytes == 0
 
 

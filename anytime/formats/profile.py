@@ -116,18 +116,20 @@ class LatencyProfile:
         interpolate, which is what an expected row count needs); 0 rows cost nothing."""
         return _interpolate(self.rows, self.stage_call_seconds[stage], rows)
 
-    def first_stage_seconds(self, rows: Any, later_share: Any = 1.0) -> np.ndarray:
-        """Seconds of one first-stage call on `rows` rows when `later_share` (0..1) of the later stages'
-        work for those rows runs before the next first-stage call: 1 is the chain the table was timed in,
-        0 is back-to-back first-stage calls (`first_stage_alone_seconds`); linear between."""
+    def first_stage_seconds(self, rows: Any, later: Any, every_row_on: Any) -> np.ndarray:
+        """Seconds of one first-stage call on `rows` rows when the later stages run `later` seconds of work
+        for those rows before the next first-stage call, out of `every_row_on` had every row gone on: at
+        the whole chain (the table's timing) its chain time, with none of it (`first_stage_alone_seconds`)
+        its back-to-back time, linear between."""
         chain = self.call_seconds(0, rows)
         if self.first_stage_alone_seconds is None:
             return chain
         # Never above the chain time: a slower back-to-back median is noise, and a higher price for less
         # work would make cost fall as more rows go on, and the cheapest policy dearer than the first exit.
         alone = np.minimum(_interpolate(self.rows, self.first_stage_alone_seconds, rows), chain)
-        share = np.clip(np.asarray(later_share, dtype=np.float64), 0.0, 1.0)
-        return alone + (chain - alone) * share
+        later, every_row_on = np.broadcast_arrays(np.asarray(later, np.float64), np.asarray(every_row_on, np.float64))
+        share = np.divide(later, every_row_on, out=np.zeros(later.shape), where=every_row_on > 0)
+        return alone + (chain - alone) * np.clip(share, 0.0, 1.0)
 
     def batch_seconds(self, rows_per_stage: Sequence[Any]) -> np.ndarray:
         """Seconds of one batch whose stage k runs on `rows_per_stage[k]` rows (numbers, or arrays of one
@@ -138,10 +140,7 @@ class LatencyProfile:
         if self.first_stage_alone_seconds is None or len(rows_per_stage) < 2:
             return self.call_seconds(0, first_rows) + later
         every_row_on = sum(self.call_seconds(k, first_rows) for k in range(1, len(rows_per_stage)))
-        share = np.divide(
-            later, every_row_on, out=np.zeros(np.broadcast(later, every_row_on).shape), where=every_row_on > 0
-        )
-        return self.first_stage_seconds(first_rows, share) + later
+        return self.first_stage_seconds(first_rows, later, every_row_on) + later
 
     @property
     def seconds_per_row(self) -> np.ndarray:

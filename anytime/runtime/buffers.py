@@ -57,3 +57,12 @@ class BufferPool:
     def held_bytes(self) -> int:
         with self._lock:
             return sum(b.nbytes for buffers in self._free.values() for b in buffers.values())
+
+
+def copy_rows(source: np.ndarray, rows: np.ndarray | slice | None, target: np.ndarray) -> None:
+    """Copy `source[rows]` (all of it for None) into `target`, which has exactly that many rows."""
+    if isinstance(rows, np.ndarray):
+        # mode="raise" (the default) with out= copies through a temporary: 10x slower measured.
+        np.take(source, rows, axis=0, out=target, mode="clip")
+    else:
+        target[...] = source if rows is None else source[rows]

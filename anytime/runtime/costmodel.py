@@ -64,9 +64,8 @@ class TimeCost:
                 return cost
             later = (per_row[1:] * reach[1:]).sum(axis=0)
             every_row_on = per_row[1:].sum() * reach[0]
-            share = np.divide(later, every_row_on, out=np.zeros_like(later), where=every_row_on > 0)
             b = self.profile.batch_size
-            first = self.profile.first_stage_seconds(b, share) / b
+            first = self.profile.first_stage_seconds(b, later, every_row_on) / b
             return cost + (first - per_row[0]) * reach[0] / count
         rows = reach / count * self.batch_size
         return np.asarray(self.profile.batch_seconds(list(rows)), dtype=np.float64) / self.batch_size

@@ -20,7 +20,7 @@ Bounds (what `StageCalls` instruments and the tests check):
   in the executor's `queue_buffers` (`anytime.runtime.buffers.BufferPool`) for the next scheduler, so at
   most (K-1) x batch_size rows of state stay held (1.2 GB for msdnet-cifar10 at batch 256, 4 MB for
   msdnet-tiny at 64). Fresh memory is slow: a scheduler per call over 512 msdnet-cifar10 images spent a
-  quarter of its time filling new buffers. `free_queue_buffers(executor)` hands them back.
+  quarter of its time filling new buffers. `executor.free_buffers()` hands them back.
 Each input is answered by exactly the stages the per-batch executor would run for it, with the same
 thresholds, so answers are identical; only which rows share a stage call differs.
 """
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from anytime.errors import ConfigError
-from anytime.runtime.buffers import BufferPool
+from anytime.runtime.buffers import BufferPool, copy_rows
 from anytime.runtime.calibration import softmax_confidence
 
 DEFAULT_WAIT_BATCHES = 16  # max_wait_rows defaults to this many batches
@@ -117,11 +117,6 @@ class _Admitted:
 Rows = np.ndarray | slice | None  # which rows of a state to queue: indices, a slice, or all
 
 
-def free_queue_buffers(executor: Any) -> None:
-    """Free the queue buffers finished schedulers left with `executor` (see the module docstring)."""
-    executor.queue_buffers.clear()
-
-
 class _HostQueue:
     """Rows waiting for one stage on the host: one buffer of `capacity` rows per state tensor, kept between
     schedulers (the executor's `queue_buffers`).
@@ -147,12 +142,7 @@ class _HostQueue:
             if self._buffers is None:
                 self._buffers = self._pool.take(self._stage, self.capacity, state)
             for name, value in state.items():
-                target = self._buffers[name][self.rows : self.rows + n]
-                if isinstance(rows, np.ndarray):
-                    # mode="raise" (the default) with out= copies through a temporary: 10× slower measured.
-                    np.take(value, rows, axis=0, out=target, mode="clip")
-                else:
-                    target[...] = value if rows is None else value[rows]
+                copy_rows(value, rows, self._buffers[name][self.rows : self.rows + n])
         self._ids[self.rows : self.rows + n] = ids
         self.rows += n
 
