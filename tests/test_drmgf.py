@@ -408,6 +408,29 @@ def test_rounds_fuse_several_times_an_epoch_and_each_exit_still_sees_it_once():
     assert any(not torch.equal(fused[0][n], fused[1][n]) for n in params)
 
 
+@pytest.mark.parametrize("method_cls", [DRMGF, DRAvgF])  # meta fusion, and mean fusion's BatchNorm refresh
+def test_split_passes_in_rounds_share_out_each_rounds_part_and_fusion_share_cuts_the_fusion_pass(method_cls):
+    model = make_model()
+    ctx = FakeContext(model, images=96, batch=8)  # 12 batches
+    method = method_cls(method_cls.Options(passes="split", rounds=2, fusion_share=0.5))
+    method.setup(ctx)
+    method.train_epoch(ctx, 0)
+    names = [p for _, p in ctx.phases]
+    assert names == [f"exit passes {i}/6" for i in (1, 2, 3)] + ["fusion 1/4"] + [
+        f"exit passes {i}/6" for i in (4, 5, 6)
+    ] + ["fusion 2/4"]
+    per_phase: dict[str, list[torch.Tensor]] = {}
+    for (_, phase), count in zip(ctx.phases, [2, 2, 2, 3, 2, 2, 2, 3]):
+        per_phase.setdefault(phase.split()[0], []).extend(ctx.seen[:count])
+        del ctx.seen[:count]
+    assert not ctx.seen
+    # The six exit passes see the epoch once between them; the two fusion passes its first half.
+    assert sorted(torch.cat(per_phase["exit"]).tolist()) == list(range(96))
+    fusion_seen = torch.cat(per_phase["fusion"])
+    assert len(fusion_seen) == 48 and len(set(fusion_seen.tolist())) == 48
+    assert all(torch.isfinite(v).all() for v in state_of(model).values())
+
+
 def test_split_gain_scales_every_parameters_fused_step():
     # Mean fusion makes the fused step linear in the Δ_t: with gain 3 every parameter's step is 3 times the
     # plain average's (the default, gain 1), from the same start, data order and passes.
@@ -552,8 +575,10 @@ def test_options_are_validated():
         DRMGFOptions(importance_start="init")
     with pytest.raises(ConfigError, match="rounds must be an integer >= 1, got 0"):
         DRMGFOptions(rounds=0)
-    with pytest.raises(ConfigError, match="rounds applies to passes=full only"):
-        DRMGFOptions(rounds=2, passes="split")
+    for share in (0.0, 0.3, 1.5):
+        with pytest.raises(ConfigError, match=r"fusion_share must be 1/F for a whole number F \(1, 0.5, 0.25"):
+            DRMGFOptions(fusion_share=share)
+    assert DRMGFOptions(rounds=2, passes="split", split_gain=3.0, fusion_share=0.25).rounds == 2
     assert DRAvgF.Options().fusion == "mean" and DRAvgF.Options().gate
     assert MetaGF.Options().fusion == "meta" and not MetaGF.Options().gate
 

@@ -19,7 +19,11 @@ long; `split_gain` scales them (default 1: measured, larger gains are unstable a
 parts, and round r runs every exit pass over its part r, from the network fused in round r-1, then fuses
 over the fusion pass's part r. Each exit still sees the whole epoch once, so an epoch costs what it costs
 with R = 1 (the paper's), but each pass drifts from its start for 1/R as many steps before the exits'
-updates are merged.
+updates are merged. With split passes, round r's part of the epoch is shared out among the exits.
+
+`fusion_share=1/F` runs the fusion pass (meta-learning the scales, or re-estimating BatchNorm statistics
+under mean fusion) over only the first 1/F of the epoch's fusion order, which is reshuffled every epoch:
+with split passes an epoch then costs about 1 + 1/F joint epochs.
 
 Fusion rules (θ0 + ...):
 - a parameter on one route (head, deepest-only block): its owner's Δ;
@@ -95,6 +99,7 @@ class DRMGFOptions(MethodOptions):
     # lr 0.1 gains of 2 and more made training collapse (docs/drmgf.md), so the default stays 1.
     split_gain: float = 1.0
     rounds: int = 1  # fusions per epoch (see the module docstring); 1: the paper's, one per epoch
+    fusion_share: float = 1.0  # share 1/F of the epoch that the fusion pass covers; 1: the paper's, all of it
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -135,8 +140,8 @@ class DRMGFOptions(MethodOptions):
             f"rounds must be an integer >= 1, got {self.rounds!r}",
         )
         need(
-            self.rounds == 1 or self.passes == "full",
-            "rounds applies to passes=full only (split passes already cut the epoch); drop one of them",
+            0 < self.fusion_share <= 1 and abs(1 / self.fusion_share - round(1 / self.fusion_share)) < 1e-6,
+            f"fusion_share must be 1/F for a whole number F (1, 0.5, 0.25, ...), got {self.fusion_share}",
         )
         need(
             self.split_gain == 1.0 or self.passes == "split",
@@ -262,9 +267,14 @@ class DRMGF(TrainingMethod):
             if opts.momentum != "carry":
                 # deepcopy: load_state_dict may alias the given tensors, and the pass mutates them in place
                 ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
-            # Split passes share one order and take its k-th part; rounds take part r of each exit's own order.
+            # Split passes share one order: exit k-th in line takes the k-th of the T pieces of round r's part.
+            # Full passes take part r of each exit's own order.
             split = opts.passes == "split"
-            part = (k, self.num_exits) if split else round_part
+            if split:
+                r, rounds = round_part or (0, 1)
+                part: tuple[int, int] | None = (r * self.num_exits + k, rounds * self.num_exits)
+            else:
+                part = round_part
             phase = "exit passes" if split else f"exit {t + 1}"
             # exit t's pass objective ℓ_t + ρ Σ_{j≠t} ℓ_j (0-based t, like joint's loss_exit_t)
             metrics[f"pass_loss_exit_{t}"] = self._exit_pass(ctx, epoch, t, dynamic, part, phase)
@@ -278,8 +288,14 @@ class DRMGF(TrainingMethod):
         elif opts.momentum == "reset":
             ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
         # Σ_t ℓ_t of the fused network over the fusion pass: the same quantity as joint's "loss"
-        metrics["loss"] = self._fuse(ctx, epoch, start, round_part)
+        metrics["loss"] = self._fuse(ctx, epoch, start, self._fusion_part(round_part))
         return metrics
+
+    def _fusion_part(self, round_part: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The fusion pass of round r of R covers part r of R·F: together the first 1/F of the epoch."""
+        pieces = round(1 / self.options.fusion_share)  # type: ignore[attr-defined]
+        r, rounds = round_part or (0, 1)
+        return None if rounds * pieces == 1 else (r, rounds * pieces)
 
     def _anchor_importance(self, model: nn.Module) -> None:
         """Every M set so that each exit's gated network equals the plain one (and its momentum cleared)."""
