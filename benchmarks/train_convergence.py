@@ -17,6 +17,7 @@ report checks), plus the equal-wall-clock pair:
                    it collapsed (msdnet-tiny, seed 0: test average 9-12% after each of epochs 1-6, stopped)
   joint-1.5x       1.5E epochs (about the wall-clock of drmgf-split-sum; not in the default queue)
   joint-2x         2E epochs (the wall-clock of drmgf-split)
+  joint-5x         5E epochs (about the CPU time of drmgf and drmgf-rounds: DR-MGF at equal compute)
 
 Every epoch records the per-exit test accuracy (after the epoch's training and validation; not counted as
 training time), so the report can plot average test accuracy against training time (CPU seconds of the one-thread run:
@@ -94,6 +95,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ),
         ("joint-1.5x", "joint", e + e // 2, {}),
         ("joint-2x", "joint", 2 * e, {}),
+        ("joint-5x", "joint", 5 * e, {}),
     ]
     runs = []
     for seed in args.seeds:
@@ -264,7 +266,17 @@ def converged(record: dict[str, Any]) -> tuple[bool, float]:
 
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
-    order = ["joint", "pcgrad", "drmgf", "drmgf-rounds", "drmgf-split", "drmgf-split-sum", "joint-1.5x", "joint-2x"]
+    order = [
+        "joint",
+        "pcgrad",
+        "drmgf",
+        "drmgf-rounds",
+        "drmgf-split",
+        "drmgf-split-sum",
+        "joint-1.5x",
+        "joint-2x",
+        "joint-5x",
+    ]
     for arch in dict.fromkeys(r["arch"] for r in records):
         rs = [r for r in records if r["arch"] == arch]
         exits = len(rs[0]["test_accuracy"])
@@ -379,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        default=["joint", "pcgrad", "drmgf", "drmgf-rounds", "drmgf-split", "joint-2x"],
+        default=["joint", "pcgrad", "drmgf", "drmgf-rounds", "drmgf-split", "joint-2x", "joint-5x"],
     )
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16)
