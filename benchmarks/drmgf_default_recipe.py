@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for name in args.variants:
             method, options, lr, _ = VARIANTS[name]
+            if method != "joint" and not any(o.startswith("rounds=") for o in options):
+                # measured with the paper's one fusion per epoch, the default before -m pass_steps
+                options = [*options, "rounds=1"]
             result = RESULTS / f"{name}-seed{seed}.json"
             if result.is_file():
                 continue

@@ -39,6 +39,9 @@ def first_epoch(seed: int, method: str, options: dict[str, str], data: str, runs
     from anytime.training.methods.drmgf.method import DRMGF
     from anytime.training.trainer import Trainer
 
+    if method != "joint":
+        # one fusion per epoch (the paper's; the default before -m pass_steps): the passes recorded are whole
+        options = {"rounds": "1", **options}
     config = TrainConfig(
         arch="msdnet-tiny", data=data, method=method, method_options=options, epochs=16,
         out=str(runs / f"{method}-{seed}"), batch_size=64, lr=0.1, seed=seed, device="cpu",

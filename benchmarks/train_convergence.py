@@ -83,10 +83,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
     e = args.epochs
     variants = [
         ("joint", "joint", e, {}),
-        ("drmgf", "drmgf", e, {}),
+        ("drmgf", "drmgf", e, {"rounds": 1}),  # the paper's one fusion per epoch
         ("pcgrad", "pcgrad", e, {}),
         ("drmgf-rounds", "drmgf", e, {"rounds": rounds_of_16_steps(args)}),
-        ("drmgf-split", "drmgf", e, {"passes": "split"}),
+        ("drmgf-split", "drmgf", e, {"passes": "split", "rounds": 1}),
         (
             "drmgf-split-sum",
             "drmgf",

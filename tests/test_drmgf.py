@@ -46,6 +46,7 @@ class FakeContext:
         self.x = torch.randn(images, 3, IMAGE, IMAGE, generator=g)
         self.y = torch.randint(0, 4, (images,), generator=g)
         self.batch = batch
+        self.steps_per_epoch = -(-images // batch)
         self.routes = compute_routes(model, self.x[:4])
         self.phases: list[tuple[int, str]] = []
         self.on_start: Callable[[int, str], None] | None = None
@@ -575,6 +576,8 @@ def test_options_are_validated():
         DRMGFOptions(importance_start="init")
     with pytest.raises(ConfigError, match="rounds must be an integer >= 1, got 0"):
         DRMGFOptions(rounds=0)
+    with pytest.raises(ConfigError, match="pass_steps must be an integer >= 1, got 0"):
+        DRMGFOptions(pass_steps=0)
     for share in (0.0, 0.3, 1.5):
         with pytest.raises(ConfigError, match=r"fusion_share must be 1/F for a whole number F \(1, 0.5, 0.25"):
             DRMGFOptions(fusion_share=share)
@@ -694,6 +697,47 @@ def test_failed_epoch_leaves_the_model_of_the_epoch_start(options, failing_phase
         assert torch.equal(value, theta0[key]), key
 
 
+def test_rounds_follow_the_pass_length_unless_given():
+    model, ctx, method = setup_method()  # test-convnet: 3 exits
+    for steps, full, split in [(312, 20, 6), (62, 4, 1), (3, 1, 1), (24, 2, 1)]:
+        assert method.rounds_for(steps) == full, steps
+        split_method = DRMGF(DRMGFOptions(passes="split"))
+        split_method.num_exits = 3
+        assert split_method.rounds_for(steps) == split, steps
+    short = DRMGF(DRMGFOptions(pass_steps=4))
+    short.setup(FakeContext(make_model(), images=96, batch=8))  # 12 steps: 3 rounds of 4
+    assert short.rounds == 3
+    explicit = DRMGF(DRMGFOptions(rounds=1))
+    explicit.setup(FakeContext(make_model(), images=96 * 20, batch=8))  # 240 steps; the paper's 1 fusion
+    assert explicit.rounds == 1
+
+
+def test_a_run_resumes_with_the_fusions_per_epoch_it_started_with():
+    # 64 steps an epoch: the default (16-step passes) would fuse 4 times. A checkpoint written before
+    # pass_steps existed holds no rounds (its run fused once an epoch); one from a rounds=2 run holds 2.
+    def resumed(state_changes):
+        method = DRMGF(DRMGFOptions())
+        method.setup(FakeContext(make_model(), images=512, batch=8))
+        assert method.rounds == 4
+        state = method.state_dict()
+        state_changes(state)
+        method.load_state_dict(state)
+        return method.rounds
+
+    def legacy(state):
+        del state["rounds"]
+        del state["options"]["rounds"], state["options"]["pass_steps"]
+
+    def older_rounds_option(state):
+        del state["rounds"]
+        state["options"]["rounds"] = 2
+
+    assert resumed(legacy) == 1
+    assert resumed(older_rounds_option) == 2
+    assert resumed(lambda state: state.update(rounds=3)) == 3
+    assert resumed(lambda state: None) == 4
+
+
 # ---------------------------------------------------------------- through the real trainer
 def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     import numpy as np
@@ -725,6 +769,42 @@ def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     assert parsed["method"] == "drmgf" and parsed["epoch"] == 2
     assert [layer["name"] for layer in parsed["layers"]] == ["stages.0.block.0.weight", "stages.1.block.0.weight"]
     assert all(0.0 < layer["mean"] <= 1.0 + 1e-9 for layer in parsed["layers"])
+
+
+def test_the_trainer_tells_drmgf_its_steps_per_epoch(tmp_path):
+    import numpy as np
+
+    from anytime.training.checkpoint import load_checkpoint
+    from anytime.training.config import TrainConfig
+    from anytime.training.trainer import train
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    images = (rng.integers(0, 60, (120, 12, 12)) + labels[:, None, None] * 60).astype(np.uint8)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=images[:102], y_train=labels[:102], x_test=images[96:], y_test=labels[96:])
+    # 70 training images, batch 16, the last partial batch dropped: 4 steps, so 2-step passes make 2 rounds.
+    config = TrainConfig(
+        arch="test-convnet", data=f"npz:{data}", epochs=1, out=str(tmp_path / "run"), method="drmgf",
+        batch_size=16, val_size=32, device="cpu", lr=0.05, method_options={"pass_steps": 2},
+    )  # fmt: skip
+    phases: list[str] = []
+    from anytime.training import trainer as trainer_module
+
+    real = trainer_module.Trainer.train_batches
+
+    def recording(self, epoch, phase, part=None):
+        phases.append(phase if part is None else f"{phase} {part[0] + 1}/{part[1]}")
+        yield from real(self, epoch, phase, part)
+
+    trainer_module.Trainer.train_batches = recording
+    try:
+        train(config)
+    finally:
+        trainer_module.Trainer.train_batches = real
+    assert phases == [f"{what} {r}/2" for r in (1, 2) for what in ("exit 3", "exit 2", "exit 1", "fusion")]
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["method"]["state"]["rounds"] == 2
 
 
 def test_grouped_and_depthwise_convs_get_one_importance_per_kernel_slice():

@@ -31,6 +31,7 @@ class ToyContext:
         self.data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
         self.routes = compute_routes(self.model, self.data[0][0])
         self.rank, self.world_size = 0, 1
+        self.steps_per_epoch = len(self.data)
         self.precision = Precision()  # full precision (no --amp)
         self.phases: list[str] = []
         self.steps = 0

@@ -37,6 +37,7 @@ class TrainingContext(Protocol):
     num_exits: int
     epochs: int
     optimizer: torch.optim.Optimizer  # SGD over all model parameters, lr set by the trainer each epoch
+    steps_per_epoch: int  # optimiser steps in one pass over this rank's shard of the training set
     routes: "Routes"
     rank: int
     world_size: int

@@ -184,6 +184,10 @@ class Trainer:
         self.exit_weighting = self.model.default_exit_weights if cfg.exit_weights == "auto" else cfg.exit_weights
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
         self.routes: Routes = compute_routes(self.model, example.to(self.device, memory_format=self.memory_format))
+        per_rank = cfg.batch_size // self.world_size
+        self.steps_per_epoch = len(
+            self._loader(self.dataset.train, self.train_indices, train=True, batch_size=per_rank, seed=cfg.seed)
+        )
         self.method.setup(self)
 
     def _seed_everything(self, seed: int) -> None:
