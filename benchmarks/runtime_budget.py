@@ -366,7 +366,11 @@ def speed(args: argparse.Namespace) -> None:
         "share/budget: that share over the "
         "budget's fraction (a time policy asks for a fraction of the profile's full-network time), the profile's "
         "fidelity apart from the machine's speed; time/budget: the median time per image over the budget in "
-        "absolute time, which also carries the drift between profiling and the run. "
+        "absolute time, which also carries the drift between profiling and the run. ± sampling: one standard "
+        "error of share/budget from the finite image samples (thresholds fitted so the validation images' mean "
+        "cost meets the budget, then measured on the test images: the per-image cost's relative spread times "
+        "sqrt(1/test images + 1/validation images), each image priced at full-batch time per row); a miss "
+        "within about two of these is what sampling alone produces. "
         "realised speedup: the chain's time over the policy's, same round, median; ideal (MACs): full MACs over the realised average MACs; ideal (time): the profile's "
         "full-network time over the profile's time for the realised exits with every stage at its full-batch "
         "time per row (no cost for thinned-out calls); time/budget: measured time per image over the time budget "
@@ -535,12 +539,14 @@ def _speed_blocks(args: argparse.Namespace) -> None:
                 + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
                 + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
             )
+            n_val = model.validation_data().count
+            cumulative_row_s = np.cumsum(profile.seconds_per_row)
             emit(
                 "| budget | policy | executor | realised MACs | µs per image | time / budget | **share / budget** "
-                "| share / profile's share | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
+                "| ± sampling | share / profile's share | realised speedup | ideal (MACs) | **realised / ideal (MACs)** | ideal (time) "
                 "| **realised / ideal (time)** | rows per call, stages 2..K | host work | over exit_K.onnx |"
             )
-            emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for budget, policy_kind, sch, exc in infeasible:
                 emit(f"| {budget} | {policy_kind} | {sch} | infeasible: {exc} |")
             for (budget, frac, policy_kind, sch, mode, _), passes in zip(configs, runs):
@@ -558,12 +564,16 @@ def _speed_blocks(args: argparse.Namespace) -> None:
                 realised = speedup
                 ideal_macs = macs[-1] / real_macs
                 ideal_time = prof_full / ideal_estimate
+                # Thresholds fitted so that the validation images' mean cost meets the budget, measured on the
+                # test images: both means carry sampling error (1 SE, per-image cost priced at full batches).
+                per_image_s = cumulative_row_s[exits]
+                sampling = float(per_image_s.std() / per_image_s.mean() * np.sqrt(1 / len(x) + 1 / n_val))
                 fill = ", ".join(f"{m:.0f}" for m in calls.mean_rows_per_call()[1:])
                 session = sum(sum(sec) for sec in calls.seconds)
                 emit(
                     f"| {budget} | {policy_kind} | {sch} | {100 * real_macs / macs[-1]:.1f}% | "
                     f"{1e6 * per_image:.1f} | {per_image / (frac * prof_full):.2f} | **{share / frac:.2f}** | "
-                    f"{share / (estimate / prof_full):.2f} | {realised:.2f}× | "
+                    f"±{share / frac * sampling:.2f} | {share / (estimate / prof_full):.2f} | {realised:.2f}× | "
                     f"{ideal_macs:.2f}× | **{realised / ideal_macs:.2f}** | {ideal_time:.2f}× | "
                     f"**{realised / ideal_time:.2f}** | {fill} | {100 * (wall - session) / wall:.0f}% | "
                     + (f"{full_s / per_image:.2f}×" if full_s else "")
