@@ -739,6 +739,18 @@ def test_a_run_resumes_with_the_fusions_per_epoch_it_started_with():
 
 
 # ---------------------------------------------------------------- through the real trainer
+def tiny_npz(tmp_path, train_images: int = 96):
+    """Three separable classes of 12x12 images: `train_images` to train on, 24 to test."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    images = (rng.integers(0, 60, (120, 12, 12)) + labels[:, None, None] * 60).astype(np.uint8)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=images[:train_images], y_train=labels[:train_images], x_test=images[96:], y_test=labels[96:])
+    return data
+
+
 def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     import numpy as np
 
@@ -746,11 +758,7 @@ def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train
 
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 120)
-    images = (rng.integers(0, 60, (120, 12, 12)) + labels[:, None, None] * 60).astype(np.uint8)
-    data = tmp_path / "tiny.npz"
-    np.savez(data, x_train=images[:96], y_train=labels[:96], x_test=images[96:], y_test=labels[96:])
+    data = tiny_npz(tmp_path)
     config = TrainConfig(
         arch="test-convnet", data=f"npz:{data}", epochs=2, out=str(tmp_path / "run"), method="drmgf",
         batch_size=16, val_size=32, device="cpu", lr=0.05,
@@ -772,17 +780,11 @@ def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
 
 
 def test_the_trainer_tells_drmgf_its_steps_per_epoch(tmp_path):
-    import numpy as np
-
     from anytime.training.checkpoint import load_checkpoint
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train
 
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 120)
-    images = (rng.integers(0, 60, (120, 12, 12)) + labels[:, None, None] * 60).astype(np.uint8)
-    data = tmp_path / "tiny.npz"
-    np.savez(data, x_train=images[:102], y_train=labels[:102], x_test=images[96:], y_test=labels[96:])
+    data = tiny_npz(tmp_path, train_images=102)
     # 70 training images, batch 16, the last partial batch dropped: 4 steps, so 2-step passes make 2 rounds.
     config = TrainConfig(
         arch="test-convnet", data=f"npz:{data}", epochs=1, out=str(tmp_path / "run"), method="drmgf",
