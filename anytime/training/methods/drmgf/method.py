@@ -278,7 +278,8 @@ class DRMGF(TrainingMethod):
         opts: DRMGFOptions = self.options  # type: ignore[assignment]
         model = ctx.model
         start = snapshot(model)
-        optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())
+        # Carried momentum never goes back to the round's start: no copy of it (one per round otherwise).
+        optimizer_start = copy.deepcopy(ctx.optimizer.state_dict()) if opts.momentum != "carry" else {}
         fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
         metrics: dict[str, float] = {}
         for k, t in enumerate(self.exit_order()):
