@@ -249,7 +249,8 @@ class RefillingScheduler:
         record = _Admitted(self._next_id, n, int(ok.size), payload)
         self._admitted.append(record)
         self._starts = None
-        failed = np.setdiff1d(np.arange(n), ok)
+        # setdiff1d costs about 55 µs a batch on the development VM; a batch that decoded whole needs none.
+        failed = np.setdiff1d(np.arange(n), ok) if ok.size != n else ok[:0]
         if failed.size and not self.ordered:
             self._fresh.append((record, failed))
         self._next_id += n
