@@ -197,6 +197,9 @@ def execute(run: Run, args: argparse.Namespace, results: Path) -> dict[str, Any]
         "train_limit": args.train_limit,
         "val_size": args.val_size,
         "machine": machine(),
+        # CPU time per epoch drifts between sessions on a shared VM; the report compares each run with a
+        # joint run of its own session.
+        "session": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     atomic_write_json(results / f"{run.name}.json", record)
     return record
@@ -264,6 +267,23 @@ def converged(record: dict[str, Any]) -> tuple[bool, float]:
     return spread < CONVERGED_POINTS, spread
 
 
+def joint_epoch_cpu(records: list[dict[str, Any]], run: dict[str, Any]) -> float | None:
+    """CPU seconds of one joint epoch on the same arch and seed, from a joint run of `run`'s session
+    (joint, joint-2x, ...: the same work per epoch); runs without a session are the first sessions'."""
+    same = [
+        r
+        for r in records
+        if r["method"] == "joint"
+        and not r["method_options"]
+        and r["arch"] == run["arch"]
+        and r["seed"] == run["seed"]
+        and r.get("session") == run.get("session")
+    ]
+    if not same:
+        return None
+    return float(np.mean([r["train_cpu_s"] / r["epochs"] for r in same]))
+
+
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
     order = [
@@ -296,7 +316,11 @@ def make_report(records: list[dict[str, Any]]) -> str:
                 for m, r in zip(means, group)
                 if r["seed"] in joint
             ]
-            ratios = [r["train_cpu_s"] / joint[r["seed"]]["train_cpu_s"] for r in group if r["seed"] in joint]
+            ratios = [
+                r["train_cpu_s"] / (epoch_cpu * joint[r["seed"]]["epochs"])
+                for r in group
+                if r["seed"] in joint and (epoch_cpu := joint_epoch_cpu(records, r))
+            ]
             cells = [label, str(group[0]["epochs"]), ",".join(str(r["seed"]) for r in group)]
             cells += [pm([r["test_accuracy"][t] for r in group]) for t in range(exits)]
             cells.append(pm(means))
@@ -324,8 +348,11 @@ def make_report(records: list[dict[str, Any]]) -> str:
         "every method the same initial weights, split and data order). Batch 64, SGD lr 0.1 (/10 at 50% and 75% "
         "of the epochs), momentum 0.9, weight decay 1e-4. Train CPU time is the process's CPU time over the training "
         "phases (evaluation excluded): each run uses one thread, so it measures the run's compute even when runs "
-        "share the cores, which wall time does not; × joint is its ratio to the same seed's joint run. "
-        "Plot: `train_convergence.png`, average test top-1 against cumulative training CPU time. "
+        "share the cores, which wall time does not; × joint is its ratio to the same seed's joint run, priced at the "
+        "CPU time of a joint epoch measured in the same session (runs of later sessions were timed against their "
+        "own joint-2x or joint-5x run: the VM's speed drifts between sessions, so CPU minutes of different "
+        "sessions do not compare). Plot: `train_convergence.png`, average test top-1 against cumulative training "
+        "compute in joint epochs (CPU time over the same session's joint epoch). "
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} at "
         f"{m['threads']} thread per run (up to two runs at a time)."
     )
@@ -348,11 +375,15 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         for label in dict.fromkeys(r["label"] for r in records if r["arch"] == arch):
             group = [r for r in records if r["arch"] == arch and r["label"] == label]
             n = min(len(r["history"]) for r in group)
-            t = np.mean([np.cumsum([h["train_cpu_s"] for h in r["history"][:n]]) for r in group], axis=0) / 60
+            priced = [(r, joint_epoch_cpu(records, r)) for r in group]
+            priced = [(r, c) for r, c in priced if c]
+            if not priced:
+                continue
+            t = np.mean([np.cumsum([h["train_cpu_s"] for h in r["history"][:n]]) / c for r, c in priced], axis=0)
             acc = np.mean([[100 * np.mean(h["test_acc"]) for h in r["history"][:n]] for r in group], axis=0)
             ax.plot(t, acc, marker=".", label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
         ax.set_title(arch)
-        ax.set_xlabel("training time (CPU min, one thread)")
+        ax.set_xlabel("training compute (joint epochs of CPU time, one thread)")
         ax.set_ylabel("average test top-1 over exits (%)")
         ax.grid(alpha=0.3)
         lo = min(100 * np.mean(r["history"][-1]["test_acc"]) for r in records if r["arch"] == arch)
