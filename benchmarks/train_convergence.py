@@ -10,6 +10,7 @@ report checks), plus the equal-wall-clock pair:
   drmgf            E epochs (T exit passes + 1 fusion pass per epoch: about (T+1)x a joint epoch)
   drmgf-rounds     E epochs, -m rounds=R with R = the epoch's steps / 16 (a fusion every ~16 steps, the
                    interval that led joint at the default recipe and at 4,000 images; the same cost as drmgf)
+  drmgf-steps8     E epochs, -m pass_steps=8 (a fusion every ~8 steps: 8 rounds at 4,000 images)
   drmgf-split      E epochs, -m passes=split (each exit pass over 1/T of the epoch: about 2x a joint epoch)
   drmgf-split-sum  E epochs, split passes in 4 rounds (4-step passes), each exit's update counted whole
                    (split_gain=T) and the fusion pass over a quarter of the epoch (fusion_share=0.25): about
@@ -86,6 +87,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ("drmgf", "drmgf", e, {"rounds": 1}),  # the paper's one fusion per epoch
         ("pcgrad", "pcgrad", e, {}),
         ("drmgf-rounds", "drmgf", e, {"rounds": rounds_of_16_steps(args)}),
+        ("drmgf-steps8", "drmgf", e, {"pass_steps": 8}),
         ("drmgf-split", "drmgf", e, {"passes": "split", "rounds": 1}),
         (
             "drmgf-split-sum",
@@ -291,6 +293,7 @@ def make_report(records: list[dict[str, Any]]) -> str:
         "pcgrad",
         "drmgf",
         "drmgf-rounds",
+        "drmgf-steps8",
         "drmgf-split",
         "drmgf-split-sum",
         "joint-1.5x",
@@ -422,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         type=lambda s: s.split(","),
-        default=["joint", "pcgrad", "drmgf", "drmgf-rounds", "drmgf-split", "joint-2x", "joint-5x"],
+        default=["joint", "pcgrad", "drmgf", "drmgf-rounds", "drmgf-steps8", "drmgf-split", "joint-2x", "joint-5x"],
     )
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16)
