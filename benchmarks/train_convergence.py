@@ -15,7 +15,8 @@ report checks), plus the equal-wall-clock pair:
   drmgf-split-sum  E epochs, split passes in 4 rounds (4-step passes), each exit's update counted whole
                    (split_gain=T) and the fusion pass over a quarter of the epoch (fusion_share=0.25): about
                    1.25x a joint epoch plus the gated forward's extra work. Not in the default queue:
-                   it collapsed (msdnet-tiny, seed 0: test average 9-12% after each of epochs 1-6, stopped)
+                   it collapsed (msdnet-tiny, seed 0: test average 9-12% after each of epochs 1-7, stopped; with
+                   momentum=reset too, docs/drmgf.md)
   joint-1.5x       1.5E epochs (about the wall-clock of drmgf-split-sum; not in the default queue)
   joint-2x         2E epochs (the wall-clock of drmgf-split)
   joint-5x         5E epochs (about the CPU time of drmgf and drmgf-rounds: DR-MGF at equal compute)
