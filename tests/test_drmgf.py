@@ -699,7 +699,7 @@ def test_failed_epoch_leaves_the_model_of_the_epoch_start(options, failing_phase
 
 def test_rounds_follow_the_pass_length_unless_given():
     model, ctx, method = setup_method()  # test-convnet: 3 exits
-    for steps, full, split in [(312, 20, 6), (62, 4, 1), (3, 1, 1), (24, 2, 1)]:
+    for steps, full, split in [(312, 39, 13), (62, 8, 3), (3, 1, 1), (24, 3, 1)]:
         assert method.rounds_for(steps) == full, steps
         split_method = DRMGF(DRMGFOptions(passes="split"))
         split_method.num_exits = 3
@@ -713,12 +713,12 @@ def test_rounds_follow_the_pass_length_unless_given():
 
 
 def test_a_run_resumes_with_the_fusions_per_epoch_it_started_with():
-    # 64 steps an epoch: the default (16-step passes) would fuse 4 times. A checkpoint written before
+    # 64 steps an epoch: the default (8-step passes) would fuse 8 times. A checkpoint written before
     # pass_steps existed holds no rounds (its run fused once an epoch); one from a rounds=2 run holds 2.
     def resumed(state_changes):
         method = DRMGF(DRMGFOptions())
         method.setup(FakeContext(make_model(), images=512, batch=8))
-        assert method.rounds == 4
+        assert method.rounds == 8
         state = method.state_dict()
         state_changes(state)
         method.load_state_dict(state)
@@ -735,7 +735,7 @@ def test_a_run_resumes_with_the_fusions_per_epoch_it_started_with():
     assert resumed(legacy) == 1
     assert resumed(older_rounds_option) == 2
     assert resumed(lambda state: state.update(rounds=3)) == 3
-    assert resumed(lambda state: None) == 4
+    assert resumed(lambda state: None) == 8
 
 
 # ---------------------------------------------------------------- through the real trainer

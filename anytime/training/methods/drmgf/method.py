@@ -20,9 +20,10 @@ and round r runs every exit pass over its part r, from the network fused in roun
 fusion pass's part r. Each exit still sees the whole epoch once, so an epoch costs what it costs with R = 1
 (the paper's), but each pass drifts from its start for 1/R as many steps before the exits' updates are
 merged. With split passes, round r's part of the epoch is shared out among the exits. By default R is
-chosen so that an exit pass is about `pass_steps` (16) steps long: long passes drift apart before they are
-averaged, and 16-step passes beat the paper's one fusion per epoch on every benchmark measured
-(docs/drmgf.md). `rounds=R` sets R directly; `rounds=1` is the paper's schedule.
+chosen so that an exit pass is about `pass_steps` (8) steps long: long passes drift apart before they are
+averaged; 16-step passes beat the paper's one fusion per epoch on every benchmark measured, and 8-step
+passes beat 16-step ones on every one of those where both ran, at the same CPU time (docs/drmgf.md).
+`rounds=R` sets R directly; `rounds=1` is the paper's schedule.
 
 `fusion_share=1/F` runs the fusion pass (meta-learning the scales, or re-estimating BatchNorm statistics
 under mean fusion) over only the first 1/F of the epoch's fusion order, which is reshuffled every epoch:
@@ -103,7 +104,7 @@ class DRMGFOptions(MethodOptions):
     split_gain: float = 1.0
     # Fusions per epoch (see the module docstring): None derives them from pass_steps; 1: the paper's.
     rounds: int | None = None
-    pass_steps: int = 16  # the exit passes' length in steps that sets the rounds when rounds is not given
+    pass_steps: int = 8  # the exit passes' length in steps that sets the rounds when rounds is not given
     fusion_share: float = 1.0  # share 1/F of the epoch that the fusion pass covers; 1: the paper's, all of it
 
     def __post_init__(self) -> None:
