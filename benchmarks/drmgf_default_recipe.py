@@ -74,7 +74,7 @@ VARIANTS: dict[str, tuple[str, list[str], float, str]] = {
         "drmgf",
         ["pass_steps=8"],
         0.1,
-        "8-step exit passes (39 fusions an epoch): shorter than the default 16 led at 4,000 images; here too?",
+        "8-step exit passes (39 fusions an epoch; the method's default since): shorter than 16 led at 4,000 images; here too?",
     ),
     "passes-mean-rounds5": (
         "drmgf",
