@@ -779,7 +779,7 @@ def test_drmgf_through_the_trainer_writes_a_plain_model_and_routes(tmp_path):
     assert all(0.0 < layer["mean"] <= 1.0 + 1e-9 for layer in parsed["layers"])
 
 
-def test_the_trainer_tells_drmgf_its_steps_per_epoch(tmp_path):
+def test_the_trainer_tells_drmgf_its_steps_per_epoch(tmp_path, monkeypatch):
     from anytime.training.checkpoint import load_checkpoint
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train
@@ -799,11 +799,8 @@ def test_the_trainer_tells_drmgf_its_steps_per_epoch(tmp_path):
         phases.append(phase if part is None else f"{phase} {part[0] + 1}/{part[1]}")
         yield from real(self, epoch, phase, part)
 
-    trainer_module.Trainer.train_batches = recording
-    try:
-        train(config)
-    finally:
-        trainer_module.Trainer.train_batches = real
+    monkeypatch.setattr(trainer_module.Trainer, "train_batches", recording)
+    train(config)
     assert phases == [f"{what} {r}/2" for r in (1, 2) for what in ("exit 3", "exit 2", "exit 1", "fusion")]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["method"]["state"]["rounds"] == 2

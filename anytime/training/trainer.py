@@ -184,10 +184,7 @@ class Trainer:
         self.exit_weighting = self.model.default_exit_weights if cfg.exit_weights == "auto" else cfg.exit_weights
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
         self.routes: Routes = compute_routes(self.model, example.to(self.device, memory_format=self.memory_format))
-        per_rank = cfg.batch_size // self.world_size
-        self.steps_per_epoch = len(
-            self._loader(self.dataset.train, self.train_indices, train=True, batch_size=per_rank, seed=cfg.seed)
-        )
+        self.steps_per_epoch = len(self._train_loader(seed=cfg.seed))
         self.method.setup(self)
 
     def _seed_everything(self, seed: int) -> None:
@@ -216,15 +213,18 @@ class Trainer:
             drop_last=train, num_workers=self.config.workers, pad=self.pad, flip=self.flip, part=part,
         )  # fmt: skip
 
+    def _train_loader(self, seed: int, epoch: int = 0, part: tuple[int, int] | None = None):
+        """This rank's shard of the training set in training batches (augmented, the last partial one dropped)."""
+        per_rank = self.config.batch_size // self.world_size
+        return self._loader(
+            self.dataset.train, self.train_indices, train=True, batch_size=per_rank, seed=seed, epoch=epoch, part=part
+        )
+
     # ----------------------------------------------------------------- TrainingContext
     def train_batches(
         self, epoch: int, phase: str, part: tuple[int, int] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        per_rank = self.config.batch_size // self.world_size
-        loader = self._loader(
-            self.dataset.train, self.train_indices, train=True, batch_size=per_rank,
-            seed=phase_seed(self.config.seed, phase), epoch=epoch, part=part,
-        )  # fmt: skip
+        loader = self._train_loader(phase_seed(self.config.seed, phase), epoch, part)
         label = phase if part is None else f"{phase} {part[0] + 1}/{part[1]}"
         self.progress.start_phase(epoch, label, len(loader))
         # A copy from pageable host memory is synchronous; from pinned memory it overlaps the GPU's work.

@@ -141,15 +141,12 @@ class DRMGFOptions(MethodOptions):
         )
         need(self.passes in PASS_DATA, f"passes must be one of {', '.join(PASS_DATA)}, got '{self.passes}'")
         need(self.split_gain > 0, f"split_gain must be > 0, got {self.split_gain}")
-        need(
-            self.rounds is None
-            or (isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1),
-            f"rounds must be an integer >= 1, got {self.rounds!r}",
-        )
-        need(
-            isinstance(self.pass_steps, int) and not isinstance(self.pass_steps, bool) and self.pass_steps >= 1,
-            f"pass_steps must be an integer >= 1, got {self.pass_steps!r}",
-        )
+
+        def positive_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        need(self.rounds is None or positive_int(self.rounds), f"rounds must be an integer >= 1, got {self.rounds!r}")
+        need(positive_int(self.pass_steps), f"pass_steps must be an integer >= 1, got {self.pass_steps!r}")
         need(
             0 < self.fusion_share <= 1 and abs(1 / self.fusion_share - round(1 / self.fusion_share)) < 1e-6,
             f"fusion_share must be 1/F for a whole number F (1, 0.5, 0.25, ...), got {self.fusion_share}",
