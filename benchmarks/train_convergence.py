@@ -20,6 +20,9 @@ report checks), plus the equal-wall-clock pair:
   joint-1.5x       1.5E epochs (about the wall-clock of drmgf-split-sum; not in the default queue)
   joint-2x         2E epochs (the wall-clock of drmgf-split)
   joint-5x         5E epochs (about the CPU time of drmgf and drmgf-rounds: DR-MGF at equal compute)
+  drmgf-steps8-5x  5E epochs, -m pass_steps=8 (DR-MGF as long as joint-5x: is its plateau above joint's?)
+  joint-25x        25E epochs (about the CPU time of drmgf-steps8-5x: equal compute where joint has
+                   stopped improving). Neither is in the default queue (each about 25 CPU-minutes a run)
 
 Every epoch records the per-exit test accuracy (after the epoch's training and validation; not counted as
 training time), so the report can plot average test accuracy against training time (CPU seconds of the one-thread run:
@@ -93,6 +96,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ("joint-1.5x", "joint", e + e // 2, {}),
         ("joint-2x", "joint", 2 * e, {}),
         ("joint-5x", "joint", 5 * e, {}),
+        ("drmgf-steps8-5x", "drmgf", 5 * e, {"pass_steps": 8}),
+        ("joint-25x", "joint", 25 * e, {}),
     ]
     runs = []
     for seed in args.seeds:
@@ -296,6 +301,8 @@ def make_report(records: list[dict[str, Any]]) -> str:
         "joint-1.5x",
         "joint-2x",
         "joint-5x",
+        "drmgf-steps8-5x",
+        "joint-25x",
     ]
     for arch in dict.fromkeys(r["arch"] for r in records):
         rs = [r for r in records if r["arch"] == arch]
