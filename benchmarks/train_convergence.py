@@ -388,9 +388,16 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
                 continue
             t = np.mean([np.cumsum([h["train_cpu_s"] for h in r["history"][:n]]) / c for r, c in priced], axis=0)
             acc = np.mean([[100 * np.mean(h["test_acc"]) for h in r["history"][:n]] for r in group], axis=0)
-            ax.plot(t, acc, marker=".", label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+            ax.plot(
+                t,
+                acc,
+                marker="." if n <= 100 else None,
+                label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})",
+            )
         ax.set_title(arch)
-        ax.set_xlabel("training compute (joint epochs of CPU time, one thread)")
+        # Runs span 16 to 400 joint epochs of compute: a log axis keeps the short runs readable.
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (joint epochs of CPU time, one thread; log scale)")
         ax.set_ylabel("average test top-1 over exits (%)")
         ax.grid(alpha=0.3)
         lo = min(100 * np.mean(r["history"][-1]["test_acc"]) for r in records if r["arch"] == arch)
