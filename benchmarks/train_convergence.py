@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +79,7 @@ class Run:
 def plan(args: argparse.Namespace) -> list[Run]:
     """The queue, most informative first: every method of seed 0 for every arch, then the next seed."""
     e = args.epochs
-    variants = [
+    variants: list[tuple[str, str, int, dict[str, Any]]] = [
         ("joint", "joint", e, {}),
         ("drmgf", "drmgf", e, {"rounds": 1}),  # the paper's one fusion per epoch
         ("pcgrad", "pcgrad", e, {}),
@@ -288,6 +287,33 @@ def joint_epoch_cpu(records: list[dict[str, Any]], run: dict[str, Any]) -> float
     return float(reference["train_cpu_s"] / reference["epochs"])
 
 
+# (a, b, what the pair compares): reported as a − b over the seeds both have.
+COMPARISONS = [
+    ("drmgf-steps8", "joint-5x", "equal compute at 16 DR-MGF epochs"),
+    ("drmgf-steps8-5x", "joint-5x", "equal epochs (80)"),
+    ("drmgf-steps8-5x", "joint-25x", "equal compute at 80 DR-MGF epochs"),
+]
+
+
+def _paired_comparisons(records: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for a, b, what in COMPARISONS:
+        by_seed = {label: {r["seed"]: r for r in records if r["label"] == label} for label in (a, b)}
+        seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+        if not seeds:
+            continue
+        diffs = [
+            100 * (float(np.mean(by_seed[a][s]["test_accuracy"])) - float(np.mean(by_seed[b][s]["test_accuracy"])))
+            for s in seeds
+        ]
+        each = ", ".join(f"{d:+.2f}" for d in diffs)
+        out.append(
+            f"{a} − {b} ({what}): {np.mean(diffs):+.2f} (seed{'s' if len(seeds) > 1 else ''} "
+            f"{','.join(map(str, seeds))}: {each})"
+        )
+    return out
+
+
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
     order = [
@@ -336,14 +362,22 @@ def make_report(records: list[dict[str, Any]]) -> str:
             cells.append(f"{np.mean(ratios):.2f}" if ratios else "")
             cells.append(f"{np.mean([r['train_time_s'] for r in group]) / 60:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
+        pairs = _paired_comparisons(rs)
+        if pairs:
+            lines.append("\nPaired comparisons (average over exits, same seeds): " + "; ".join(pairs) + ".")
         checks = []
-        for seed, r in sorted(joint.items()):
-            ok, spread = converged(r)
-            checks.append(f"seed {seed}: {spread:.2f} points ({'converged' if ok else 'NOT converged'})")
+        for label in [m for m in order if m.startswith("joint")]:
+            runs = sorted((r for r in rs if r["label"] == label), key=lambda r: r["seed"])
+            if runs:
+                states = [(r["seed"], *converged(r)) for r in runs]
+                checks.append(
+                    f"{label}: "
+                    + ", ".join(f"seed {s} {spread:.2f}{'' if ok else ' (NOT converged)'}" for s, ok, spread in states)
+                )
         if checks:
             lines.append(
-                "\nConvergence of joint (spread of its average test top-1 over the last quarter of its epochs, "
-                f"criterion < {CONVERGED_POINTS}): " + "; ".join(checks) + "."
+                "\nConvergence of joint training (spread of its average test top-1 over the last quarter of its "
+                f"epochs, points; criterion < {CONVERGED_POINTS}): " + "; ".join(checks) + "."
             )
         lines.append("")
     first = records[0]
@@ -462,4 +496,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
