@@ -307,9 +307,11 @@ def _paired_comparisons(records: list[dict[str, Any]]) -> list[str]:
             for s in seeds
         ]
         each = ", ".join(f"{d:+.2f}" for d in diffs)
+        # Both runs' own CPU time: a check on "equal compute" that needs no joint epoch of the same session.
+        cpu = float(np.mean([by_seed[a][s]["train_cpu_s"] / by_seed[b][s]["train_cpu_s"] for s in seeds]))
         out.append(
             f"{a} − {b} ({what}): {np.mean(diffs):+.2f} (seed{'s' if len(seeds) > 1 else ''} "
-            f"{','.join(map(str, seeds))}: {each})"
+            f"{','.join(map(str, seeds))}: {each}; CPU time {cpu:.2f}× {b}'s)"
         )
     return out
 
