@@ -287,6 +287,22 @@ def joint_epoch_cpu(records: list[dict[str, Any]], run: dict[str, Any]) -> float
     return float(reference["train_cpu_s"] / reference["epochs"])
 
 
+REPORT_ORDER = [
+    "joint",
+    "pcgrad",
+    "drmgf",
+    "drmgf-rounds",
+    "drmgf-steps8",
+    "drmgf-split",
+    "drmgf-split-sum",
+    "joint-1.5x",
+    "joint-2x",
+    "joint-5x",
+    "drmgf-steps8-5x",
+    "joint-25x",
+]
+
+
 # (a, b, what the pair compares): reported as a − b over the seeds both have.
 COMPARISONS = [
     ("drmgf-steps8", "joint-5x", "equal compute at 16 DR-MGF epochs"),
@@ -318,20 +334,7 @@ def _paired_comparisons(records: list[dict[str, Any]]) -> list[str]:
 
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
-    order = [
-        "joint",
-        "pcgrad",
-        "drmgf",
-        "drmgf-rounds",
-        "drmgf-steps8",
-        "drmgf-split",
-        "drmgf-split-sum",
-        "joint-1.5x",
-        "joint-2x",
-        "joint-5x",
-        "drmgf-steps8-5x",
-        "joint-25x",
-    ]
+    order = REPORT_ORDER
     for arch in dict.fromkeys(r["arch"] for r in records):
         rs = [r for r in records if r["arch"] == arch]
         exits = len(rs[0]["test_accuracy"])
@@ -415,7 +418,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     archs = list(dict.fromkeys(r["arch"] for r in records))
     fig, axes = plt.subplots(1, len(archs), figsize=(6.2 * len(archs), 4.4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
-        for label in dict.fromkeys(r["label"] for r in records if r["arch"] == arch):
+        # One colour per method across the panels, in the report's order.
+        for label in sorted(dict.fromkeys(r["label"] for r in records if r["arch"] == arch), key=REPORT_ORDER.index):
             group = [r for r in records if r["arch"] == arch and r["label"] == label]
             n = min(len(r["history"]) for r in group)
             priced = [(r, joint_epoch_cpu(records, r)) for r in group]
@@ -428,6 +432,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
                 t,
                 acc,
                 marker="." if n <= 100 else None,
+                color=plt.get_cmap("tab20")(REPORT_ORDER.index(label) % 20),
                 label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})",
             )
         ax.set_title(arch)
