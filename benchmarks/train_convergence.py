@@ -334,7 +334,6 @@ def _paired_comparisons(records: list[dict[str, Any]]) -> list[str]:
 
 def make_report(records: list[dict[str, Any]]) -> str:
     lines = []
-    order = REPORT_ORDER
     for arch in dict.fromkeys(r["arch"] for r in records):
         rs = [r for r in records if r["arch"] == arch]
         exits = len(rs[0]["test_accuracy"])
@@ -346,7 +345,7 @@ def make_report(records: list[dict[str, Any]]) -> str:
             + ["avg over exits", "avg − joint (paired)", "train CPU time (min)", "× joint", "train wall time (min)"]
         )
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label in [m for m in order if any(r["label"] == m for r in rs)]:
+        for label in [m for m in REPORT_ORDER if any(r["label"] == m for r in rs)]:
             group = sorted((r for r in rs if r["label"] == label), key=lambda r: r["seed"])
             means = [float(np.mean(r["test_accuracy"])) for r in group]
             paired = [
@@ -371,7 +370,7 @@ def make_report(records: list[dict[str, Any]]) -> str:
         if pairs:
             lines.append("\nPaired comparisons (average over exits, same seeds): " + "; ".join(pairs) + ".")
         checks = []
-        for label in [m for m in order if m.startswith("joint")]:
+        for label in [m for m in REPORT_ORDER if m.startswith("joint")]:
             runs = sorted((r for r in rs if r["label"] == label), key=lambda r: r["seed"])
             if runs:
                 states = [(r["seed"], *converged(r)) for r in runs]
