@@ -72,6 +72,10 @@ def test_measured_profile_is_sane_and_round_trips(pattern_bundle, tmp_path):
     alone = prof.first_stage_alone_seconds
     assert alone is not None and len(alone) == 4 and all(np.isfinite(alone)) and min(alone) > 0
     assert prof.onnxruntime_version and prof.machine["cpu_count"] >= 1
+    # The refilling scheduler's own work was measured (its size is not asserted: on this toy network it is as
+    # large as a row's whole trip, and on a loaded machine within noise of zero on a real one).
+    assert prof.refill_overhead_seconds is not None and np.isfinite(prof.refill_overhead_seconds)
+    assert model.executor.queue_buffers.held_bytes == 0  # the stream's queues are not left held
     path = prof.save(tmp_path / "profile.json")
     again = LatencyProfile.load(path)
     assert again.to_dict() == prof.to_dict()
@@ -252,6 +256,8 @@ def test_a_noisy_back_to_back_time_above_the_chain_time_keeps_policies_within_bu
         (lambda d: d.update(timing="wall"), "timing is 'wall'"),
         (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 3), "first_stage_alone_seconds must hold 7"),
         (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 6 + [0.0]), "first_stage_alone_seconds = "),
+        (lambda d: d.update(refill_overhead_seconds="2us"), "refill_overhead_seconds is '2us'"),
+        (lambda d: d.update(refill_overhead_seconds=float("nan")), "refill_overhead_seconds is nan"),
     ],
 )
 def test_malformed_profile_is_refused_with_the_fix(pattern_bundle, tmp_path, change, message):
@@ -374,14 +380,14 @@ def test_full_batch_time_policies_meet_the_budget_and_equal_a_linear_convention(
     target = timed_model.budget_cost(budget)
     logits, labels = timed_model.bundle.load_calibration()
     linear = ValidationData(logits, labels, full_batch_seconds())
-    for name, fitted in timed_model.calibrate_all(budget).items():
+    for name, fitted in timed_model.calibrate_all(budget, "full-batches").items():
         assert fitted.cost_convention == TIME_CONVENTION
         assert fitted.expected_cost <= target * (1 + 1e-9), name
         # Time on full batches is linear in the exits taken: the same thresholds as a cost convention
         # whose exit costs are the profiled seconds per image.
         cost, acc, _ = linear.evaluate(fitted.threshold_array())
         assert cost == pytest.approx(fitted.expected_cost) and acc == pytest.approx(fitted.expected_accuracy)
-    geo, search = (timed_model.calibrate_all(budget)[k] for k in ("geometric", "search"))
+    geo, search = (timed_model.calibrate_all(budget, "full-batches")[k] for k in ("geometric", "search"))
     assert search.expected_accuracy >= geo.expected_accuracy
 
 
@@ -420,6 +426,80 @@ def test_time_cost_model_is_exact_on_reach_counts(pattern_bundle):
     np.testing.assert_allclose(cost.reach_cost(reach, 64), expected)
     with pytest.raises(anytime.AnytimeError, match="cost mode"):
         TimeCost(synthetic_profile(pattern_bundle), mode="sometimes")
+
+
+def test_refilling_schedulers_own_work_is_priced_per_row_and_stage(pattern_bundle, tmp_path):
+    plain = synthetic_profile(pattern_bundle)
+    overhead = 3e-6
+    with_refill = dataclasses.replace(plain, refill_overhead_seconds=overhead)
+    reach = np.array([[64, 64, 64], [32, 64, 0], [8, 64, 0], [1, 64, 0]])
+    full = TimeCost(with_refill, "full-batches").reach_cost(reach, 64)
+    base = TimeCost(plain, "full-batches").reach_cost(reach, 64)
+    # 105, 256 and 64 stage calls per 64 images
+    np.testing.assert_allclose(full - base, overhead * np.array([105, 256, 64]) / 64)
+    assert not TimeCost(with_refill, "full-batches").linear and TimeCost(plain, "full-batches").linear
+    # the per-batch executor does not run the scheduler: its price is unchanged
+    np.testing.assert_allclose(
+        TimeCost(with_refill, "per-batch").reach_cost(reach, 64), TimeCost(plain, "per-batch").reach_cost(reach, 64)
+    )
+    again = LatencyProfile.load(with_refill.save(tmp_path / "p.json"))
+    assert again.refill_overhead_seconds == overhead and "refilling scheduler +3 µs" in again.describe()
+    assert LatencyProfile.load(plain.save(tmp_path / "old.json")).refill_overhead_seconds is None
+    # A full-batch policy fitted with the overhead still meets its budget, priced with it.
+    model = anytime.load(pattern_bundle, device="cpu", threads=1, profile=with_refill)
+    fitted = model.calibrate("70us", "search", cost_mode="full-batches")
+    exits = first_exit(model.validation_data().confidence, fitted.threshold_array())
+    by_hand = full_batch_seconds()[exits].mean() + overhead * (exits + 1).mean()
+    assert fitted.expected_cost == pytest.approx(by_hand) and fitted.expected_cost <= 70e-6 * (1 + 1e-9)
+
+
+def test_a_budget_the_refilling_schedulers_own_work_cannot_meet_says_so(pattern_bundle):
+    overhead = 5e-6
+    profile = dataclasses.replace(synthetic_profile(pattern_bundle), refill_overhead_seconds=overhead)
+    model = anytime.load(pattern_bundle, device="cpu", threads=1, profile=profile)
+    first = float(full_batch_seconds()[0])
+    assert model.cheapest_cost("full-batches") == pytest.approx(first + overhead)
+    assert model.cheapest_cost("per-batch") <= first
+    budget = f"{1e6 * (first + overhead / 2):.4f}us"  # above the first exit's time, below it with the overhead
+    with pytest.raises(BudgetError) as info:
+        model.calibrate(budget, cost_mode="full-batches")
+    message = str(info.value)
+    assert "every image at exit 1 takes" in message and "refilling scheduler's own work (5 µs" in message
+    assert "--scheduler batch" in message
+    assert model.calibrate(budget, cost_mode="per-batch").expected_cost <= first + overhead / 2
+
+
+def test_time_is_counted_as_the_executor_runs(pattern_bundle):
+    profile = dataclasses.replace(synthetic_profile(pattern_bundle), refill_overhead_seconds=1e-6)
+    model = anytime.load(pattern_bundle, device="cpu", threads=1, profile=profile)
+    assert model.cost_mode == "per-batch"  # auto on CPU: as the per-batch executor streams run on by default
+    other = anytime.load(pattern_bundle, device="cpu", threads=1, profile=profile, cost_mode="full-batches")
+    assert other.cost_mode == "full-batches"
+    assert model.calibrate("60%").info["cost_mode"] == "per-batch"
+    x, _ = make_pattern_images(64, seed=3)
+    for scheduler, mode in (("refill", "full-batches"), ("batch", "per-batch")):
+        (part,) = list(model.predict_batches(x, budget="60%", batch_size=64, scheduler=scheduler))
+        assert part.policy.info["cost_mode"] == mode
+    with pytest.raises(anytime.AnytimeError, match="cost_mode='sometimes' is unknown; use one of auto"):
+        anytime.load(pattern_bundle, device="cpu", cost_mode="sometimes")
+
+
+def test_refill_stream_reaches_every_stage_with_full_calls(pattern_bundle):
+    from anytime.runtime.profiling import REFILL_STREAM_BATCHES, _RefillStream
+
+    model = anytime.load(pattern_bundle, device="cpu", threads=1)
+    spec = model.bundle.input
+    x = np.random.default_rng(0).standard_normal((16, spec.channels, spec.height, spec.width)).astype(np.float32)
+    stream = _RefillStream(model.executor, x)
+    stream.run(timed=True)
+    (rows,) = stream.rows
+    # the thresholds send on 16, 14, 11 and 8 rows of each batch (from all to half, linearly) ...
+    *_, trace = model.executor.run_early_exit(x, stream.thresholds)
+    assert trace.rows_per_stage == [16, 14, 11, 8]
+    # ... so every stage ran, on full calls only (finish's part-filled calls are not counted)
+    assert rows[0] == 16 * REFILL_STREAM_BATCHES
+    assert np.all(rows % 16 == 0) and np.all(rows > 0) and np.all(np.diff(rows) <= 0)
+    assert model.executor.queue_buffers.held_bytes > 0  # kept for the next stream, as serving keeps them
 
 
 def test_predictions_in_time_rows_and_summary(timed_model):

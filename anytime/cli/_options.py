@@ -204,10 +204,11 @@ def profile_options(f: Callable[..., Any] | None = None, *, per_model: bool = Fa
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         f = api_option(
             "--cost-mode",
-            type=click.Choice(["full-batches", "per-batch"]),
+            type=click.Choice(["auto", "full-batches", "per-batch"]),
             api=LOAD,
-            help="With --profile, how a policy's time is counted: every stage on full batches (a refilling "
-            "scheduler) or each batch compacted stage by stage (--strict always fits this way).",
+            help="With --profile, how calibrate and eval count a policy's time: every stage on full batches (the "
+            "refilling scheduler, with its own work) or each batch compacted stage by stage (--strict always fits "
+            "this way); auto (default): as serve runs by default, full batches on a GPU, per batch on CPU.",
         )(f)
         f = api_option(
             "--profile",

@@ -194,7 +194,7 @@ def serve(
     refill = scheduler == "refill" or (scheduler in (None, "auto") and model.executor.on_gpu)
     per_batch = strict or not refill or ray_address is not None
     chosen = model.resolve_policy(
-        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else None)
+        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else "full-batches")
     )
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")

@@ -11,6 +11,7 @@ on one machine, provider and thread count, for one bundle.
      "rows": [1, 2, 4, 8, 16, 32, 64],
      "stage_call_seconds": [[...7 medians...], ...one list per stage...],
      "first_stage_alone_seconds": [...7 medians...],
+     "refill_overhead_seconds": 1.9e-06,
      "stage_seconds_per_row": [...]}          # at batch_size: stage_call_seconds[k][-1] / batch_size
 
 `rows` are the batch sizes one stage call was timed at (early exit compacts a batch, so later stages run
@@ -25,7 +26,10 @@ call's time covers: "step", the executor's whole stage step (gathering the rows 
 the exit test); "session", the session run alone (profiles written before `timing` existed, which lack the
 key, were timed so; they still load, with a warning when used). `thread_pool` is how the stage sessions
 shared intra-op threads: "shared", one process-wide pool; "session", one pool per stage session (profiles
-without the key were measured so). `bundle.identity` is
+without the key were measured so). `refill_overhead_seconds` is what the refilling stage scheduler spends per
+row and stage call beyond the timed steps (its queues, the answers' bookkeeping, admitting and releasing
+batches), measured on a stream; a policy priced for full batches (`TimeCost(mode="full-batches")`) adds it for
+every stage a row runs (profiles without the key add nothing). `bundle.identity` is
 `anytime.formats.bundle.bundle_identity`. Torch-free (json, numpy); this module is the format's one definition.
 """
 
@@ -91,10 +95,13 @@ class LatencyProfile:
     timing: str = STEP_TIMING  # what one call's time covers (see the module docstring)
     # [i]: median seconds of a first-stage call on rows[i] rows right after another first-stage call
     first_stage_alone_seconds: list[float] | None = None
+    # seconds per row and stage call the refilling scheduler spends beyond the timed steps
+    refill_overhead_seconds: float | None = None
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
         problems += _alone_problems(self.rows, self.first_stage_alone_seconds)
+        problems += _overhead_problems(self.refill_overhead_seconds)
         if self.thread_pool not in THREAD_POOLS:
             problems.append(f"thread_pool is {self.thread_pool!r}, expected one of {', '.join(THREAD_POOLS)}")
         if self.timing not in TIMINGS:
@@ -182,6 +189,11 @@ class LatencyProfile:
                 if self.first_stage_alone_seconds is not None
                 else {}
             ),
+            **(
+                {"refill_overhead_seconds": float(self.refill_overhead_seconds)}
+                if self.refill_overhead_seconds is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -210,6 +222,9 @@ class LatencyProfile:
                 if d.get("first_stage_alone_seconds") is None
                 else [float(t) for t in d["first_stage_alone_seconds"]]
             ),
+            refill_overhead_seconds=(
+                None if d.get("refill_overhead_seconds") is None else float(d["refill_overhead_seconds"])
+            ),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -235,6 +250,11 @@ class LatencyProfile:
             f"latency profile of {self.bundle_arch} ({self.bundle_identity[:12]}) on {self.provider}, "
             f"threads {threads} ({self.thread_pool} pool), batch {self.batch_size}: full network {1e6 * self.full_seconds:.4g} µs per image; "
             f"per stage µs per row [{per_row}]"
+            + (
+                f"; refilling scheduler {1e6 * self.refill_overhead_seconds:+.3g} µs per row and stage"
+                if self.refill_overhead_seconds is not None
+                else ""
+            )
         )
 
 
@@ -255,6 +275,14 @@ def _alone_problems(rows: Any, alone: Any) -> list[str]:
         return [f"first_stage_alone_seconds must hold {len(rows)} numbers, one per row count"]
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in alone):
         return [f"first_stage_alone_seconds = {alone} must be positive finite seconds"]
+    return []
+
+
+def _overhead_problems(overhead: Any) -> list[str]:
+    if overhead is None:
+        return []
+    if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not math.isfinite(overhead):
+        return [f"refill_overhead_seconds is {overhead!r}, expected a finite number of seconds"]
     return []
 
 
@@ -295,6 +323,7 @@ def profile_problems(d: Any) -> list[str]:
         ]
     problems = _table_problems(d.get("rows"), d.get("stage_call_seconds"))
     problems += _alone_problems(d.get("rows"), d.get("first_stage_alone_seconds"))
+    problems += _overhead_problems(d.get("refill_overhead_seconds"))
     bundle = d.get("bundle")
     if not isinstance(bundle, dict) or not isinstance(bundle.get("identity"), str):
         problems.append("bundle.identity is missing")

@@ -5,7 +5,9 @@ Calibration needs one number per threshold vector: the expected cost per image o
 With reach fractions p_k (the share of images that run stage k; p_1 = 1):
 
 - linear (MACs, or time when every stage runs full batches): sum_k c_k p_k, with c_k stage k's cost per
-  image, i.e. the mean of the exits' cumulative costs;
+  image, i.e. the mean of the exits' cumulative costs; with full batches a profile's
+  `refill_overhead_seconds` h (the refilling scheduler's own work per row and stage call, measured on a
+  stream) adds h sum_k p_k;
 - time with per-batch compaction (`TimeCost(mode="per-batch")`, today's executor and `strict`): each batch of
   B images calls stage k on p_k·B rows, and a small call costs more per row, so the time per image is
   sum_k T_k(p_k·B) / B with T_k the profiled seconds of one call (interpolated between measured row counts).
@@ -44,7 +46,11 @@ class TimeCost:
     @property
     def linear(self) -> bool:
         """True when the cost is the mean of the exits' cumulative costs (calibration's fast exact path)."""
-        return self.mode == "full-batches" and self.profile.first_stage_alone_seconds is None
+        return (
+            self.mode == "full-batches"
+            and self.profile.first_stage_alone_seconds is None
+            and not self.profile.refill_overhead_seconds
+        )
 
     @property
     def exit_costs(self) -> np.ndarray:
@@ -60,7 +66,9 @@ class TimeCost:
             # stage at its full-batch time per row.
             per_row = self.profile.seconds_per_row.reshape((-1,) + (1,) * (reach.ndim - 1))
             cost = (per_row * reach).sum(axis=0) / count
-            if self.linear:
+            if self.profile.refill_overhead_seconds:
+                cost = cost + self.profile.refill_overhead_seconds * reach.sum(axis=0) / count
+            if self.profile.first_stage_alone_seconds is None:
                 return cost
             later = (per_row[1:] * reach[1:]).sum(axis=0)
             every_row_on = per_row[1:].sum() * reach[0]

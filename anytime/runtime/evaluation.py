@@ -124,12 +124,13 @@ def all_exit_logits(model: Any, images: Any, progress: bool = False) -> tuple[np
     return np.concatenate(logits, axis=1), np.concatenate(labels)
 
 
-def budget_grid(exit_costs: np.ndarray, points: int) -> np.ndarray:
-    """Budgets from the first exit's cost to the full network, evenly spaced, plus the summary's
-    fractions (25/50/75% of the full network) when they are feasible."""
+def budget_grid(exit_costs: np.ndarray, points: int, cheapest: float | None = None) -> np.ndarray:
+    """Budgets from the first exit's cost (or `cheapest`, the cheapest policy's cost where that is more) to
+    the full network, evenly spaced, plus the summary's fractions (25/50/75% of the full network) when they
+    are feasible."""
     if points < 2:
         raise ConfigError(f"--points must be at least 2, got {points}")
-    first, full = float(exit_costs[0]), float(exit_costs[-1])
+    first, full = max(float(exit_costs[0]), cheapest or 0.0), float(exit_costs[-1])
     marks = [f * full for f in HISTOGRAM_FRACTIONS if f * full >= first]
     return np.unique(np.concatenate([np.linspace(first, full, points), marks]))
 
@@ -161,7 +162,7 @@ def evaluate_model(
     progress: bool = False,
     name: str | None = None,
     profile: Any = None,
-    cost_mode: str = "full-batches",
+    cost_mode: str = "auto",
     thread_pool: str = "session",
 ) -> ModelReport:
     """One bundle on one split. `name` labels it in tables and plots (default: the directory's name).
@@ -204,7 +205,7 @@ def evaluate_model(
 
     curve = []
     n = labels.shape[0]
-    for budget in budget_grid(costs, points):
+    for budget in budget_grid(costs, points, model.cheapest_cost()):
         policies = model.calibrate_all(float(budget))
         for name in CURVE_POLICIES:
             policy = policies[name]

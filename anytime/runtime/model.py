@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from anytime.errors import AnytimeError, ConfigError, InputImageError
+from anytime.errors import AnytimeError, BudgetError, ConfigError, InputImageError
 from anytime.formats.bundle import Bundle, read_bundle
 from anytime.formats.preprocessing import DEFAULT_MAX_PIXELS, Preprocessor
 from anytime.formats.profile import LatencyProfile
@@ -74,7 +74,7 @@ class AnytimeModel:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         workers: int | None = None,
         profile: ProfileLike | None = None,
-        cost_mode: str = "full-batches",
+        cost_mode: str = "auto",
     ) -> None:
         self.bundle = bundle
         self.executor = executor
@@ -82,9 +82,10 @@ class AnytimeModel:
         self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
         self._validation: ValidationData | None = None
         self._policies: dict[tuple[float, str, str], dict[str, ExitPolicy]] = {}
-        if cost_mode not in COST_MODES:
-            raise ConfigError(f"cost_mode={cost_mode!r} is unknown; use one of {', '.join(COST_MODES)}")
-        self.cost_mode = cost_mode
+        if cost_mode not in (*COST_MODES, "auto"):
+            raise ConfigError(f"cost_mode={cost_mode!r} is unknown; use one of auto, {', '.join(COST_MODES)}")
+        # auto: as the executor a stream runs on by default (`_choose_scheduler`): refilling on a GPU, per batch on CPU
+        self.cost_mode = cost_mode if cost_mode != "auto" else "full-batches" if executor.on_gpu else "per-batch"
         self.latency_profile: LatencyProfile | None = None
         if profile is not None:
             self.use_profile(profile)
@@ -201,6 +202,8 @@ class AnytimeModel:
             data = self.validation_data(cost_mode)
             t0 = time.perf_counter()
             geo = fit_geometric(data, cost, self.cost_convention, parsed.text)
+            if geo.expected_cost > cost * (1 + 1e-9):
+                raise self._below_cheapest(parsed.text, cost, mode)
             t1 = time.perf_counter()
             search = fit_search(data, cost, self.cost_convention, start=geo, budget_text=parsed.text)
             t2 = time.perf_counter()
@@ -213,6 +216,30 @@ class AnytimeModel:
                     fitted.info["cost_mode"] = mode
             self._policies[key] = {"geometric": geo, "search": search, "best": best}
         return self._policies[key]
+
+    def cheapest_cost(self, cost_mode: str | None = None) -> float:
+        """Cost per image of the cheapest policy, every image at exit 1, priced as `calibrate_all` prices it
+        (`cost_mode`): at most the first exit's cost, except on full batches with a profile that prices the
+        refilling scheduler's own work (`refill_overhead_seconds`), which that work adds to."""
+        return self.validation_data(cost_mode).evaluate(np.full(self.num_exits, -np.inf))[0]
+
+    def _below_cheapest(self, text: str, cost: float, mode: str) -> BudgetError:
+        cheapest = self.cheapest_cost(mode or None)
+        overhead = (self.latency_profile.refill_overhead_seconds if self.latency_profile is not None else None) or 0.0
+        refill = mode == "full-batches" and overhead != 0.0
+        full = float(self.exit_costs[-1])
+        return BudgetError(
+            f"budget {text} ({format_cost(cost, self.cost_convention)} per image) is below the cheapest policy's "
+            f"cost: every image at exit 1 takes {format_cost(cheapest, self.cost_convention)}"
+            + (
+                f" with the refilling scheduler's own work ({format_seconds(overhead)} per row and stage)"
+                if refill
+                else ""
+            )
+            + f"; feasible budgets are {format_cost(cheapest, self.cost_convention)} to "
+            f"{format_cost(full, self.cost_convention)} per image ({100 * cheapest / full:.1f}% to 100%)"
+            + (", or serve with the per-batch executor (--scheduler batch), which has no such work" if refill else "")
+        )
 
     def calibrate(
         self, budget: BudgetLike, policy: str = "best", *, method: str | None = None, cost_mode: str | None = None
@@ -384,7 +411,7 @@ class AnytimeModel:
         mode = _choose_scheduler(scheduler, strict, inputs, batch_size, on_gpu=self.executor.on_gpu)
         # With a latency profile, a policy is priced as its executor runs: the per-batch executor (and a strict
         # cap, which holds per batch) compacts every batch stage by stage; the refilling one runs full batches.
-        cost_mode = "per-batch" if mode == "batch" else None
+        cost_mode = "per-batch" if mode == "batch" else "full-batches"
         chosen = self.resolve_policy(
             budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=cost_mode
         )
@@ -595,7 +622,7 @@ def load(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     profile: ProfileLike | None = None,
-    cost_mode: str = "full-batches",
+    cost_mode: str = "auto",
     io_binding: bool | str = "auto",
     thread_pool: str = "session",
 ) -> AnytimeModel:
@@ -615,8 +642,11 @@ def load(
     `profile`: a latency profile (`LatencyProfile` or the JSON `anytime profile` writes) makes time the cost
     convention: budgets in seconds per image (`0.3ms`, `300us`; `40%` of the full network's measured time).
     `cost_mode`: how a policy's time is counted with a profile: "full-batches" (every stage runs full
-    batches, as a refilling stage scheduler does) or "per-batch" (each batch compacted stage by stage; a
-    strict prediction always fits its policy this way).
+    batches, as a refilling stage scheduler does, plus that scheduler's own work where the profile measured
+    it) or "per-batch" (each batch compacted stage by stage; a strict prediction always fits its policy this
+    way); "auto" (default): as a stream runs by default, full batches on a GPU, per batch on CPU. `predict`
+    and `serve` price a budget as the executor they run on whatever this says; it decides for `calibrate`
+    and `eval`.
     """
     b = read_bundle(bundle, verify=verify)
     executor = StageExecutor(

@@ -10,14 +10,24 @@ stage, then r of its rows through every later stage, for each row count r. On a 
 budget overshoot by that much. Each row count of `profile_rows(batch_size)` is timed so, warm, on the model's own sessions: early exit
 compacts a batch, so later stages run on fewer rows, and a small call costs more per row. The inputs are random (a stage's time does not depend on the pixel values). Repeats go round all row
 counts in turn, so a slow spell of a shared machine spreads over all of them, and the median is kept.
+
+The refilling scheduler does more host work than those steps (queues, the answers' bookkeeping, admitting and
+releasing batches): measured on msdnet-tiny at batch 64, one thread, it ran 4-7% over a full-batches price
+made of the steps alone at every budget, while the per-batch executor ran within its price. So the profile also
+runs the scheduler over a short stream of the same random batch, every stage on full batches (reach falling from
+all rows at the first stage to half at the last), and keeps its time beyond the steps' price, per row and stage
+call (`refill_overhead_seconds`): that work is per call and per row, not per multiply-add, so it is priced per
+stage a row runs, not as a share of the stages' time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +81,10 @@ def measure_profile(
     x = rng.standard_normal((rows[-1], spec.channels, spec.height, spec.width)).astype(np.float32)
     times = np.empty((bundle.num_exits, len(rows), int(repeats)))
     alone = np.empty((len(rows), int(repeats)))
+    held_before = executor.queue_buffers.held_bytes
+    stream = _RefillStream(executor, x[: rows[-1]])
+    # The stream is as long as the whole chain of about six batches: timed every few repeats, about five times.
+    stream_every = max(1, int(repeats) // REFILL_STREAMS)
     for rep in range(-int(warmup), int(repeats)):
         for i, r in enumerate(rows):
             later, first = _time_stage_steps(executor, x, r)
@@ -79,9 +93,11 @@ def measure_profile(
                 times[1:, i, rep] = later
                 times[0, i, rep] = first
                 alone[i, rep] = first_alone
+        if rep < 0 or rep % stream_every == 0:
+            stream.run(timed=rep >= 0)
     medians = np.median(times, axis=2)
     log.debug("profile medians (s per stage step): %s", medians)
-    return LatencyProfile(
+    profile = LatencyProfile(
         rows=rows,
         stage_call_seconds=[[float(max(t, 1e-9)) for t in stage] for stage in medians],
         bundle_arch=bundle.arch,
@@ -98,6 +114,72 @@ def measure_profile(
         timing=STEP_TIMING,
         first_stage_alone_seconds=[float(max(t, 1e-9)) for t in np.median(alone, axis=1)],
     )
+    profile.refill_overhead_seconds = stream.overhead(profile)
+    if not held_before:  # the stream's queue buffers (a batch of every stage's state) are not the caller's to keep
+        executor.queue_buffers.clear()
+    return profile
+
+
+REFILL_STREAMS = 5  # timed runs of the refilling stream per profile
+REFILL_STREAM_BATCHES = 6
+
+
+class _RefillStream:
+    """The refilling scheduler over `REFILL_STREAM_BATCHES` copies of one batch, thresholds set so that the
+    rows reaching stage k fall linearly from the whole batch at the first stage to half of it at the last:
+    every stage gets full calls, and most rows reach a stage partly, so rows are copied into queues as in
+    serving. Each run's wall time over its `add` calls and the rows each stage ran in them are kept (the calls
+    `finish` makes on part-filled queues at the end of a stream are left out of both)."""
+
+    def __init__(self, executor: StageExecutor, x: np.ndarray) -> None:
+        from anytime.runtime.calibration import softmax_confidence
+
+        self.executor, self.x = executor, x
+        k_exits, batch = executor.num_exits, x.shape[0]
+        confidence, _ = softmax_confidence(executor.run_all(x))  # (K, B)
+        target = [batch - (batch * k) // (2 * (k_exits - 1)) if k_exits > 1 else batch for k in range(k_exits)]
+        going = np.arange(batch)
+        thresholds = np.full(k_exits, np.inf, dtype=np.float32)
+        for k in range(k_exits - 1):
+            if target[k + 1] < going.size:
+                # the target[k+1] least confident rows go on; the others leave, at or above the threshold
+                order = going[np.argsort(confidence[k, going], kind="stable")]
+                thresholds[k] = np.nextafter(confidence[k, order[target[k + 1] - 1]], np.float32(np.inf))
+                going = going[confidence[k, going] < thresholds[k]]
+        self.thresholds = thresholds
+        self.seconds: list[float] = []
+        self.rows: list[np.ndarray] = []
+
+    def run(self, timed: bool) -> None:
+        from anytime.runtime.scheduler import RefillingScheduler, StageCalls
+
+        batch = self.x.shape[0]
+        calls = StageCalls(self.executor.num_exits)
+        scheduler = RefillingScheduler(self.executor, self.thresholds, batch, stage_calls=calls)
+        everything = np.arange(batch)
+        t0 = time.perf_counter()
+        for _ in range(REFILL_STREAM_BATCHES):
+            scheduler.add(self.x, everything, batch)
+        seconds = time.perf_counter() - t0
+        rows = np.array(calls.rows_per_stage, dtype=np.float64)
+        scheduler.finish()
+        if timed:
+            self.seconds.append(seconds)
+            self.rows.append(rows)
+
+    def overhead(self, profile: LatencyProfile) -> float:
+        """Median over the timed runs of (wall time − the steps' full-batches price of the rows each stage
+        ran) per row and stage call (0.0 when nothing ran)."""
+        from anytime.runtime.costmodel import TimeCost
+
+        price = TimeCost(dataclasses.replace(profile, refill_overhead_seconds=None), "full-batches")
+        images = REFILL_STREAM_BATCHES * self.x.shape[0]
+        extra = [
+            (seconds - float(price.reach_cost(rows, images)) * images) / rows.sum()
+            for seconds, rows in zip(self.seconds, self.rows)
+            if rows.sum() > 0
+        ]
+        return float(np.median(extra)) if extra else 0.0
 
 
 def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tuple[list[float], float]:
