@@ -71,6 +71,9 @@ def test_measured_profile_is_sane_and_round_trips(pattern_bundle, tmp_path):
     np.testing.assert_allclose(prof.seconds_per_row, table[:, -1] / 8)
     alone = prof.first_stage_alone_seconds
     assert alone is not None and len(alone) == 4 and all(np.isfinite(alone)) and min(alone) > 0
+    after = prof.first_stage_after_seconds  # the first stage on the whole batch after later calls on 1..8 rows
+    assert after is not None and len(after) == 4 and min(after) > 0
+    assert after[-1] == prof.stage_call_seconds[0][-1]  # after a full chain: the chain time itself
     assert prof.onnxruntime_version and prof.machine["cpu_count"] >= 1
     # The refilling scheduler's own work was measured (its size is not asserted: on this toy network it is as
     # large as a row's whole trip, and on a loaded machine within noise of zero on a real one).
@@ -216,6 +219,44 @@ def test_first_stage_is_priced_by_how_much_later_work_runs(pattern_bundle, tmp_p
     assert LatencyProfile.load(chain_only.save(tmp_path / "q.json")).first_stage_alone_seconds is None
 
 
+def test_per_batch_first_stage_follows_the_measured_curve_full_batches_the_straight_line(pattern_bundle, tmp_path):
+    prof = with_first_stage_alone(synthetic_profile(pattern_bundle))
+    t = [lambda r, k=k: (OVERHEAD_US[k] + PER_ROW_US[k] * r) * 1e-6 for k in range(4)]
+    alone, chain = ALONE_SHARE * t[0](64), t[0](64)
+    # Measured: after later calls on 1..32 rows the first stage took these fractions of the way from its
+    # back-to-back to its chain time (rising fast, as caches are evicted by a little later work); at 64, the chain.
+    fractions = [0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
+    curved = dataclasses.replace(prof, first_stage_after_seconds=[alone + f * (chain - alone) for f in fractions])
+    every_row_on = t[1](64) + t[2](64) + t[3](64)
+    shares, ys = curved.first_stage_curve()
+    measured_shares = [(t[1](r) + t[2](r) + t[3](r)) / every_row_on for r in ROWS[:-1]]
+    np.testing.assert_allclose(shares, [0.0, *measured_shares, 1.0])
+    np.testing.assert_allclose(ys, [0.0, *fractions[:-1], 1.0])
+    # A batch whose later stages run on 8 rows: priced at that point of the curve, not on the line.
+    share8 = measured_shares[3]
+    assert curved.batch_seconds([64, 8, 8, 8]) == pytest.approx(
+        alone + 0.6 * (chain - alone) + t[1](8) + t[2](8) + t[3](8)
+    )
+    assert prof.batch_seconds([64, 8, 8, 8]) == pytest.approx(
+        alone + share8 * (chain - alone) + t[1](8) + t[2](8) + t[3](8)
+    )
+    assert 0.6 > share8  # the curve is above the line: the straight line underpriced such batches
+    # Full batches keep the straight line; the ends are the same either way.
+    reach = np.array([[64, 64, 64], [8, 64, 0], [8, 64, 0], [8, 64, 0]])
+    np.testing.assert_allclose(
+        TimeCost(curved, "full-batches").reach_cost(reach, 64), TimeCost(prof, "full-batches").reach_cost(reach, 64)
+    )
+    assert curved.batch_seconds([64, 0, 0, 0]) == pytest.approx(alone)
+    assert curved.batch_seconds([64, 64, 64, 64]) == pytest.approx(sum(t[k](64) for k in range(4)))
+    # Noise that falls as more later work runs is kept rising; the file keeps the times.
+    noisy = dataclasses.replace(
+        prof, first_stage_after_seconds=[alone + f * (chain - alone) for f in (0.1, 0.5, 0.3, 0.6, 0.8, 0.9, 1.0)]
+    )
+    assert list(noisy.first_stage_curve()[1]) == pytest.approx([0.0, 0.1, 0.5, 0.5, 0.6, 0.8, 0.9, 1.0])
+    again = LatencyProfile.load(curved.save(tmp_path / "curved.json"))
+    assert again.first_stage_after_seconds == pytest.approx(curved.first_stage_after_seconds)
+
+
 def test_time_policies_spend_what_back_to_back_first_stages_save(pattern_bundle):
     """At a budget where most rows leave at the first exit, pricing its calls back to back lets more rows go
     on for the same budget, and the policy still meets the budget in its own pricing."""
@@ -256,6 +297,7 @@ def test_a_noisy_back_to_back_time_above_the_chain_time_keeps_policies_within_bu
         (lambda d: d.update(timing="wall"), "timing is 'wall'"),
         (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 3), "first_stage_alone_seconds must hold 7"),
         (lambda d: d.update(first_stage_alone_seconds=[1e-5] * 6 + [0.0]), "first_stage_alone_seconds = "),
+        (lambda d: d.update(first_stage_after_seconds=[1e-5] * 2), "first_stage_after_seconds must hold 7"),
         (lambda d: d.update(refill_overhead_seconds="2us"), "refill_overhead_seconds is '2us'"),
         (lambda d: d.update(refill_overhead_seconds=float("nan")), "refill_overhead_seconds is nan"),
     ],

@@ -11,6 +11,7 @@ on one machine, provider and thread count, for one bundle.
      "rows": [1, 2, 4, 8, 16, 32, 64],
      "stage_call_seconds": [[...7 medians...], ...one list per stage...],
      "first_stage_alone_seconds": [...7 medians...],
+     "first_stage_after_seconds": [...7 medians...],
      "refill_overhead_seconds": 1.9e-06,
      "stage_seconds_per_row": [...]}          # at batch_size: stage_call_seconds[k][-1] / batch_size
 
@@ -21,7 +22,13 @@ stage after a whole chain of later calls (every row going on); `first_stage_alon
 calls that follow each other with no later stage between them (every row leaving at the first exit), which
 is faster because the caches still hold the first stage's data (measured on msdnet-tiny: 0.85 of the chain
 time at 2 threads). A batch's first-stage call is priced between the two by how much of the later stages'
-work the batch runs (`batch_seconds`); profiles without the key price it at the chain time. `timing` says what one
+work runs (`first_stage_seconds`); profiles without the key price it at the chain time.
+`first_stage_after_seconds[i]` times the first stage on the whole batch right after the later stages ran on
+rows[i] rows: a little later work already evicts most of what back-to-back calls keep warm (measured on
+msdnet-tiny at one thread: with 7% of the later work running, the first stage took 27% of the way from its
+back-to-back to its chain time; with 39%, 75%), so the per-batch price follows this measured curve instead
+of a straight line; full batches, where the later stages run in whole calls between runs of first-stage
+calls, keep the straight line. Profiles without the key use the straight line for both. `timing` says what one
 call's time covers: "step", the executor's whole stage step (gathering the rows that go on, the session run,
 the exit test); "session", the session run alone (profiles written before `timing` existed, which lack the
 key, were timed so; they still load, with a warning when used). `thread_pool` is how the stage sessions
@@ -95,12 +102,15 @@ class LatencyProfile:
     timing: str = STEP_TIMING  # what one call's time covers (see the module docstring)
     # [i]: median seconds of a first-stage call on rows[i] rows right after another first-stage call
     first_stage_alone_seconds: list[float] | None = None
+    # [i]: median seconds of a first-stage call on the whole batch right after the later stages ran rows[i] rows
+    first_stage_after_seconds: list[float] | None = None
     # seconds per row and stage call the refilling scheduler spends beyond the timed steps
     refill_overhead_seconds: float | None = None
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
         problems += _alone_problems(self.rows, self.first_stage_alone_seconds)
+        problems += _alone_problems(self.rows, self.first_stage_after_seconds, "first_stage_after_seconds")
         problems += _overhead_problems(self.refill_overhead_seconds)
         if self.thread_pool not in THREAD_POOLS:
             problems.append(f"thread_pool is {self.thread_pool!r}, expected one of {', '.join(THREAD_POOLS)}")
@@ -123,11 +133,12 @@ class LatencyProfile:
         interpolate, which is what an expected row count needs); 0 rows cost nothing."""
         return _interpolate(self.rows, self.stage_call_seconds[stage], rows)
 
-    def first_stage_seconds(self, rows: Any, later: Any, every_row_on: Any) -> np.ndarray:
+    def first_stage_seconds(self, rows: Any, later: Any, every_row_on: Any, measured_curve: bool = True) -> np.ndarray:
         """Seconds of one first-stage call on `rows` rows when the later stages run `later` seconds of work
-        for those rows before the next first-stage call, out of `every_row_on` had every row gone on: at
-        the whole chain (the table's timing) its chain time, with none of it (`first_stage_alone_seconds`)
-        its back-to-back time, linear between."""
+        before the next first-stage call, out of `every_row_on` had every row gone on: at the whole chain (the
+        table's timing) its chain time, with none of it (`first_stage_alone_seconds`) its back-to-back time,
+        between them along the measured curve (`first_stage_after_seconds`, with `measured_curve`) or a
+        straight line."""
         chain = self.call_seconds(0, rows)
         if self.first_stage_alone_seconds is None:
             return chain
@@ -135,8 +146,31 @@ class LatencyProfile:
         # work would make cost fall as more rows go on, and the cheapest policy dearer than the first exit.
         alone = np.minimum(_interpolate(self.rows, self.first_stage_alone_seconds, rows), chain)
         later, every_row_on = np.broadcast_arrays(np.asarray(later, np.float64), np.asarray(every_row_on, np.float64))
-        share = np.divide(later, every_row_on, out=np.zeros(later.shape), where=every_row_on > 0)
-        return alone + (chain - alone) * np.clip(share, 0.0, 1.0)
+        share = np.clip(np.divide(later, every_row_on, out=np.zeros(later.shape), where=every_row_on > 0), 0.0, 1.0)
+        if measured_curve and self.first_stage_after_seconds is not None:
+            shares, fractions = self.first_stage_curve()
+            share = np.interp(share, shares, fractions)
+        return alone + (chain - alone) * share
+
+    def first_stage_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(share of the later stages' work that ran, fraction of the way from the first stage's back-to-back
+        time to its chain time it then took): from (0, 0) through the measured points to (1, 1), kept rising
+        (more later work cannot warm the caches) and within [0, 1]."""
+        assert self.first_stage_after_seconds is not None and self.first_stage_alone_seconds is not None
+        b = self.batch_size
+        chain = float(self.stage_call_seconds[0][-1])
+        alone = min(float(self.first_stage_alone_seconds[-1]), chain)
+        every_row_on = sum(float(self.call_seconds(k, b)) for k in range(1, self.num_exits))
+        if every_row_on <= 0 or chain - alone <= 0:
+            return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+        shares = [
+            sum(float(self.call_seconds(k, r)) for k in range(1, self.num_exits)) / every_row_on for r in self.rows
+        ]
+        fractions = np.clip((np.asarray(self.first_stage_after_seconds) - alone) / (chain - alone), 0.0, 1.0)
+        xs = np.concatenate([[0.0], np.minimum(shares[:-1], 1.0), [1.0]])
+        ys = np.concatenate([[0.0], fractions[:-1], [1.0]])
+        order = np.argsort(xs, kind="stable")
+        return xs[order], np.maximum.accumulate(ys[order])
 
     def batch_seconds(self, rows_per_stage: Sequence[Any]) -> np.ndarray:
         """Seconds of one batch whose stage k runs on `rows_per_stage[k]` rows (numbers, or arrays of one
@@ -190,6 +224,11 @@ class LatencyProfile:
                 else {}
             ),
             **(
+                {"first_stage_after_seconds": [float(t) for t in self.first_stage_after_seconds]}
+                if self.first_stage_after_seconds is not None
+                else {}
+            ),
+            **(
                 {"refill_overhead_seconds": float(self.refill_overhead_seconds)}
                 if self.refill_overhead_seconds is not None
                 else {}
@@ -221,6 +260,11 @@ class LatencyProfile:
                 None
                 if d.get("first_stage_alone_seconds") is None
                 else [float(t) for t in d["first_stage_alone_seconds"]]
+            ),
+            first_stage_after_seconds=(
+                None
+                if d.get("first_stage_after_seconds") is None
+                else [float(t) for t in d["first_stage_after_seconds"]]
             ),
             refill_overhead_seconds=(
                 None if d.get("refill_overhead_seconds") is None else float(d["refill_overhead_seconds"])
@@ -268,13 +312,13 @@ def _interpolate(rows: list[int], seconds: list[float], at: Any) -> np.ndarray:
     return np.where(r > xs[-1], r * (ys[-1] / xs[-1]), inside)
 
 
-def _alone_problems(rows: Any, alone: Any) -> list[str]:
+def _alone_problems(rows: Any, alone: Any, key: str = "first_stage_alone_seconds") -> list[str]:
     if alone is None or not isinstance(rows, list):
         return []
     if not isinstance(alone, list) or len(alone) != len(rows):
-        return [f"first_stage_alone_seconds must hold {len(rows)} numbers, one per row count"]
+        return [f"{key} must hold {len(rows)} numbers, one per row count"]
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in alone):
-        return [f"first_stage_alone_seconds = {alone} must be positive finite seconds"]
+        return [f"{key} = {alone} must be positive finite seconds"]
     return []
 
 
@@ -323,6 +367,7 @@ def profile_problems(d: Any) -> list[str]:
         ]
     problems = _table_problems(d.get("rows"), d.get("stage_call_seconds"))
     problems += _alone_problems(d.get("rows"), d.get("first_stage_alone_seconds"))
+    problems += _alone_problems(d.get("rows"), d.get("first_stage_after_seconds"), "first_stage_after_seconds")
     problems += _overhead_problems(d.get("refill_overhead_seconds"))
     bundle = d.get("bundle")
     if not isinstance(bundle, dict) or not isinstance(bundle.get("identity"), str):

@@ -73,7 +73,10 @@ class TimeCost:
             later = (per_row[1:] * reach[1:]).sum(axis=0)
             every_row_on = per_row[1:].sum() * reach[0]
             b = self.profile.batch_size
-            first = self.profile.first_stage_seconds(b, later, every_row_on) / b
+            # A straight line here, not the per-batch curve: with full batches the later stages run in whole
+            # calls between runs of back-to-back first-stage calls, so the share of first-stage calls that
+            # follow later work grows with that work.
+            first = self.profile.first_stage_seconds(b, later, every_row_on, measured_curve=False) / b
             return cost + (first - per_row[0]) * reach[0] / count
         rows = reach / count * self.batch_size
         return np.asarray(self.profile.batch_seconds(list(rows)), dtype=np.float64) / self.batch_size

@@ -81,18 +81,20 @@ def measure_profile(
     x = rng.standard_normal((rows[-1], spec.channels, spec.height, spec.width)).astype(np.float32)
     times = np.empty((bundle.num_exits, len(rows), int(repeats)))
     alone = np.empty((len(rows), int(repeats)))
+    after = np.empty((len(rows), int(repeats)))
     held_before = executor.queue_buffers.held_bytes
     stream = _RefillStream(executor, x[: rows[-1]])
     # The stream is as long as the whole chain of about six batches: timed every few repeats, about five times.
     stream_every = max(1, int(repeats) // REFILL_STREAMS)
     for rep in range(-int(warmup), int(repeats)):
         for i, r in enumerate(rows):
-            later, first = _time_stage_steps(executor, x, r)
+            later, first, first_after = _time_stage_steps(executor, x, r)
             first_alone = _time_first_stage_alone(executor, x, r)
             if rep >= 0:
                 times[1:, i, rep] = later
                 times[0, i, rep] = first
                 alone[i, rep] = first_alone
+                after[i, rep] = first_after
         if rep < 0 or rep % stream_every == 0:
             stream.run(timed=rep >= 0)
     medians = np.median(times, axis=2)
@@ -113,6 +115,7 @@ def measure_profile(
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         timing=STEP_TIMING,
         first_stage_alone_seconds=[float(max(t, 1e-9)) for t in np.median(alone, axis=1)],
+        first_stage_after_seconds=[float(max(t, 1e-9)) for t in np.median(after, axis=1)],
     )
     profile.refill_overhead_seconds = stream.overhead(profile)
     if not held_before:  # the stream's queue buffers (a batch of every stage's state) are not the caller's to keep
@@ -182,23 +185,28 @@ class _RefillStream:
         return float(np.median(extra)) if extra else 0.0
 
 
-def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tuple[list[float], float]:
-    """(seconds of stages 2..K on `rows` rows after the first stage ran on all of `x`, seconds of the first
-    stage on `rows` rows), each stage's time being its step in the executor's own trace (session run, exit
-    test, bookkeeping) plus the gather of the rows that enter it.
+def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tuple[list[float], float, float]:
+    """(seconds of stages 2..K on `rows` rows after the first stage ran on all of `x`; seconds of the first
+    stage on all of `x` right after that; seconds of the first stage on `rows` rows right after a chain whose
+    later stages ran `rows` rows), each stage's time being its step in the executor's own trace (session run,
+    exit test, bookkeeping) plus the gather of the rows that enter it.
 
     A later stage is timed where serving calls it: after the first stage has run on a full batch, which
     leaves the caches cold for the small call (measured: a stage on a few rows costs up to a fifth more
-    then than after a chain of equally small calls)."""
+    then than after a chain of equally small calls). So is the first stage: right after later calls, which
+    evict its data. The first call here follows `_time_first_stage_alone`'s back-to-back calls, warm from
+    them; timed there, the first stage's chain time was its back-to-back time (measured on msdnet-tiny,
+    batch 64: 40.5 µs a row after a full chain, 34.6 after back-to-back calls at one thread; 26.0 and 24.3 at
+    two) and stage 1 was priced up to 15% low where most rows go on. Its time on the full batch after later
+    calls on `rows` rows gives `first_stage_after_seconds`."""
     never = np.full(executor.num_exits, np.inf, dtype=np.float32)
     *_, trace = executor.run_early_exit(x, never, profile_rows=rows)
     later = [step + gather for step, gather in zip(trace.step_seconds[1:], trace.gather_seconds[1:])]
+    *_, after = executor.run_early_exit(x, never, profile_rows=rows)
     if rows == x.shape[0]:
-        first = trace.step_seconds[0]
-    else:
-        *_, small = executor.run_early_exit(x[:rows], never, profile_rows=rows)
-        first = small.step_seconds[0]
-    return later, first
+        return later, after.step_seconds[0], after.step_seconds[0]
+    *_, small = executor.run_early_exit(x[:rows], never, profile_rows=rows)
+    return later, small.step_seconds[0], after.step_seconds[0]
 
 
 def _time_first_stage_alone(executor: StageExecutor, x: np.ndarray, rows: int) -> float:
