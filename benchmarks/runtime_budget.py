@@ -355,8 +355,13 @@ def speed(args: argparse.Namespace) -> None:
         "time policy: thresholds fitted, with the latency profile measured in this run at this batch size and "
         "thread count, to the same fraction of the full network's profiled time, priced as the executor runs "
         "(`per-batch` for `batch`, `full-batches` for `refill`), the first stage priced between its back-to-back "
-        "time and its time in a full chain by the share of the later stages' work that runs; `time, chain`: the "
-        "same with the first stage always at its time in a full chain (profiles without back-to-back times)."
+        "time and its time right after a full chain, per batch along the measured curve of its time after later "
+        "calls on 1, 2, 4, ... rows, on full batches by the straight line of the share of the later stages' work "
+        "that runs; full batches also add the refilling scheduler's own work per row and stage, measured by the "
+        "profile on a short stream; `time, chain`: the same with the first stage always at its chain time "
+        "(profiles without back-to-back times). (Profiles before 2026-12-05 timed the first stage's chain time "
+        "right after back-to-back calls, which left it near the back-to-back time, and did not price the "
+        "scheduler's work.)"
     )
     emit(
         "- Rounds: each round times the stage chain (every image through every stage, per-batch executor), the "
@@ -549,7 +554,10 @@ def _speed_blocks(args: argparse.Namespace) -> None:
                 + (f", exit_{b.num_exits}.onnx {1e6 * full_s:.1f} µs" if full_s else "")
                 + ". Profile µs per row at full batches, per stage: "
                 + ", ".join(f"{1e6 * v:.1f}" for v in profile.seconds_per_row)
-                + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}).\n"
+                + f" (MAC shares: {', '.join(f'{100 * v:.0f}%' for v in np.diff(np.r_[0, macs]) / macs[-1])}). "
+                + f"Stage 1 back to back {1e6 * (profile.first_stage_alone_seconds or [0.0])[-1] / batch:.1f} µs per row; "
+                + f"the refilling scheduler's own work {1e6 * (profile.refill_overhead_seconds or 0.0):.2f} µs per row "
+                + "and stage.\n"
             )
             n_val = model.validation_data().count
             cumulative_row_s = np.cumsum(profile.seconds_per_row)
