@@ -16,7 +16,7 @@ import anytime
 from anytime.errors import BudgetError, ProfileError, ProfileMismatchWarning
 from anytime.formats.bundle import bundle_identity, read_bundle
 from anytime.formats.profile import LatencyProfile, profile_rows
-from anytime.runtime.budget import TIME_CONVENTION, parse_budget, resolve_budget_cost
+from anytime.runtime.budget import TIME_CONVENTION, format_seconds, parse_budget, resolve_budget_cost
 from anytime.runtime.calibration import ValidationData, first_exit
 from anytime.runtime.costmodel import TimeCost
 from anytime.runtime.results import OVERSHOOT_MARGIN
@@ -622,6 +622,7 @@ def test_cli_profile_then_serve_calibrate_and_eval_in_time(pattern_bundle, tmp_p
     assert prof.first_stage_alone_seconds is not None
     ratio = prof.first_stage_alone_seconds[-1] / prof.stage_call_seconds[0][-1]
     assert "stage 1 back to back (every row leaving at exit 1)" in out and f"({ratio:.2f} of its time" in out
+    assert f"refilling scheduler's own work (queues, answers): {format_seconds(prof.refill_overhead_seconds)}" in out
     full = prof.full_seconds
     # Between the first exit's and the full network's measured time: feasible whatever the timings were.
     budget_us = f"{1e6 * (prof.exit_seconds[0] + full) / 2:.4f}us"

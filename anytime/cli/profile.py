@@ -27,7 +27,8 @@ def profile(
 
     Every stage is timed warm as the executor runs it (the stage graph plus the host work around it: the
     gather of the rows that go on, the exit test) at the row counts early exit produces (1, 2, 4, ... up to
-    the batch size: later stages run on the rows still going), median of repeats. Profile with the --threads and
+    the batch size: later stages run on the rows still going), median of repeats, and the refilling scheduler's
+    own work on a short stream. Profile with the --threads and
     --device you serve with: a profile is only valid for them. BUNDLE defaults to the embedded model.
     """
     from anytime.runtime.budget import format_seconds
@@ -55,6 +56,11 @@ def profile(
         click.echo(
             f"stage 1 back to back (every row leaving at exit 1): {format_seconds(alone)} per row "
             f"({alone / prof.seconds_per_row[0]:.2f} of its time in a full chain)"
+        )
+    if prof.refill_overhead_seconds is not None:
+        click.echo(
+            f"refilling scheduler's own work (queues, answers): {format_seconds(prof.refill_overhead_seconds)} per "
+            "row and stage, priced with it (--scheduler refill, --cost-mode full-batches)"
         )
     click.echo(
         f"full network {format_seconds(prof.full_seconds)} per image at batch {prof.batch_size} "

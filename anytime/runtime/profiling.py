@@ -12,12 +12,13 @@ compacts a batch, so later stages run on fewer rows, and a small call costs more
 counts in turn, so a slow spell of a shared machine spreads over all of them, and the median is kept.
 
 The refilling scheduler does more host work than those steps (queues, the answers' bookkeeping, admitting and
-releasing batches): measured on msdnet-tiny at batch 64, one thread, it ran 4-7% over a full-batches price
-made of the steps alone at every budget, while the per-batch executor ran within its price. So the profile also
-runs the scheduler over a short stream of the same random batch, every stage on full batches (reach falling from
-all rows at the first stage to half at the last), and keeps its time beyond the steps' price, per row and stage
-call (`refill_overhead_seconds`): that work is per call and per row, not per multiply-add, so it is priced per
-stage a row runs, not as a share of the stages' time.
+releasing batches). So the profile also runs the scheduler over a short stream of the same random batch, every
+stage on full batches (reach falling from all rows at the first stage to half at the last), and keeps its time
+beyond the steps' price, per row and stage call (`refill_overhead_seconds`): that work is per call and per row,
+not per multiply-add, so it is priced per stage a row runs, not as a share of the stages' time (measured on
+msdnet-tiny at batch 64, one thread, before the first stage's chain time was fixed: the scheduler's excess over
+its price was 2.6, 2.75 and 1.9 µs per row and stage at 25%, 50% and 75% budgets, but 20, 5.7 and 3.0 per row
+of the later stages alone).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def measure_profile(
     alone = np.empty((len(rows), int(repeats)))
     after = np.empty((len(rows), int(repeats)))
     held_before = executor.queue_buffers.held_bytes
-    stream = _RefillStream(executor, x[: rows[-1]])
+    stream = _RefillStream(executor, x)
     # The stream is as long as the whole chain of about six batches: timed every few repeats, about five times.
     stream_every = max(1, int(repeats) // REFILL_STREAMS)
     for rep in range(-int(warmup), int(repeats)):
@@ -187,9 +188,9 @@ class _RefillStream:
 
 def _time_stage_steps(executor: StageExecutor, x: np.ndarray, rows: int) -> tuple[list[float], float, float]:
     """(seconds of stages 2..K on `rows` rows after the first stage ran on all of `x`; seconds of the first
-    stage on all of `x` right after that; seconds of the first stage on `rows` rows right after a chain whose
-    later stages ran `rows` rows), each stage's time being its step in the executor's own trace (session run,
-    exit test, bookkeeping) plus the gather of the rows that enter it.
+    stage on `rows` rows right after a chain whose later stages ran `rows` rows; seconds of the first stage on
+    all of `x` right after that chain), each stage's time being its step in the executor's own trace (session
+    run, exit test, bookkeeping) plus the gather of the rows that enter it.
 
     A later stage is timed where serving calls it: after the first stage has run on a full batch, which
     leaves the caches cold for the small call (measured: a stage on a few rows costs up to a fifth more
