@@ -228,7 +228,7 @@ def test_per_batch_first_stage_follows_the_measured_curve_full_batches_the_strai
     fractions = [0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
     curved = dataclasses.replace(prof, first_stage_after_seconds=[alone + f * (chain - alone) for f in fractions])
     every_row_on = t[1](64) + t[2](64) + t[3](64)
-    shares, ys = curved.first_stage_curve()
+    shares, ys = curved.first_stage_curve
     measured_shares = [(t[1](r) + t[2](r) + t[3](r)) / every_row_on for r in ROWS[:-1]]
     np.testing.assert_allclose(shares, [0.0, *measured_shares, 1.0])
     np.testing.assert_allclose(ys, [0.0, *fractions[:-1], 1.0])
@@ -252,7 +252,7 @@ def test_per_batch_first_stage_follows_the_measured_curve_full_batches_the_strai
     noisy = dataclasses.replace(
         prof, first_stage_after_seconds=[alone + f * (chain - alone) for f in (0.1, 0.5, 0.3, 0.6, 0.8, 0.9, 1.0)]
     )
-    assert list(noisy.first_stage_curve()[1]) == pytest.approx([0.0, 0.1, 0.5, 0.5, 0.6, 0.8, 0.9, 1.0])
+    assert list(noisy.first_stage_curve[1]) == pytest.approx([0.0, 0.1, 0.5, 0.5, 0.6, 0.8, 0.9, 1.0])
     again = LatencyProfile.load(curved.save(tmp_path / "curved.json"))
     assert again.first_stage_after_seconds == pytest.approx(curved.first_stage_after_seconds)
 

@@ -42,6 +42,7 @@ every stage a row runs (profiles without the key add nothing). `bundle.identity`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -148,14 +149,17 @@ class LatencyProfile:
         later, every_row_on = np.broadcast_arrays(np.asarray(later, np.float64), np.asarray(every_row_on, np.float64))
         share = np.clip(np.divide(later, every_row_on, out=np.zeros(later.shape), where=every_row_on > 0), 0.0, 1.0)
         if measured_curve and self.first_stage_after_seconds is not None:
-            shares, fractions = self.first_stage_curve()
+            shares, fractions = self.first_stage_curve
             share = np.interp(share, shares, fractions)
         return alone + (chain - alone) * share
 
+    @functools.cached_property
     def first_stage_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(share of the later stages' work that ran, fraction of the way from the first stage's back-to-back
         time to its chain time it then took): from (0, 0) through the measured points to (1, 1), kept rising
-        (more later work cannot warm the caches) and within [0, 1]."""
+        (more later work cannot warm the caches) and within [0, 1]. Computed once: calibration prices
+        thousands of candidate policies with it (it was a third of a per-batch calibration's time); a profile's
+        tables are not changed after it is made (`dataclasses.replace` makes a new one)."""
         assert self.first_stage_after_seconds is not None and self.first_stage_alone_seconds is not None
         b = self.batch_size
         chain = float(self.stage_call_seconds[0][-1])
