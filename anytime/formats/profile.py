@@ -110,8 +110,8 @@ class LatencyProfile:
 
     def __post_init__(self) -> None:
         problems = _table_problems(self.rows, self.stage_call_seconds)
-        problems += _alone_problems(self.rows, self.first_stage_alone_seconds)
-        problems += _alone_problems(self.rows, self.first_stage_after_seconds, "first_stage_after_seconds")
+        problems += _per_row_count_problems(self.rows, self.first_stage_alone_seconds, "first_stage_alone_seconds")
+        problems += _per_row_count_problems(self.rows, self.first_stage_after_seconds, "first_stage_after_seconds")
         problems += _overhead_problems(self.refill_overhead_seconds)
         if self.thread_pool not in THREAD_POOLS:
             problems.append(f"thread_pool is {self.thread_pool!r}, expected one of {', '.join(THREAD_POOLS)}")
@@ -316,13 +316,14 @@ def _interpolate(rows: list[int], seconds: list[float], at: Any) -> np.ndarray:
     return np.where(r > xs[-1], r * (ys[-1] / xs[-1]), inside)
 
 
-def _alone_problems(rows: Any, alone: Any, key: str = "first_stage_alone_seconds") -> list[str]:
-    if alone is None or not isinstance(rows, list):
+def _per_row_count_problems(rows: Any, seconds: Any, key: str) -> list[str]:
+    """What is wrong with an optional list `key` of seconds, one per row count."""
+    if seconds is None or not isinstance(rows, list):
         return []
-    if not isinstance(alone, list) or len(alone) != len(rows):
+    if not isinstance(seconds, list) or len(seconds) != len(rows):
         return [f"{key} must hold {len(rows)} numbers, one per row count"]
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in alone):
-        return [f"{key} = {alone} must be positive finite seconds"]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in seconds):
+        return [f"{key} = {seconds} must be positive finite seconds"]
     return []
 
 
@@ -370,8 +371,8 @@ def profile_problems(d: Any) -> list[str]:
             + ("; upgrade anytime to read it" if newer else "")
         ]
     problems = _table_problems(d.get("rows"), d.get("stage_call_seconds"))
-    problems += _alone_problems(d.get("rows"), d.get("first_stage_alone_seconds"))
-    problems += _alone_problems(d.get("rows"), d.get("first_stage_after_seconds"), "first_stage_after_seconds")
+    for key in ("first_stage_alone_seconds", "first_stage_after_seconds"):
+        problems += _per_row_count_problems(d.get("rows"), d.get(key), key)
     problems += _overhead_problems(d.get("refill_overhead_seconds"))
     bundle = d.get("bundle")
     if not isinstance(bundle, dict) or not isinstance(bundle.get("identity"), str):
