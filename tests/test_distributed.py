@@ -34,6 +34,7 @@ WORKER = textwrap.dedent(
         trainer.run()
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         torch.save(state, os.path.join(out, f"{cfg['method']}-rank{dist.get_rank()}.pt"))
+    dist.barrier()  # as shutdown_distributed does: no rank tears gloo down while its peer still uses it
     dist.destroy_process_group()
     """
 )

@@ -61,6 +61,9 @@ def init_distributed(info: DistInfo, device: torch.device) -> bool:
 
 def shutdown_distributed(started: bool) -> None:
     if started and dist.is_initialized():
+        # A rank that tears gloo down while its peer still talks to it can abort at exit ("terminate called
+        # without an active exception", seen once in CI): every rank first waits for the others to finish.
+        dist.barrier()
         dist.destroy_process_group()
 
 
