@@ -4,17 +4,20 @@ Made for the GPU check of DR-MGF's cost (docs/drmgf.md: one epoch should cost ab
 earlier H100 measurement had the gated epoch at 10.5x from kernel-launch overhead). It runs wherever torch
 runs; on a CPU it is a smoke test of the same code.
 
-For every architecture and every combination of `--amp` and channels_last (off/on), on the first `--images`
-training images of Fashion-MNIST (resized to the preset's own input size), batch 64:
+For every architecture and every combination of `--amp`, `--compile` and `--channels-last`, on the first
+`--images` training images of Fashion-MNIST (resized to the preset's own input size), batch 64:
 - joint: 2 epochs; the second epoch's training time is kept (the first carries warm-up: cuDNN autotuning,
   allocator growth);
 - drmgf: 3 epochs with the switch after epoch 2, at the method's defaults otherwise: epoch 2 is an epoch of
   gated exit passes (dynamic routes), epoch 3 one of plain exit passes; both are kept.
 Each DR-MGF epoch is reported as a multiple of joint's epoch under the same settings, next to T + 1, and
-the gated epoch over the plain one is the gated forward's own price.
+the gated epoch over the plain one is the gated forward's own price. DR-MGF's first epoch is reported
+too: with `--compile` it carries the compilation.
 
-    python benchmarks/train_speed.py --device cuda --archs msdnet-tiny,msdnet-cifar10 --amp off,bf16,fp16
-    python benchmarks/train_speed.py --device cpu --archs msdnet-tiny --images 512 --amp off --out /tmp/t.md
+    python benchmarks/train_speed.py --device cuda --archs msdnet-tiny,msdnet-cifar10 --amp off,bf16,fp16 \
+        --compile off,default,reduce-overhead
+    OMP_NUM_THREADS=1 python benchmarks/train_speed.py --device cpu --archs msdnet-tiny --amp off \
+        --compile off,default --channels-last off
 
 Writes the table to `--out` (default `benchmarks/results/train_speed_<device>.md`) and prints it.
 """
@@ -32,7 +35,16 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist.npz"
 
 
-def _train(args: argparse.Namespace, arch: str, method: str, epochs: int, amp: str, channels_last: bool, **options):
+def _train(
+    args: argparse.Namespace,
+    arch: str,
+    method: str,
+    epochs: int,
+    amp: str,
+    channels_last: bool,
+    compile_mode: str,
+    **options: Any,
+):
     from anytime.models import create
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train
@@ -44,7 +56,7 @@ def _train(args: argparse.Namespace, arch: str, method: str, epochs: int, amp: s
             arch=arch, data=f"npz:{args.data}", epochs=epochs, out=str(Path(tmp) / "run"), method=method,
             method_options=options, model_options={"image_size": size},
             batch_size=args.batch_size, device=args.device, val_size=args.val_size, train_limit=args.images,
-            amp=amp, channels_last=channels_last,
+            amp=amp, channels_last=channels_last, compile=compile_mode,
         )  # fmt: skip
         result = train(config)
     return [float(row["train_time_s"]) for row in result.history], result
@@ -54,28 +66,32 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for arch in args.archs:
         for amp in args.amp:
-            for channels_last in (False, True):
-                joint, _ = _train(args, arch, "joint", 2, amp, channels_last)
-                drmgf, result = _train(args, arch, "drmgf", 3, amp, channels_last, switch_epoch=2)
-                exits = len(result.val_accuracy)
-                rows.append(
-                    {
-                        "arch": arch,
-                        "amp": amp,
-                        "channels_last": channels_last,
-                        "exits": exits,
-                        "joint_s": joint[1],
-                        "gated_s": drmgf[1],
-                        "plain_s": drmgf[2],
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"{arch} amp={amp} channels_last={channels_last}: joint {r['joint_s']:.2f}s, DR-MGF gated "
-                    f"{r['gated_s']:.2f}s ({r['gated_s'] / r['joint_s']:.2f}x), plain {r['plain_s']:.2f}s "
-                    f"({r['plain_s'] / r['joint_s']:.2f}x), T + 1 = {exits + 1}",
-                    flush=True,
-                )
+            for compile_mode in args.compile:
+                for channels_last in args.channels_last:
+                    joint, _ = _train(args, arch, "joint", 2, amp, channels_last, compile_mode)
+                    drmgf, result = _train(args, arch, "drmgf", 3, amp, channels_last, compile_mode, switch_epoch=2)
+                    exits = len(result.val_accuracy)
+                    rows.append(
+                        {
+                            "arch": arch,
+                            "amp": amp,
+                            "compile": compile_mode,
+                            "channels_last": channels_last,
+                            "exits": exits,
+                            "joint_s": joint[1],
+                            "gated_s": drmgf[1],
+                            "plain_s": drmgf[2],
+                            "drmgf_first_s": drmgf[0],
+                        }
+                    )
+                    r = rows[-1]
+                    print(
+                        f"{arch} amp={amp} compile={compile_mode} channels_last={channels_last}: joint "
+                        f"{r['joint_s']:.2f}s, DR-MGF gated {r['gated_s']:.2f}s ({r['gated_s'] / r['joint_s']:.2f}x), "
+                        f"plain {r['plain_s']:.2f}s ({r['plain_s'] / r['joint_s']:.2f}x), first "
+                        f"{r['drmgf_first_s']:.2f}s, T + 1 = {exits + 1}",
+                        flush=True,
+                    )
     return rows
 
 
@@ -97,21 +113,24 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         f"{device_name(args.device)}, torch {torch.__version__}; {args.images} Fashion-MNIST training images, "
         f"batch {args.batch_size} ({args.images // args.batch_size} steps an epoch), every number from one run.",
         "",
-        "| arch | amp | channels_last | joint epoch (s) | DR-MGF gated epoch (s) | × joint | DR-MGF plain epoch (s) "
-        "| × joint | gated / plain | T + 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | amp | compile | channels_last | joint epoch (s) | DR-MGF gated epoch (s) | × joint "
+        "| DR-MGF plain epoch (s) | × joint | gated / plain | T + 1 | DR-MGF first epoch (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['amp']} | {'on' if r['channels_last'] else 'off'} | {r['joint_s']:.2f} | "
-            f"{r['gated_s']:.2f} | {r['gated_s'] / r['joint_s']:.2f} | {r['plain_s']:.2f} | "
-            f"{r['plain_s'] / r['joint_s']:.2f} | {r['gated_s'] / r['plain_s']:.2f} | {r['exits'] + 1} |"
+            f"| {r['arch']} | {r['amp']} | {r['compile']} | {'on' if r['channels_last'] else 'off'} | "
+            f"{r['joint_s']:.2f} | {r['gated_s']:.2f} | {r['gated_s'] / r['joint_s']:.2f} | {r['plain_s']:.2f} | "
+            f"{r['plain_s'] / r['joint_s']:.2f} | {r['gated_s'] / r['plain_s']:.2f} | {r['exits'] + 1} | "
+            f"{r['drmgf_first_s']:.2f} |"
         )
     lines += [
         "",
         "Joint: the second of 2 epochs. DR-MGF (`-m switch_epoch=2`, defaults otherwise: 8-step exit passes): "
         "epoch 2 of 3 (gated exit passes, dynamic routes) and epoch 3 (plain exit passes). An epoch's time is "
-        "the trainer's `train_time_s` (training phases only, no evaluation).",
+        "the trainer's `train_time_s` (training phases only, no evaluation). `compile`: `anytime train --compile` "
+        "(torch.compile of the model, and of DR-MGF's gated forward and fused network, each compiled on first use, "
+        "so the first epoch carries the compilation).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -121,6 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--archs", type=lambda s: s.split(","), default=["msdnet-tiny", "msdnet-cifar10"])
     p.add_argument("--amp", type=lambda s: s.split(","), default=["off", "bf16"])
+    p.add_argument("--compile", type=lambda s: s.split(","), default=["off", "default"])
+    p.add_argument(
+        "--channels-last",
+        type=lambda s: [{"on": True, "off": False}[v] for v in s.split(",")],
+        default=[False, True],
+        help="off, on or off,on",
+    )
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--val-size", type=int, default=1000)

@@ -80,6 +80,9 @@ class FakeContext:
     def lr(self, epoch: int) -> float:
         return self.base_lr
 
+    def compiled(self, fn):
+        return fn
+
     def sync_gradients(self, params: Iterable[torch.Tensor]) -> None:
         list(params)
 

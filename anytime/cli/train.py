@@ -142,6 +142,13 @@ def _method_names() -> str:
     help="Model and batches in channels_last memory format (faster convolutions on recent GPUs).",
 )
 @api_option(
+    "--compile",
+    type=click.Choice(["off", "default", "reduce-overhead", "max-autotune"]),
+    api=TRAIN_CONFIG,
+    help="torch.compile the training steps (DR-MGF's gated forward included); reduce-overhead adds CUDA graphs "
+    "on a GPU. Needs a C++ compiler on the CPU. May change on --resume.",
+)
+@api_option(
     "--deterministic/--no-deterministic",
     api=TRAIN_CONFIG,
     help="torch.use_deterministic_algorithms (bit-exact resume, slower).",
@@ -163,7 +170,9 @@ def train(**kw: Any) -> None:
     try:
         if resume_dir is not None:
             # Only what was given overrides the run's saved configuration.
-            result = resume(resume_dir, progress=progress, device=kw["device"], workers=kw["workers"])
+            result = resume(
+                resume_dir, progress=progress, device=kw["device"], workers=kw["workers"], compile=kw["compile"]
+            )
         else:
             missing = [
                 name

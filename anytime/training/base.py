@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from anytime.models.base import MultiExitNetwork
 
 if TYPE_CHECKING:  # pragma: no cover
     from anytime.training.precision import Precision
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ProgressBar(Protocol):
@@ -63,6 +65,11 @@ class TrainingContext(Protocol):
 
     def lr(self, epoch: int) -> float:
         """The scheduled learning rate of the network weights at `epoch` (0-based)."""
+        ...
+
+    def compiled(self, fn: F) -> F:
+        """`fn` under the run's `--compile` setting (`fn` itself when off). The model's own forward is
+        already compiled; a method wraps the step functions it builds around it (DR-MGF's gated forward)."""
         ...
 
     def sync_gradients(self, params: Iterable[torch.Tensor]) -> None:

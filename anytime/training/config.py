@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from anytime.errors import ConfigError
+from anytime.training.compilation import COMPILE_MODES
 from anytime.training.losses import EXIT_WEIGHTINGS
 from anytime.training.precision import AMP_MODES
 
@@ -58,6 +59,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
     amp: str = "off"  # mixed precision of the training steps: "bf16", "fp16" (with loss scaling) or "off"
     channels_last: bool = False  # model and input batches in channels_last memory format
+    compile: str = "off"  # torch.compile of the training steps: "default", "reduce-overhead", "max-autotune"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, fix: str) -> ConfigError:
@@ -95,6 +97,8 @@ class TrainConfig:
             raise bad("exit_weights", self.exit_weights, f"choose one of {', '.join(EXIT_WEIGHTINGS)}")
         if self.amp not in AMP_MODES:
             raise bad("amp", self.amp, f"choose one of {', '.join(AMP_MODES)}")
+        if self.compile not in COMPILE_MODES:
+            raise bad("compile", self.compile, f"choose one of {', '.join(COMPILE_MODES)}")
         if self.num_classes is not None and self.num_classes < 2:
             raise bad("num_classes", self.num_classes, "a classifier needs at least 2 classes")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

@@ -18,7 +18,8 @@ from anytime.training.base import TrainingMethod
 from anytime.training.config import TrainConfig
 from anytime.training.distributed import DistInfo
 
-RESUMABLE_CHANGES = frozenset({"device", "workers"})
+# None of these changes the arithmetic beyond float rounding (torch.compile fuses the same operations).
+RESUMABLE_CHANGES = frozenset({"device", "workers", "compile"})
 
 
 def preflight(config: TrainConfig, dist: DistInfo, *, resuming: bool) -> TrainingMethod:

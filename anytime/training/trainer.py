@@ -30,6 +30,7 @@ from anytime.formats.rundir import CHECKPOINT, SPLIT_FILE
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
 from anytime.training.checkpoint import load_run_checkpoint, save_run_checkpoint
+from anytime.training.compilation import F, check_compile, compile_function, compile_model
 from anytime.training.config import TrainConfig, options_to_dict
 from anytime.training.evaluate import exit_accuracy
 from anytime.training.interrupts import defer_keyboard_interrupt
@@ -82,7 +83,7 @@ def train(config: TrainConfig, *, progress: bool = False, epoch_hook: EpochHook 
 def resume(
     run_dir: str | os.PathLike, *, progress: bool = False, epoch_hook: EpochHook | None = None, **overrides: Any
 ) -> RunResult:
-    """Continue the run in `run_dir` from its last checkpoint. Only `device` and `workers` may change."""
+    """Continue the run in `run_dir` from its last checkpoint. Only `device`, `workers` and `compile` may change."""
     config = resume_config(Path(run_dir), overrides)
     return Trainer(config, progress=progress, resume=True, epoch_hook=epoch_hook).run()
 
@@ -126,6 +127,7 @@ class Trainer:
         cfg = self.config
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         check_precision(cfg.amp, self.device)
+        check_compile(cfg.compile, self.device)
         self.precision = Precision(cfg.amp, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._started_group = ddp.init_distributed(self.dist, self.device)
@@ -185,6 +187,7 @@ class Trainer:
         example, _ = next(iter(self._loader(self.dataset.train, self.train_indices[:2], train=False, batch_size=2)))
         self.routes: Routes = compute_routes(self.model, example.to(self.device, memory_format=self.memory_format))
         self.steps_per_epoch = len(self._train_loader(seed=cfg.seed))
+        compile_model(self.model, cfg.compile, self.num_exits)  # after the routes' probe, which needs eager autograd
         self.method.setup(self)
 
     def _seed_everything(self, seed: int) -> None:
@@ -246,6 +249,9 @@ class Trainer:
 
     def lr(self, epoch: int) -> float:
         return scheduled_lr(self.config, epoch)
+
+    def compiled(self, fn: F) -> F:
+        return compile_function(fn, self.config.compile)
 
     def sync_gradients(self, params: Iterable[torch.Tensor]) -> None:
         if self.world_size > 1:

@@ -183,6 +183,8 @@ class DRMGF(TrainingMethod):
         self.switch_epoch = opts.switch_epoch if opts.switch_epoch is not None else (ctx.epochs + 1) // 2
         self.rounds = self.rounds_for(ctx.steps_per_epoch)
         self.gates: RouteGates | None = RouteGates.from_model(model, routes, opts.kappa) if opts.gate else None
+        # The gate arithmetic runs inside the compiled region too: fused with the convolutions it feeds.
+        self._gated_forward = ctx.compiled(self.gates.forward) if self.gates is not None else None
         self.importance_optimizer: torch.optim.SGD | None = None
         if self.gates is not None and self.gates.layers:
             self.importance_optimizer = torch.optim.SGD(
@@ -201,6 +203,9 @@ class DRMGF(TrainingMethod):
         # Δ_t of every route parameter, stacked [owners, *shape] (views into the fusion buffers for the
         # meta-fused ones): T deltas of route parameters, allocated once.
         in_fusion = self.fusion.delta_views() if self.fusion is not None else {}
+        # Fused weights are built inside the compiled region, as the gated ones are: handed in from outside,
+        # they would be graph inputs that are not leaves, which dynamo inspects (and warns about) on tracing.
+        self._fused_forward = ctx.compiled(self._fused_network)
         params = dict(model.named_parameters())
         self.deltas = {
             name: in_fusion[name]
@@ -343,7 +348,7 @@ class DRMGF(TrainingMethod):
         total, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase=phase, part=part)):
             with precision.autocast():
-                outputs = self.gates.forward(model, x, t) if importance else model(x)  # type: ignore[union-attr]
+                outputs = self._gated_forward(model, x, t) if importance else model(x)  # type: ignore[misc]
                 losses = ctx.exit_losses(outputs, y, epoch)
                 loss = losses[t] + rho * sum(other for j, other in enumerate(losses) if j != t)
             value = float(loss.detach())  # the one host sync of the step
@@ -398,7 +403,7 @@ class DRMGF(TrainingMethod):
         precision = ctx.precision
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion", part=part)):
             with precision.autocast():
-                outputs = functional_call(model, fusion.fused(), (x,), strict=False)
+                outputs = self._fused_forward(model, x)
                 loss = _sum_losses(ctx.exit_losses(outputs, y, epoch))
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -421,6 +426,11 @@ class DRMGF(TrainingMethod):
             fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
         fusion.remember()
         return loss_sum / max(count, 1)
+
+    def _fused_network(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """All exits' logits of the network with the fused weights θ0 + Σ_t Ω_t Δ_t / Σ_t Ω_t (differentiable in s)."""
+        assert self.fusion is not None
+        return functional_call(model, self.fusion.fused(), (x,), strict=False)
 
     @property
     def scales(self) -> dict[str, torch.Tensor]:
