@@ -29,6 +29,7 @@ from anytime.data import (
     split_train_val,
     val_split_images,
 )
+from anytime.data.split import split_record_text
 from anytime.errors import ConfigError, DatasetError
 
 REAL_FASHION = Path(__file__).parents[1].parent / "shared/data/fashion-mnist.npz"
@@ -388,7 +389,7 @@ def test_split_is_deterministic_disjoint_and_restorable(small_npz, tmp_path):
     assert len(split_train_val(ds, val_size=0)[1]) == 0
 
     # record -> split.json -> restore, on a freshly opened dataset
-    (tmp_path / "split.json").write_text(json.dumps(record))
+    (tmp_path / "split.json").write_text(split_record_text(record))
     loaded = json.loads((tmp_path / "split.json").read_text())
     assert loaded["source"] == "holdout" and loaded["dataset"] == ds.spec and loaded["val_count"] == 20
     r_train, r_val = restore_split(open_dataset(small_npz), loaded)
@@ -398,6 +399,34 @@ def test_split_is_deterministic_disjoint_and_restorable(small_npz, tmp_path):
     assert len(images) == 20
     np.testing.assert_array_equal(images.get_batch([0, 19])[0], ds.train.get_batch(val[[0, 19]])[0])
     assert images[3][1] == int(ds.train.labels[val[3]])
+
+    # version 1 records (every index listed) from earlier runs still restore to the same split
+    old = {k: v for k, v in record.items() if not k.endswith("_ranges")}
+    old.update(format_version=1, train_indices=train.tolist(), val_indices=val.tolist())
+    v1_train, v1_val = restore_split(ds, json.loads(json.dumps(old)))
+    np.testing.assert_array_equal(v1_train, train)
+    np.testing.assert_array_equal(v1_val, val)
+
+
+def test_split_ranges_round_trip_and_malformed_ranges_are_refused(small_npz):
+    from anytime.data.split import index_ranges, ranges_indices
+
+    assert index_ranges(np.array([0, 1, 2, 5, 7, 8])) == [[0, 3], [5, 6], [7, 9]]
+    assert index_ranges(np.array([], dtype=np.int64)) == [] and ranges_indices([], "val_ranges").size == 0
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        idx = np.unique(rng.integers(0, 500, rng.integers(1, 300)))
+        np.testing.assert_array_equal(ranges_indices(index_ranges(idx), "x"), idx)
+
+    ds = open_dataset(small_npz)
+    _, _, record = split_train_val(ds, seed=1)
+    # a hold-out's training split is the complement of 20 images: at most 21 runs instead of 180 indices
+    assert len(record["train_ranges"]) <= 21
+    for bad, problem in (([[5, 3]], "not increasing"), ([[0, 4], [2, 6]], "not increasing"), ([[1, 2, 3]], "pairs")):
+        with pytest.raises(DatasetError, match=problem):
+            restore_split(ds, {**record, "val_ranges": bad})
+    with pytest.raises(DatasetError, match="format_version 3 is not supported .* reads 1, 2"):
+        restore_split(ds, {**record, "format_version": 3})
 
 
 def test_split_defaults_and_bad_sizes(small_npz):

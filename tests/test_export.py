@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from anytime.cli import main as cli_main
 from anytime.cli.export import export as export_command
-from anytime.data import open_dataset, split_train_val
+from anytime.data import open_dataset, restore_split, split_train_val
 from anytime.errors import BundleError, DatasetError
 from anytime.export import AtolError, OutputExistsError, ShapeError, check_bundle, export_bundle, read_manifest
 from anytime.formats.bundle import schema_problems
@@ -243,8 +243,9 @@ def test_calibration_holds_exactly_the_validation_split(which, request):
     dataset = open_dataset(record["dataset"])
     with np.load(bundle / "calibration.npz") as cal:
         logits, labels, indices = cal["logits"], cal["labels"], cal["indices"]
-    assert indices.tolist() == record["val_indices"]
-    assert not set(indices.tolist()) & set(record["train_indices"])
+    train_indices, val_indices = restore_split(dataset, record)
+    assert indices.tolist() == val_indices.tolist()
+    assert not set(indices.tolist()) & set(train_indices.tolist())
     assert labels.dtype == np.int64 and labels.tolist() == dataset.train.labels[indices].tolist()
     assert logits.dtype == np.float32 and logits.shape == (len(manifest["stages"]), len(indices), NUM_CLASSES)
     assert manifest["calibration"]["count"] == len(indices)
@@ -361,7 +362,8 @@ def test_a_run_whose_dataset_moved_names_the_path_and_the_data_fix(tmp_path):
     result = export_bundle(run, tmp_path / "bundle", data=f"npz:{moved}")
     assert result.manifest["provenance"]["data"] == f"npz:{moved}"
     with np.load(tmp_path / "bundle" / "calibration.npz") as cal:
-        assert cal["indices"].tolist() == json.loads((run / "split.json").read_text())["val_indices"]
+        record = json.loads((run / "split.json").read_text())
+        assert cal["indices"].tolist() == restore_split(open_dataset(f"npz:{moved}"), record)[1].tolist()
 
 
 def test_large_logits_fail_atol_with_an_rtol_hint_and_pass_with_rtol():

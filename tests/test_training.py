@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from anytime.cli.train import train as train_command
+from anytime.data import open_dataset, restore_split
 from anytime.errors import ConfigError, TrainingError
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
@@ -62,7 +63,10 @@ def test_cli_train_writes_a_complete_run_directory(stripes, tmp_path):
     # fully resolved: every option of the method, typed
     assert config["method_options"] == {"weights": [1.0, 1.0, 2.0]}
     split = json.loads((run / "split.json").read_text())
-    assert len(split["val_indices"]) == 32 and not set(split["val_indices"]) & set(split["train_indices"])
+    train_idx, val_idx = restore_split(open_dataset(split["dataset"]), split)
+    assert len(val_idx) == 32 and not set(val_idx) & set(train_idx)
+    assert all(line.count("\n") == 0 for line in (run / "split.json").read_text().splitlines())
+    assert (run / "split.json").read_text().count("\n") == len(split) + 2  # one field a line
 
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]

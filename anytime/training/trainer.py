@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from anytime.data.split import split_record_text
 from anytime.errors import ConfigError, DatasetError, TrainingError
-from anytime.fileio import atomic_write_json
+from anytime.fileio import atomic_write_text
 from anytime.formats.rundir import CHECKPOINT, SPLIT_FILE
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
@@ -301,7 +302,7 @@ class Trainer:
                 history = self._load_checkpoint()
             elif self.dist.is_main:
                 write_config(self.run_dir, self.config, self.method.options)
-                atomic_write_json(self.run_dir / SPLIT_FILE, self.split_record)
+                atomic_write_text(self.run_dir / SPLIT_FILE, split_record_text(self.split_record))
             resumed_from = self._completed_epochs
             for epoch in range(self._completed_epochs, cfg.epochs):
                 history.append(self._run_epoch(epoch, history))
