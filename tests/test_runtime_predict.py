@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -321,6 +323,45 @@ def test_providers(pattern_bundle):
             anytime.load(pattern_bundle, device="cuda")
     m = anytime.load(pattern_bundle, providers="CPUExecutionProvider", threads=2)
     assert m.providers == ["CPUExecutionProvider"]
+
+
+def test_cuda_sessions_preload_cuda_libraries_once_and_keep_stdout_clean(pattern_bundle, monkeypatch, capsys, caplog):
+    from anytime.runtime import engine
+
+    calls = []
+
+    class FakeOrt:
+        @staticmethod
+        def preload_dlls():
+            calls.append("preload")
+            print("WARNING: cuDNN not found")  # onnxruntime prints its complaints
+
+    monkeypatch.setitem(engine._cuda_libraries, "tried", False)
+    with caplog.at_level(logging.INFO, logger="anytime.runtime.engine"):
+        engine.preload_cuda_libraries(FakeOrt)
+        engine.preload_cuda_libraries(FakeOrt)
+    assert calls == ["preload"] and capsys.readouterr().out == ""
+    assert "preload_dlls: WARNING: cuDNN not found" in caplog.text
+
+    class BrokenOrt:
+        @staticmethod
+        def preload_dlls():
+            raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setitem(engine._cuda_libraries, "tried", False)
+    engine.preload_cuda_libraries(BrokenOrt)  # the provider check reports the outcome, not this
+
+    # a session asked for CUDA preloads first; a CPU session does not
+    seen = []
+    monkeypatch.setattr(engine, "preload_cuda_libraries", lambda ort: seen.append(ort))
+    engine.create_session(pattern_bundle / "stage_1.onnx", ["CPUExecutionProvider"])
+    assert seen == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPU-only onnxruntime warns that CUDA is not available and runs on CPU
+        session = engine.create_session(
+            pattern_bundle / "stage_1.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+    assert len(seen) == 1 and "CPUExecutionProvider" in session.get_providers()
 
 
 def test_default_bundle_missing_is_clear(monkeypatch, tmp_path):

@@ -13,8 +13,11 @@ host. `run_early_exit` (one batch, compacted per stage) and `anytime.runtime.sch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +40,32 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def import_onnxruntime(gpu: bool = False) -> Any:
     return require("onnxruntime", "gpu" if gpu else "cpu", "Running a bundle")
+
+
+_cuda_libraries = {"tried": False}
+_cuda_libraries_lock = threading.Lock()
+
+
+def preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages (where torch's CUDA build and their own wheels put
+    them) before the first CUDA session, once per process.
+
+    onnxruntime-gpu's CUDA provider otherwise finds them only on the library path, and when it does not, the
+    session silently runs on the CPU. `onnxruntime.preload_dlls` (1.21 and later) prints its complaints to
+    stdout, which may be carrying predictions: they go to the log instead."""
+    preload = getattr(ort, "preload_dlls", None)
+    with _cuda_libraries_lock:
+        if preload is None or _cuda_libraries["tried"]:
+            return
+        _cuda_libraries["tried"] = True
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said):
+                preload()
+        except Exception as exc:  # a missing or broken library: the provider check below reports the outcome
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
+        if said.getvalue().strip():
+            log.info("onnxruntime.preload_dlls: %s", said.getvalue().strip())
 
 
 def resolve_providers(providers: Sequence[Any] | str | None, device: str | None = None) -> list[Any]:
@@ -79,6 +108,8 @@ def create_session(
     `threads`, `spinning`, `shared_pool`: see `anytime.runtime.threadpool.configure_threads`."""
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     ort = import_onnxruntime(gpu=CUDA in names)
+    if CUDA in names:
+        preload_cuda_libraries(ort)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc. on stderr
