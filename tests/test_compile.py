@@ -8,11 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_precision import write_npz
 from torch._dynamo.utils import counters
 
 from anytime.cli.train import train as train_command
@@ -21,14 +21,6 @@ from anytime.training.compilation import COMPILE_MODES, check_compile
 from anytime.training.config import TrainConfig
 from anytime.training.preflight import resume_config
 from anytime.training.trainer import Trainer
-
-
-def write_npz(path: Path, n: int = 96, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    x = (rng.integers(0, 80, (n, 12, 12)) + y[:, None, None] * 50).astype(np.uint8)
-    np.savez(path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
-    return path
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
