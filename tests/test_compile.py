@@ -51,6 +51,36 @@ def test_compiled_drmgf_trains_the_eager_network_with_compiled_graphs(tmp_path):
         assert compiled_row[name] == pytest.approx(eager_row[name], rel=1e-4), name
 
 
+def test_compile_refuses_methods_that_differentiate_one_forward_twice(tmp_path, monkeypatch):
+    import torch._functorch.config
+    import torch.nn.functional as F
+
+    from anytime.models import create
+
+    # the reason: a compiled graph's second backward (one per exit, retain_graph) is wrong
+    torch.manual_seed(0)
+    model = create("test-convnet", num_classes=3, in_channels=1, image_size=(12, 12))
+    x, y = torch.randn(16, 1, 12, 12), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+
+    def grads_of_exit_0_after_exit_2(m):
+        losses = [F.cross_entropy(o, y) for o in m(x)]
+        torch.autograd.grad(losses[2], params, retain_graph=True, allow_unused=True)
+        return torch.autograd.grad(losses[0], params, allow_unused=True)
+
+    eager = grads_of_exit_0_after_exit_2(model)
+    # by default a second backward is refused outright; allowed, it is wrong
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
+    model.compile()
+    compiled = grads_of_exit_0_after_exit_2(model)
+    gaps = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(eager, compiled) if a is not None]
+    assert max(gaps) > 1e-3  # if torch fixes this, TorchJD methods can be allowed to compile
+
+    data = write_npz(tmp_path / "d.npz")
+    with pytest.raises(ConfigError, match=r"--compile default cannot train method 'pcgrad': .* drop --compile"):
+        Trainer(config(data, tmp_path / "run", method="pcgrad", compile="default"))
+
+
 def test_compile_may_change_on_resume_and_bad_modes_are_one_line(tmp_path):
     data = write_npz(tmp_path / "d.npz")
     run = tmp_path / "run"

@@ -46,6 +46,9 @@ class TrainingContext(Protocol):
     # Mixed precision (--amp): run forward passes in `precision.autocast()`, differentiate
     # `precision.scale(loss)`, step with `precision.step(*optimizers)` once per mini-batch.
     precision: "Precision"
+    # The run's `--compile` mode ("off": eager). The model's forward and backward are compiled graphs
+    # otherwise, which torch.func's vmap cannot batch over.
+    compile_mode: str
 
     def train_batches(
         self, epoch: int, phase: str, part: tuple[int, int] | None = None
@@ -99,6 +102,9 @@ class TrainingMethod:
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # False for a method that differentiates one forward more than once: `--compile` refuses it, since a
+    # compiled graph's second backward is wrong (anytime.training.compilation).
+    compilable: ClassVar[bool] = True
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -33,6 +33,12 @@ def preflight(config: TrainConfig, dist: DistInfo, *, resuming: bool) -> Trainin
     if not is_model(config.arch):
         raise unknown_model_error(config.arch)
     parse_spec(config.data)
+    if config.compile != "off" and not method.compilable:
+        raise ConfigError(
+            f"--compile {config.compile} cannot train method '{config.method}': it differentiates each exit's loss "
+            "through one forward pass, and torch.compile's graphs give wrong gradients from the second backward "
+            "on; drop --compile (joint, ge and the DR-MGF family compile)"
+        )
     if config.batch_size % dist.world_size:
         raise ConfigError(
             f"batch_size={config.batch_size} cannot be split evenly over {dist.world_size} processes; "

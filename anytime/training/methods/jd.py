@@ -27,6 +27,8 @@ from anytime.training.methods.stepwise import StepwiseMethod
 class AggregatorMethod(StepwiseMethod):
     """Base: subclasses build a `torchjd.aggregation.Aggregator` from their options."""
 
+    compilable = False  # one backward per exit through the same forward
+
     label: ClassVar[str]  # the method's name in papers, for messages
     solver_modules: ClassVar[tuple[str, ...]] = ()  # modules the aggregator imports on construction
 
