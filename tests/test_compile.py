@@ -73,8 +73,9 @@ def test_compile_refuses_methods_that_differentiate_one_forward_twice(tmp_path, 
     monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
     model.compile()
     compiled = grads_of_exit_0_after_exit_2(model)
-    gaps = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(eager, compiled) if a is not None]
-    assert max(gaps) > 1e-3  # if torch fixes this, TorchJD methods can be allowed to compile
+    gaps = [float((a - b).norm() / a.norm()) for a, b in zip(eager, compiled) if a is not None]
+    assert max(gaps) > 0.1  # eager and compiled agree to 1e-6 on a first backward; if torch fixes the
+    # second, the TorchJD methods can be allowed to compile
 
     data = write_npz(tmp_path / "d.npz")
     with pytest.raises(ConfigError, match=r"--compile default cannot train method 'pcgrad': .* drop --compile"):
