@@ -17,6 +17,10 @@ report checks), plus the equal-wall-clock pair:
                    1.25x a joint epoch plus the gated forward's extra work. Not in the default queue:
                    it collapsed (msdnet-tiny, seed 0: test average 9-12% after each of epochs 1-7, stopped; with
                    momentum=reset too, docs/drmgf.md)
+  drmgf-split-matched  as drmgf-split-sum, with each exit's update scaled by T / (1 + rho (T - 1)) = 1.82
+                   instead of T: each image's loss weights (its own exit 1, the others rho = 0.4) then add up to
+                   joint's T, so the summed step is joint's to first order (at gain T it was 2.2x joint's,
+                   which would explain the collapse). Not in the default queue
   joint-1.5x       1.5E epochs (about the wall-clock of drmgf-split-sum; not in the default queue)
   joint-2x         2E epochs (the wall-clock of drmgf-split)
   joint-5x         5E epochs (about the CPU time of drmgf and drmgf-rounds: DR-MGF at equal compute)
@@ -60,6 +64,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist.npz"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "train_convergence"
 CONVERGED_POINTS = 0.3
 EXITS = 4  # msdnet-tiny and sdn-tiny both have four exits
+RHO = 0.4  # DR-MGF's default aux_weight: an exit pass's weight on the other exits' losses
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,12 @@ def plan(args: argparse.Namespace) -> list[Run]:
             "drmgf",
             e,
             {"passes": "split", "rounds": 4, "split_gain": float(EXITS), "fusion_share": 0.25},
+        ),
+        (
+            "drmgf-split-matched",
+            "drmgf",
+            e,
+            {"passes": "split", "rounds": 4, "split_gain": EXITS / (1 + RHO * (EXITS - 1)), "fusion_share": 0.25},
         ),
         ("joint-1.5x", "joint", e + e // 2, {}),
         ("joint-2x", "joint", 2 * e, {}),
@@ -295,6 +306,7 @@ REPORT_ORDER = [
     "drmgf-steps8",
     "drmgf-split",
     "drmgf-split-sum",
+    "drmgf-split-matched",
     "joint-1.5x",
     "joint-2x",
     "joint-5x",
