@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -48,7 +49,7 @@ def check_compile(mode: str, device: torch.device) -> None:
     if not torch._dynamo.is_dynamo_supported():
         raise ConfigError(
             f"--compile {mode}: torch.compile is not supported by this Python/torch build "
-            f"(Python {'.'.join(map(str, __import__('sys').version_info[:3]))}, torch {torch.__version__}); "
+            f"(Python {'.'.join(map(str, sys.version_info[:3]))}, torch {torch.__version__}); "
             "drop --compile"
         )
     if device.type == "cpu":
