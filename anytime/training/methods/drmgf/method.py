@@ -183,7 +183,7 @@ class DRMGF(TrainingMethod):
         self.switch_epoch = opts.switch_epoch if opts.switch_epoch is not None else (ctx.epochs + 1) // 2
         self.rounds = self.rounds_for(ctx.steps_per_epoch)
         self.gates: RouteGates | None = RouteGates.from_model(model, routes, opts.kappa) if opts.gate else None
-        # The gate arithmetic runs inside the compiled region too: fused with the convolutions it feeds.
+        # The gate arithmetic runs inside the compiled region too, where its element-wise steps are fused.
         self._gated_forward = ctx.compiled(self.gates.forward) if self.gates is not None else None
         self.importance_optimizer: torch.optim.SGD | None = None
         if self.gates is not None and self.gates.layers:
