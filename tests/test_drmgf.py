@@ -40,7 +40,6 @@ class FakeContext:
         self.epochs = epochs
         self.rank, self.world_size = 0, 1
         self.precision = Precision()  # full precision (no --amp)
-        self.compile_mode = "off"
         self.base_lr = lr
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
         g = torch.Generator().manual_seed(123)

@@ -33,7 +33,6 @@ class ToyContext:
         self.rank, self.world_size = 0, 1
         self.steps_per_epoch = len(self.data)
         self.precision = Precision()  # full precision (no --amp)
-        self.compile_mode = "off"
         self.phases: list[str] = []
         self.steps = 0
 

@@ -7,7 +7,7 @@ still the one the record was made from (size and a hash of the labels).
 Format version 2 stores each sorted index set as runs, `[[start, stop], ...]` (half-open), in
 `train_ranges` and `val_ranges`, and `split_record_text` writes each on one line: the training split of a
 hold-out is the complement of a few thousand images, a few thousand runs instead of every index (a
-Fashion-MNIST run's record: 636 KB as version 1's indented index lists, about 30 KB as runs). Version 1
+Fashion-MNIST run's record: 636 KB as version 1's indented index lists, 61 KB as runs). Version 1
 (`train_indices` / `val_indices`) is still read.
 """
 

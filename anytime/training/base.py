@@ -46,9 +46,6 @@ class TrainingContext(Protocol):
     # Mixed precision (--amp): run forward passes in `precision.autocast()`, differentiate
     # `precision.scale(loss)`, step with `precision.step(*optimizers)` once per mini-batch.
     precision: "Precision"
-    # The run's `--compile` mode ("off": eager). The model's forward and backward are compiled graphs
-    # otherwise, which torch.func's vmap cannot batch over.
-    compile_mode: str
 
     def train_batches(
         self, epoch: int, phase: str, part: tuple[int, int] | None = None

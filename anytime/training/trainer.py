@@ -129,7 +129,6 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         check_precision(cfg.amp, self.device)
         check_compile(cfg.compile, self.device)
-        self.compile_mode = cfg.compile
         self.precision = Precision(cfg.amp, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._started_group = ddp.init_distributed(self.dist, self.device)
