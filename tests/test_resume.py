@@ -99,3 +99,14 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
         resume(run)
     with pytest.raises(ConfigError, match=r"cannot change \['lr'\] when resuming"):
         resume(run, lr=0.5)
+
+
+def test_cli_summary_counts_only_the_epochs_run_in_this_process(tmp_path, capsys):
+    from anytime.cli.train import _print_summary
+    from anytime.training.trainer import RunResult
+
+    history = [{"epoch": e, "train_time_s": t} for e, t in [(1, 10.0), (2, 10.0), (3, 4.0)]]
+    _print_summary(RunResult(tmp_path, None, [0.5], [0.5], history, resumed_from_epoch=2))
+    assert "1 epochs run here, 4.0 s per epoch" in capsys.readouterr().out
+    _print_summary(RunResult(tmp_path, None, [0.5], [0.5], history[:2], resumed_from_epoch=2))  # nothing left to run
+    assert "epochs run here" not in capsys.readouterr().out

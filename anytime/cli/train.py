@@ -216,7 +216,9 @@ def _print_summary(result) -> None:
     val_mean = f"{100 * result.val_mean:7.2f}%" if val else "       -"
     test_mean = f"{100 * result.test_mean:7.2f}%" if test else "       -"
     click.echo(f"{'avg':>4}  {val_mean}  {test_mean}")
-    if result.history:
-        click.echo(f"{len(result.history)} epochs run here, {result.epoch_time_s:.1f} s per epoch (training)")
+    ran = result.history[result.resumed_from_epoch :]  # a resumed run's history holds the earlier epochs too
+    if ran:
+        seconds = sum(row["train_time_s"] for row in ran) / len(ran)
+        click.echo(f"{len(ran)} epochs run here, {seconds:.1f} s per epoch (training)")
     click.echo(f"Run directory: {result.run_dir}  (model.safetensors, model.json, results.csv, summary.json)")
     click.echo(f"Export:  anytime export {result.run_dir} -o bundles/{result.run_dir.name}")
