@@ -139,6 +139,13 @@ def test_group_help_imports_no_torch():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
+def test_python_dash_m_anytime_runs_the_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "anytime", "info", "--list"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "msdnet-tiny" in done.stdout, done.stdout + done.stderr
+
+
 def test_old_command_modules_are_gone():
     for old in (
         "anytime.models.commands",
