@@ -10,7 +10,8 @@
 # images, 6 epochs; docs/default-model/ holds the evaluation it printed). At this recipe it is ahead of
 # joint training (METHOD=joint, the default here) at all 36 budget points, by 0.52-1.43
 # (docs/drmgf-vs-joint/), and DR-MGF with the paper's one fusion an epoch (METHOD_OPTIONS=rounds=1) is
-# 1.7-2.1 points below joint.
+# below joint: 1.7-2.1 points across the budget curve for seed 0's model (CHANGELOG), -1.22 +- 0.50 in
+# average test top-1 over three seeds (benchmarks/results/drmgf_default_recipe.md).
 # An interrupted run resumes from its last checkpoint when the script is run again.
 set -euo pipefail
 DEVICE=${1:-auto}
