@@ -46,6 +46,10 @@ class ProfileMismatchWarning(AnytimeWarning):
     """A latency profile was measured under other conditions (threads, machine) than the model now runs in."""
 
 
+class OutputError(AnytimeError, OSError):
+    """An output file cannot be created where it was asked for (a file in the way, no permission, ...)."""
+
+
 class InputImageError(AnytimeError, ValueError):
     """An input image cannot be read or has an unexpected mode or size."""
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from anytime.errors import OutputError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` so that `path` holds either its old content or all of the new, never a part."""
@@ -39,8 +41,11 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     leaves no half-written file under the final name, and an earlier file there stays as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     try:
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -48,10 +53,25 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError as exc:
+            raise _cannot_write(path, exc) from exc
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def _cannot_write(path: Path, exc: OSError) -> OutputError:
+    """The one-line error for an output that cannot be created where it was asked for."""
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        reason = f"'{blocker}' is a file, not a directory"
+    elif path.is_dir():
+        reason = "it is a directory"
+    else:
+        reason = f"{exc.strerror or exc} in '{path.parent}'"
+    return OutputError(f"cannot write '{path}': {reason}; give an output path in a writable directory")

@@ -255,3 +255,31 @@ def test_serve_a_jsonl_path_list(pattern_bundle, image_tree, tmp_path, capsys):
     assert [r["path"] for r in rows] == listed
     assert sum(r["error"] != "" for r in rows) == 2
     assert "10 image(s) predicted, 2 failed" in out and "on 10 image(s) in class-named folders" in out
+
+
+@pytest.mark.parametrize("verb", ["serve", "calibrate"])
+def test_an_output_that_cannot_be_created_is_one_line_naming_it(pattern_bundle, image_tree, tmp_path, capsys, verb):
+    root, _, _ = image_tree
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output's directory should be")
+    out_path = blocker / ("preds.jsonl" if verb == "serve" else "policy.json")
+    inputs = [str(root / "vertical"), "-q"] if verb == "serve" else []
+    code, out, err = run_cli([verb, str(pattern_bundle), *inputs, "--budget", "50%", "-o", str(out_path)], capsys)
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    assert f"cannot write '{out_path}'" in err and "is a file, not a directory" in err
+    assert blocker.read_text().startswith("a file")
+
+
+def test_atomic_output_errors_are_output_errors_and_still_os_errors(tmp_path):
+    from anytime.errors import OutputError
+    from anytime.fileio import atomic_write_text
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a directory") as info:
+        atomic_write_text(tmp_path / "f" / "out.json", "{}")
+    assert isinstance(info.value, OSError)  # callers that caught OSError before still do
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OutputError, match="it is a directory"):
+        atomic_write_text(tmp_path / "d", "{}")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []  # no temporary file left behind
