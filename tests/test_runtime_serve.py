@@ -283,3 +283,22 @@ def test_atomic_output_errors_are_output_errors_and_still_os_errors(tmp_path):
     with pytest.raises(OutputError, match="it is a directory"):
         atomic_write_text(tmp_path / "d", "{}")
     assert [p.name for p in (tmp_path / "d").iterdir()] == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_calibration_file_is_a_bundle_error(pattern_bundle, image_tree, tmp_path, capsys, damage):
+    import shutil
+
+    broken = tmp_path / "bundle"
+    shutil.copytree(pattern_bundle, broken)
+    data = (broken / "calibration.npz").read_bytes()
+    (broken / "calibration.npz").write_bytes(data[: len(data) // 3] if damage == "truncated" else b"")
+    root, _, _ = image_tree
+    code, out, err = run_cli(["serve", str(broken), str(root / "vertical"), "--budget", "50%", "-q"], capsys)
+    # An empty file made numpy raise EOFError, which click turned into "Aborted." (exit 130).
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err and "Aborted" not in err
+    assert "calibration file" in err and "re-export the bundle" in err
+    # A fixed exit needs no calibration data: it still answers.
+    code, out, err = run_cli(["serve", str(broken), str(root / "vertical"), "--exit", "2", "-q"], capsys)
+    assert code == 0, (out, err)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -440,11 +441,14 @@ class Bundle:
         cal = self.manifest["calibration"]
         path = self.file(cal["file"])
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # The file is opened here so that it is closed even when numpy cannot parse it.
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
                 logits = np.asarray(data["logits"], dtype=np.float32)
                 labels = np.asarray(data["labels"], dtype=np.int64)
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleError(f"calibration file {path} cannot be read ({exc}); re-export the bundle") from exc
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            # EOFError: an empty file (which click would report as "Aborted."); BadZipFile: a truncated one.
+            reason = str(exc) or type(exc).__name__
+            raise BundleError(f"calibration file {path} cannot be read ({reason}); re-export the bundle") from exc
         k, n = self.num_exits, labels.shape[0]
         if logits.ndim != 3 or logits.shape[0] != k or logits.shape[1] != n or logits.shape[2] != len(self.classes):
             raise BundleError(
