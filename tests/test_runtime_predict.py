@@ -430,3 +430,16 @@ def test_predict_on_a_folder_takes_its_images_recursively_with_folder_labels(
     assert preds.images == 6 and preds.labelled == 6
     direct = model.predict(x[:6], exit=model.num_exits)
     assert sorted(preds.labels.tolist()) == sorted(direct.labels.tolist())
+
+
+def test_encoded_bytes_are_one_input_alone_as_in_a_list(model, pattern_test_images, tmp_path):
+    x, _ = pattern_test_images
+    path = tmp_path / "one.png"
+    Image.fromarray(x[0, :, :, 0]).save(path)
+    data = path.read_bytes()
+    reference = model.predict(str(path), exit=4)
+    for inputs in (data, bytearray(data), [data]):
+        preds = model.predict(inputs, exit=4, on_error="record")
+        # bytes alone were iterated as ints: one error row per byte of the file
+        assert len(preds) == 1 and preds.failed == 0, type(inputs)
+        assert preds[0].label == reference[0].label

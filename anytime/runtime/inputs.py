@@ -110,8 +110,8 @@ def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[P
 def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Iterator[InputItem]:
     """Normalise `predict`'s argument to a lazy stream of InputItems.
 
-    A path (a folder: its images, recursively), PIL image, H×W[×C] array or N×H×W×C array, or any
-    iterable of those (consumed lazily).
+    A path (a folder: its images, recursively), PIL image, encoded image bytes, H×W[×C] array or N×H×W×C
+    array, or any iterable of those (consumed lazily).
     """
     folders = ClassFolders(classes) if classes is not None else None
 
@@ -126,7 +126,7 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         else:
             yield from_path(inputs)
         return
-    if isinstance(inputs, Image.Image):
+    if isinstance(inputs, (Image.Image, bytes, bytearray)):  # one image (encoded bytes: not a list of ints)
         yield InputItem(inputs, None)
         return
     if isinstance(inputs, np.ndarray):
