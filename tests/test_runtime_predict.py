@@ -443,3 +443,10 @@ def test_encoded_bytes_are_one_input_alone_as_in_a_list(model, pattern_test_imag
         # bytes alone were iterated as ints: one error row per byte of the file
         assert len(preds) == 1 and preds.failed == 0, type(inputs)
         assert preds[0].label == reference[0].label
+
+
+@pytest.mark.parametrize("inputs", [None, 5, 2.5, object()])
+def test_inputs_that_are_not_images_nor_collections_of_them_are_a_config_error(model, inputs):
+    # None and numbers were a bare TypeError from deep inside ("'NoneType' object is not iterable")
+    with pytest.raises(ConfigError, match=f"cannot classify an input of type {type(inputs).__name__}; give a path"):
+        model.predict(inputs, exit=1, on_error="record")

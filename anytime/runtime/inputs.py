@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
+from anytime.errors import ConfigError
 from anytime.formats.pathlist import is_path_list, read_path_list
 
 IMAGE_SUFFIXES = frozenset(
@@ -139,6 +140,11 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
     if isinstance(inputs, InputItem):
         yield inputs
         return
+    if inputs is None or not isinstance(inputs, Iterable):
+        raise ConfigError(
+            f"cannot classify an input of type {type(inputs).__name__}; give a path, a PIL image, encoded image "
+            "bytes, a uint8 H×W×C or N×H×W×C numpy array, or a list or iterator of these"
+        )
     for item in inputs:
         if isinstance(item, InputItem):
             yield item
