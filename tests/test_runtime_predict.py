@@ -412,6 +412,20 @@ def test_manifest_schema_problems_are_named(pattern_bundle, tmp_path):
     assert "std" in str(info.value) and "num_classes=7" in str(info.value)
 
 
+@pytest.mark.parametrize("key, value", [("val_accuracy", "0.9"), ("val_accuracy", 87.5), ("params", "many")])
+def test_stage_params_and_accuracy_are_checked_with_the_manifest(pattern_bundle, tmp_path, key, value):
+    import shutil
+
+    broken = tmp_path / "b"
+    shutil.copytree(pattern_bundle, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["stages"][1][key] = value
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    # A string here was a bare ValueError from float()/int() in read_bundle; 87.5 printed as 8750%.
+    with pytest.raises(BundleError, match=rf"stages\[1\]\.{key} is {value!r}.*re-export the bundle"):
+        anytime.load(broken)
+
+
 def test_predict_on_a_folder_takes_its_images_recursively_with_folder_labels(
     pattern_bundle, pattern_test_images, tmp_path
 ):

@@ -166,6 +166,11 @@ def _stage_problems(stages: Any, manifest: dict[str, Any]) -> list[str]:
         if logits not in outputs:
             problems.append(f"{where}.logits {logits!r} is not one of its outputs {outputs}")
         expected_inputs = [o for o in outputs if o != logits]
+        params, accuracy = st.get("params"), st.get("val_accuracy")
+        if params is not None and not (_is_int(params) and params >= 0):
+            problems.append(f"{where}.params is {params!r}, expected null or a parameter count")
+        if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
+            problems.append(f"{where}.val_accuracy is {accuracy!r}, expected null or a fraction in [0, 1]")
         cost = st.get("cost")
         if not isinstance(cost, dict) or not all(_is_number(v) for v in cost.values()):
             problems.append(f"{where}.cost is {cost!r}, expected an object of numbers per convention")
