@@ -302,3 +302,17 @@ def test_a_damaged_calibration_file_is_a_bundle_error(pattern_bundle, image_tree
     # A fixed exit needs no calibration data: it still answers.
     code, out, err = run_cli(["serve", str(broken), str(root / "vertical"), "--exit", "2", "-q"], capsys)
     assert code == 0, (out, err)
+
+
+def test_a_path_list_or_policy_file_that_is_not_utf8_is_one_line(pattern_bundle, image_tree, tmp_path, capsys):
+    root, _, _ = image_tree
+    listing = tmp_path / "paths.jsonl"
+    listing.write_bytes(b'{"path": "' + str(root / "vertical").encode() + b'"}\n\xff\xfe{"path": "x.png"}\n')
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(listing), "--budget", "50%", "-q"], capsys)
+    assert code == 2 and "Traceback" not in out + err, (out, err)
+    assert "paths.jsonl: not UTF-8 text" in err
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(b"\xff\xfe{}")
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy)], capsys)
+    assert code == 2 and "Traceback" not in out + err, (out, err)
+    assert "cannot read exit policy" in err

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from anytime.errors import ConfigError, require
 
@@ -79,7 +80,7 @@ def _read_parquet(path: str | os.PathLike) -> Iterator[str]:
 
 def _read_jsonl(path: str | os.PathLike) -> Iterator[str]:
     with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+        for number, line in enumerate(_utf8_lines(fh, path), 1):
             line = line.strip()
             if not line:
                 continue
@@ -92,3 +93,11 @@ def _read_jsonl(path: str | os.PathLike) -> Iterator[str]:
             if not isinstance(value, str):
                 raise ConfigError(f"{path}, line {number}: {value!r} is not a path (a string)")
             yield value
+
+
+def _utf8_lines(fh: TextIO, path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; bytes that are not UTF-8 are a ConfigError, not a traceback."""
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); a JSONL path list is UTF-8") from exc

@@ -112,7 +112,7 @@ class ExitPolicy:
     def load(cls, path: str | os.PathLike) -> "ExitPolicy":
         try:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read exit policy '{path}': {exc}") from exc
 
     def describe(self) -> str:
