@@ -316,3 +316,18 @@ def test_a_path_list_or_policy_file_that_is_not_utf8_is_one_line(pattern_bundle,
     code, out, err = run_cli(["serve", str(pattern_bundle), str(root / "vertical"), "--policy", str(policy)], capsys)
     assert code == 2 and "Traceback" not in out + err, (out, err)
     assert "cannot read exit policy" in err
+
+
+def test_a_bundle_without_its_manifest_is_not_taken_for_a_folder_of_images(
+    pattern_bundle, image_tree, tmp_path, capsys
+):
+    import shutil
+
+    partial = tmp_path / "bundle"
+    shutil.copytree(pattern_bundle, partial)
+    (partial / "manifest.json").unlink()
+    root, _, _ = image_tree
+    # It was read as a folder with no images, and the embedded default model answered the other inputs.
+    code, out, err = run_cli(["serve", str(partial), str(root / "vertical"), "--budget", "50%", "-q"], capsys)
+    assert code == 2, (out, err)
+    assert "looks like a bundle but has no manifest.json" in err and "image(s) predicted" not in out

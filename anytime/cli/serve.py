@@ -116,7 +116,8 @@ def serve(
     """Budgeted batch prediction with real early exit.
 
     BUNDLE is optional: the first argument is a bundle when it is a directory with a manifest.json,
-    otherwise the embedded default model answers. INPUTS are image files, directories (recursive),
+    otherwise the embedded default model answers (a directory with a bundle's graphs but no manifest.json
+    is an error). INPUTS are image files, directories (recursive),
     globs, or `-` for a list of paths on standard input. Without inputs (and without a bundle) the
     embedded sample images are used. Inputs in class-named folders also get an accuracy.
 
@@ -131,7 +132,8 @@ def serve(
 
     from tqdm import tqdm
 
-    from anytime.formats.bundle import is_bundle_dir
+    from anytime.errors import BundleError
+    from anytime.formats.bundle import MANIFEST_FILE, is_bundle_dir, is_bundle_without_manifest
     from anytime.runtime.inputs import expand_paths
     from anytime.runtime.model import POLICY_CHOICES
     from anytime.runtime.results import RunningTotals, output_format, row_file
@@ -158,6 +160,12 @@ def serve(
     inputs = list(args)
     if inputs and is_bundle_dir(inputs[0]):
         bundle, inputs = inputs[0], inputs[1:]
+    elif inputs and is_bundle_without_manifest(inputs[0]):
+        # Read as a folder of images it has none, and the embedded model would answer in its place.
+        raise BundleError(
+            f"'{inputs[0]}' looks like a bundle but has no {MANIFEST_FILE} (copied in part, or its export was "
+            "interrupted); re-export or re-copy it"
+        )
     if not inputs:
         if bundle is not None:
             raise click.UsageError(

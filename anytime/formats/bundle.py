@@ -502,6 +502,17 @@ def is_bundle_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / MANIFEST_FILE).is_file()
 
 
+def is_bundle_without_manifest(path: str | os.PathLike) -> bool:
+    """A directory with a bundle's first stage graph or calibration data but no manifest.json (a bundle
+    copied in part, or an export that was interrupted): never a folder of images to classify."""
+    p = Path(path)
+    return (
+        p.is_dir()
+        and not (p / MANIFEST_FILE).exists()
+        and ((p / stage_file(0)).is_file() or (p / CALIBRATION_FILE).is_file())
+    )
+
+
 def resolve_bundle_path(bundle: str | os.PathLike | None) -> Path:
     """The bundle directory: `bundle` (a directory or its manifest.json), or the embedded default for None."""
     if bundle is None:
