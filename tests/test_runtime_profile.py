@@ -300,6 +300,10 @@ def test_a_noisy_back_to_back_time_above_the_chain_time_keeps_policies_within_bu
         (lambda d: d.update(first_stage_after_seconds=[1e-5] * 2), "first_stage_after_seconds must hold 7"),
         (lambda d: d.update(refill_overhead_seconds="2us"), "refill_overhead_seconds is '2us'"),
         (lambda d: d.update(refill_overhead_seconds=float("nan")), "refill_overhead_seconds is nan"),
+        # these three were bare TypeError/ValueError tracebacks from from_dict's conversions
+        (lambda d: d.update(machine=["vm"]), "machine is ['vm'], expected an object"),
+        (lambda d: d.update(providers="CPUExecutionProvider"), "providers is 'CPUExecutionProvider'"),
+        (lambda d: d.update(repeats="many"), "repeats is 'many'"),
     ],
 )
 def test_malformed_profile_is_refused_with_the_fix(pattern_bundle, tmp_path, change, message):

@@ -389,6 +389,13 @@ def profile_problems(d: Any) -> list[str]:
         problems.append(f"thread_pool is {d['thread_pool']!r}, expected one of {', '.join(THREAD_POOLS)}")
     if "timing" in d and d["timing"] not in TIMINGS:
         problems.append(f"timing is {d['timing']!r}, expected one of {', '.join(TIMINGS)}")
+    if d.get("machine") is not None and not isinstance(d["machine"], dict):
+        problems.append(f"machine is {d['machine']!r}, expected an object")
+    providers, repeats = d.get("providers"), d.get("repeats")
+    if providers is not None and not (isinstance(providers, list) and all(isinstance(p, str) for p in providers)):
+        problems.append(f"providers is {providers!r}, expected a list of provider names")
+    if repeats is not None and not (_is_int(repeats) and repeats >= 0):
+        problems.append(f"repeats is {repeats!r}, expected an integer >= 0")
     threads = d.get("threads")
     if threads is not None and not (_is_int(threads) and threads >= 0):
         problems.append(f"threads is {threads!r}, expected null or an integer >= 0")
