@@ -733,3 +733,17 @@ def test_eval_of_several_bundles_takes_one_profile_each(pattern_bundle, tmp_path
     assert code == 0, err
     code, out, err = run_cli(args + ["--profile", str(paths[0]), "-q"], capsys)
     assert code == 2 and "one per model" in err
+
+
+def test_summary_names_decoding_beside_measured_inference_only_when_it_matters():
+    from anytime.runtime.results import RunningTotals
+
+    def summary(decode_seconds: float) -> str:
+        totals = RunningTotals(4, TIME_CONVENTION, budget=100e-6, images=1000, estimated_seconds=0.09)
+        totals.estimated_images, totals.inference_seconds, totals.decode_seconds = 1000, 0.15, decode_seconds
+        return totals.summary()
+
+    slow = summary(0.2)
+    assert "measured inference time 150 µs per image (150.0% of the budget)" in slow
+    assert "decoding the inputs (200 µs per image) running in other threads" in slow
+    assert "decoding" not in summary(0.001)  # pre-decoded arrays: nothing ran beside inference

@@ -257,6 +257,7 @@ class RunningTotals:
     correct: int = 0
     seconds: float = 0.0
     inference_seconds: float = 0.0  # measured: running the stage graphs (decoding excluded)
+    decode_seconds: float = 0.0  # measured: reading and decoding the inputs (in threads beside inference)
     exit_counts: np.ndarray | None = None
     estimated_seconds: float = 0.0  # the latency profile's estimate, as run (see Predictions)
     estimated_images: int = 0  # images the estimate covers (all of them, or it is not used)
@@ -272,6 +273,7 @@ class RunningTotals:
         t.seconds = preds.seconds
         if "inference_s" not in preds.speed and "inference" in preds.speed:  # predict(): ms per image
             t.inference_seconds = preds.speed["inference"] * t.images / 1e3
+            t.decode_seconds = preds.speed.get("preprocess", 0.0) * t.images / 1e3
         return t
 
     def add(self, preds: Predictions) -> None:
@@ -285,6 +287,7 @@ class RunningTotals:
         self.labelled += int(known.sum())
         self.correct += int((preds.label_array[known] == preds.true_label_array[known]).sum())
         self.inference_seconds += float(preds.speed.get("inference_s", 0.0))
+        self.decode_seconds += float(preds.speed.get("preprocess_s", 0.0))
         if preds.estimated_seconds is not None:
             self.estimated_seconds += float(preds.estimated_seconds)
             self.estimated_images += int(ok.sum())
@@ -328,6 +331,14 @@ class RunningTotals:
                 line = f"measured inference time {format_cost(measured, TIME_CONVENTION)} per image"
                 if self.budget is not None:
                     line += f" ({100 * measured / self.budget:.1f}% of the budget)"
+                decode = self.decode_seconds / self.images
+                if decode > 0.1 * measured:
+                    # Decoding threads share the cores (and the GIL) with inference, which the profile
+                    # measured alone: say so, or a budget looks missed that the stages met.
+                    line += (
+                        f", with decoding the inputs ({format_cost(decode, TIME_CONVENTION)} per image) running in "
+                        "other threads at the same time; the latency profile timed the stages alone"
+                    )
                 lines.append(line)
             if self.over_budget:
                 assert self.budget is not None  # over_budget needs one
