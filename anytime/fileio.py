@@ -65,6 +65,20 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
         raise
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise the one-line OutputError now if `path` could not be written, before minutes of work go into it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _cannot_write(path: Path, exc: OSError) -> OutputError:
     """The one-line error for an output that cannot be created where it was asked for."""
     blocker = next((p for p in path.parents if p.exists()), None)

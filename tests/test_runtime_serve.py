@@ -257,14 +257,26 @@ def test_serve_a_jsonl_path_list(pattern_bundle, image_tree, tmp_path, capsys):
     assert "10 image(s) predicted, 2 failed" in out and "on 10 image(s) in class-named folders" in out
 
 
-@pytest.mark.parametrize("verb", ["serve", "calibrate"])
-def test_an_output_that_cannot_be_created_is_one_line_naming_it(pattern_bundle, image_tree, tmp_path, capsys, verb):
+@pytest.mark.parametrize("verb", ["serve", "calibrate", "profile"])
+def test_an_output_that_cannot_be_created_is_one_line_naming_it(
+    pattern_bundle, image_tree, tmp_path, capsys, monkeypatch, verb
+):
+    from anytime.runtime.model import AnytimeModel
+
+    def never(*args, **kwargs):
+        raise AssertionError("profile measured before finding that its output cannot be written")
+
+    monkeypatch.setattr(AnytimeModel, "profile", never)
     root, _, _ = image_tree
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the output's directory should be")
-    out_path = blocker / ("preds.jsonl" if verb == "serve" else "policy.json")
-    inputs = [str(root / "vertical"), "-q"] if verb == "serve" else []
-    code, out, err = run_cli([verb, str(pattern_bundle), *inputs, "--budget", "50%", "-o", str(out_path)], capsys)
+    out_path = blocker / {"serve": "preds.jsonl", "calibrate": "policy.json", "profile": "profile.json"}[verb]
+    inputs = {
+        "serve": [str(root / "vertical"), "-q", "--budget", "50%"],
+        "calibrate": ["--budget", "50%"],
+        "profile": [],
+    }[verb]
+    code, out, err = run_cli([verb, str(pattern_bundle), *inputs, "-o", str(out_path)], capsys)
     assert code == 2, (out, err)
     assert "Traceback" not in out + err
     assert f"cannot write '{out_path}'" in err and "is a file, not a directory" in err
@@ -283,6 +295,19 @@ def test_atomic_output_errors_are_output_errors_and_still_os_errors(tmp_path):
     with pytest.raises(OutputError, match="it is a directory"):
         atomic_write_text(tmp_path / "d", "{}")
     assert [p.name for p in (tmp_path / "d").iterdir()] == []  # no temporary file left behind
+
+
+def test_check_writable_leaves_no_trace_and_keeps_an_existing_file(tmp_path):
+    from anytime.errors import OutputError
+    from anytime.fileio import check_writable
+
+    check_writable(tmp_path / "new" / "out.json")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []  # no file made, not even a temporary one
+    (tmp_path / "old.json").write_text("kept")
+    check_writable(tmp_path / "old.json")
+    assert (tmp_path / "old.json").read_text() == "kept"
+    with pytest.raises(OutputError, match="it is a directory"):
+        check_writable(tmp_path / "new")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])

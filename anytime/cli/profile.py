@@ -31,8 +31,11 @@ def profile(
     own work on a short stream. Profile with the --threads and
     --device you serve with: a profile is only valid for them. BUNDLE defaults to the embedded model.
     """
+    from anytime.fileio import check_writable
     from anytime.runtime.budget import format_seconds
 
+    if output:
+        check_writable(output)  # before the measuring, not after it
     model = load_bundle(bundle, device=device, providers=providers, threads=threads, thread_pool=thread_pool)
     prof = model.profile(**given(batch_size=batch_size, repeats=repeats))
     threads_text = "onnxruntime's default" if prof.threads is None else str(prof.threads)
