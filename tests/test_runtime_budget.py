@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from anytime.errors import AnytimeError, BudgetError
-from anytime.runtime.budget import Budget, format_cost, parse_budget, resolve_budget_cost
+from anytime.runtime.budget import Budget, check_exit, format_cost, parse_budget, resolve_budget_cost
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -74,3 +75,9 @@ def test_format_cost():
     assert format_cost(340.64e6) == "340.6M"
     assert format_cost(1.5e9, "msdnet") == "1.5G msdnet"
     assert format_cost(980) == "980"
+
+
+def test_exit_given_as_text_names_the_type():
+    with pytest.raises(BudgetError, match=r"exit='2' is a str; give the exit as a whole number 1\.\.4"):
+        check_exit("2", 4)
+    assert check_exit(np.int64(2), 4) == 2 and check_exit(3.0, 4) == 3

@@ -132,6 +132,13 @@ def test_strict_cap_holds_on_every_batch(model, pattern_test_images):
     assert changed > 0
 
 
+def test_strict_without_a_budget_is_refused_as_the_cli_refuses_it(model, pattern_test_images):
+    x, _ = pattern_test_images
+    for asked in ({"exit": 2}, {"budget": None, "policy": None}):
+        with pytest.raises(ConfigError, match="strict=True caps a budget"):
+            model.predict(x[:4], strict=True, **asked)
+
+
 def test_strict_keeps_least_confident_going(model):
     # Unit check of the cap rule on one stage: 4 samples want to go on, the budget pays for 2.
     leave = np.array([True, False, False, False, False])

@@ -7,6 +7,7 @@ A budget is an average cost per image in the model's cost convention: the bundle
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ def parse_budget(budget: BudgetLike) -> Budget:
 
 def check_exit(exit_number: int | float, num_exits: int) -> int:
     """Validate a 1-based exit number."""
+    if isinstance(exit_number, bool) or not isinstance(exit_number, numbers.Real):
+        raise BudgetError(
+            f"exit={exit_number!r} is a {type(exit_number).__name__}; give the exit as a whole number 1..{num_exits}"
+        )
     if isinstance(exit_number, bool) or int(exit_number) != exit_number or not 1 <= exit_number <= num_exits:
         raise BudgetError(f"exit={exit_number!r} does not exist: this model has exits 1..{num_exits}")
     return int(exit_number)

@@ -416,7 +416,9 @@ class AnytimeModel:
             budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=cost_mode
         )
         thresholds = chosen.threshold_array()
-        cap = chosen.budget if strict and chosen.budget is not None else None
+        if strict and chosen.budget is None:
+            raise ConfigError("strict=True caps a budget; it has no meaning with a fixed exit (exit=) or the full network")
+        cap = chosen.budget if strict else None
         if mode == "batch":
             for loaded in self._loaded_batches(inputs, batch_size, on_error):
                 yield self._infer_batch(loaded, thresholds, cap, chosen, stage_calls)
