@@ -417,7 +417,9 @@ class AnytimeModel:
         )
         thresholds = chosen.threshold_array()
         if strict and chosen.budget is None:
-            raise ConfigError("strict=True caps a budget; it has no meaning with a fixed exit (exit=) or the full network")
+            raise ConfigError(
+                "strict=True caps a budget; it has no meaning with a fixed exit (exit=) or the full network"
+            )
         cap = chosen.budget if strict else None
         if mode == "batch":
             for loaded in self._loaded_batches(inputs, batch_size, on_error):
