@@ -249,3 +249,21 @@ def test_config_records_the_dataset_with_an_absolute_path(tmp_path, monkeypatch)
     )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert saved == f"npz:{(tmp_path / 'data' / 'd.npz').resolve()}"
+
+
+def test_resume_refuses_options_it_would_otherwise_ignore(stripes, tmp_path):
+    # `--resume RUN --epochs 4` used to drop --epochs silently (and re-finish the 2-epoch run).
+    run = tmp_path / "run"
+    assert CliRunner().invoke(train_command, base_args(stripes, run)).exit_code == 0
+    before = (run / "results.jsonl").read_text()
+    refused = CliRunner().invoke(train_command, ["--resume", str(run), "--epochs", "4", "-m", "weights=1,1,1", "-q"])
+    assert refused.exit_code != 0
+    message = str(refused.exception)
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "--epochs" in message and "--method-option" in message and "-o/--output" in message
+    both = CliRunner().invoke(train_command, ["--resume", str(run), "-o", str(tmp_path / "other"), "-q"])
+    assert both.exit_code == 2 and "not both" in both.output
+    assert (run / "results.jsonl").read_text() == before and not (tmp_path / "other").exists()
+    # what a resume may change is still accepted
+    allowed = CliRunner().invoke(train_command, ["--resume", str(run), "--device", "cpu", "--workers", "0", "-q"])
+    assert allowed.exit_code == 0, allowed.output

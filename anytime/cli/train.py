@@ -55,6 +55,25 @@ def _val_size(text: str | None) -> int | None:
         raise ConfigError(f"--val-size {text!r}: give a number of images, e.g. 5000") from None
 
 
+def _check_resume_options(resume_dir: str, output: str | None, kw: dict[str, Any]) -> None:
+    from anytime.training.preflight import RESUMABLE_CHANGES
+
+    if output is not None:
+        raise click.UsageError(
+            f"give either --resume RUN_DIR (continue a run in place) or -o/--output (a new run), not both; "
+            f"the resumed run writes to {resume_dir}"
+        )
+    changed = [name for name, value in given(**kw).items() if name not in RESUMABLE_CHANGES]
+    if changed:
+        opts = {p.name: "/".join(p.opts + p.secondary_opts) for p in click.get_current_context().command.params}
+        flags = ", ".join(opts.get(name, name) for name in changed)
+        allowed = ", ".join(f"--{name}" for name in sorted(RESUMABLE_CHANGES))
+        raise ConfigError(
+            f"--resume repeats the run's own configuration, so {flags} cannot be given with it (only {allowed} "
+            f"may change); drop {flags}, or start a new run with -o/--output instead"
+        )
+
+
 def _method_names() -> str:
     from anytime.training.methods import list_methods
 
@@ -169,7 +188,9 @@ def train(**kw: Any) -> None:
     output = kw.pop("output")
     try:
         if resume_dir is not None:
-            # Only what was given overrides the run's saved configuration.
+            # Only what was given overrides the run's saved configuration; a setting a resume cannot change
+            # is refused rather than silently dropped.
+            _check_resume_options(resume_dir, output, kw)
             result = resume(
                 resume_dir, progress=progress, device=kw["device"], workers=kw["workers"], compile=kw["compile"]
             )
