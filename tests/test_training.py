@@ -267,3 +267,25 @@ def test_resume_refuses_options_it_would_otherwise_ignore(stripes, tmp_path):
     # what a resume may change is still accepted
     allowed = CliRunner().invoke(train_command, ["--resume", str(run), "--device", "cpu", "--workers", "0", "-q"])
     assert allowed.exit_code == 0, allowed.output
+
+
+def test_a_run_stopped_in_its_first_epoch_is_no_dead_end(stripes, tmp_path, monkeypatch):
+    # Ctrl-C before the first checkpoint: the new-run check pointed at --resume, and --resume at a new run.
+    def interrupted(self, loss, batch_size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "log_step", interrupted)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_command, base_args(stripes, run))
+    assert result.exit_code == 130
+    assert "nothing to resume" in result.output and "--resume" not in result.output
+    assert (run / "config.json").is_file() and not (run / "checkpoints" / "last.pt").exists()
+    monkeypatch.undo()
+
+    again = CliRunner().invoke(train_command, base_args(stripes, run))
+    resumed = CliRunner().invoke(train_command, ["--resume", str(run), "-q"])
+    for refused in (again, resumed):
+        assert refused.exit_code != 0
+        # neither sends the user to the other: both say to delete the directory
+        assert f"delete {run}" in str(refused.exception), refused.exception
+    assert "continue it with" not in str(again.exception)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -214,11 +215,16 @@ def train(**kw: Any) -> None:
             config = TrainConfig(out=output, **given(**kw))
             result = run_training(config, progress=progress)
     except KeyboardInterrupt:
-        run_dir = resume_dir or output
-        click.echo(
-            f"\nInterrupted. The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}",
-            err=True,
-        )
+        from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE
+
+        run_dir = Path(resume_dir or output)
+        if (run_dir / CHECKPOINT).is_file():
+            message = f"The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}"
+        elif (run_dir / CONFIG_FILE).is_file():
+            message = f"No epoch had completed, so there is nothing to resume; delete {run_dir} to start it again"
+        else:
+            message = "Nothing was written yet; run the command again to start"
+        click.echo(f"\nInterrupted. {message}", err=True)
         raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         _print_summary(result)

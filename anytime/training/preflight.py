@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from anytime.errors import ConfigError, TrainingError
-from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE
+from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE, MODEL_META
 from anytime.training.base import TrainingMethod
 from anytime.training.config import TrainConfig
 from anytime.training.distributed import DistInfo
@@ -55,9 +55,17 @@ def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
         if not (run_dir / CHECKPOINT).is_file():
             raise TrainingError(
                 f"cannot resume {run_dir}: no checkpoint at {run_dir / CHECKPOINT} (the run "
-                "stopped before its first epoch ended); start it again without --resume"
+                f"stopped before its first epoch ended); delete {run_dir} and start it again without --resume, "
+                "or start it with another --out"
             )
     elif (run_dir / CONFIG_FILE).exists():
+        if not (run_dir / CHECKPOINT).is_file() and not (run_dir / MODEL_META).is_file():
+            # Neither resumable nor finished: pointing at --resume would send the user in a circle.
+            raise ConfigError(
+                f"'{run_dir}' already holds a run that stopped before its first epoch ended ({CONFIG_FILE} but no "
+                f"checkpoint, so --resume has nothing to continue); delete {run_dir} to start it again, or choose "
+                "another --out"
+            )
         raise ConfigError(
             f"'{run_dir}' already holds a run ({CONFIG_FILE} exists); continue it with "
             f"`anytime train --resume {run_dir}` or choose another --out"
