@@ -142,3 +142,32 @@ def test_bad_amp_options_are_one_clear_line(data, tmp_path):
     (run / "config.json").write_text(json.dumps(config(data, run).to_dict()))
     with pytest.raises(ConfigError, match=r"cannot change \['amp'\] when resuming"):
         resume(run, amp="bf16")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_torchjd_methods_train_under_amp(data, tmp_path, amp):
+    # TorchJD's vmapped Jacobian failed in BatchNorm's backward under CPU autocast ("expected scalar type
+    # BFloat16 but found Float"), a traceback from inside torch for every aggregator method.
+    result = train(config(data, tmp_path / "run", method="pcgrad", amp=amp))
+    assert math.isfinite(result.history[0]["loss"])
+
+
+def test_torchjd_jacobian_under_autocast_matches_the_vmapped_one():
+    from test_methods import ToyContext
+
+    from anytime.training.methods import create_method
+
+    def grads(precision: Precision) -> dict[str, torch.Tensor]:
+        ctx = ToyContext(seed=3)
+        ctx.precision = precision
+        method = create_method("upgrad")
+        method.setup(ctx)
+        x, y = ctx.data[0]
+        losses = ctx.exit_losses(ctx.model(x), y, 0)  # float32 forward: only the differentiation differs
+        method.backward(ctx, losses, 0)
+        return {n: p.grad for n, p in ctx.model.named_parameters() if p.grad is not None}
+
+    vmapped, one_by_one = grads(Precision()), grads(Precision("bf16"))
+    assert vmapped.keys() == one_by_one.keys()
+    for n in vmapped:
+        torch.testing.assert_close(one_by_one[n], vmapped[n], rtol=1e-5, atol=1e-7, msg=n)

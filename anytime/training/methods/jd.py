@@ -67,7 +67,11 @@ class AggregatorMethod(StepwiseMethod):
         from torchjd.autojac import backward as jacobian_backward
         from torchjd.autojac import jac_to_grad
 
-        jacobian_backward(losses, inputs=self.params)
+        # TorchJD differentiates all exits at once under torch.vmap; under autocast that fails on CPU in
+        # BatchNorm's backward (bf16/fp16 activations against float32 weights: "expected scalar type
+        # BFloat16 but found Float", torch 2.13). Differentiate one exit at a time there: the same Jacobian.
+        chunk = None if ctx.precision.mode == "off" else 1
+        jacobian_backward(losses, inputs=self.params, parallel_chunk_size=chunk)
         # Under fp16 the losses carry the loss scale. Aggregators are not linear in the Jacobian (Nash-MTL's
         # update does not even grow with it), so aggregate the true Jacobian and scale the result back for
         # the loss scaler to unscale.
