@@ -171,3 +171,28 @@ def test_torchjd_jacobian_under_autocast_matches_the_vmapped_one():
     assert vmapped.keys() == one_by_one.keys()
     for n in vmapped:
         torch.testing.assert_close(one_by_one[n], vmapped[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", ["cagrad", "nashmtl", "alignedmtl"])
+def test_fp16_overflow_is_a_skipped_step_for_the_aggregators(name):
+    # An fp16 loss scale that overflows makes the Jacobian non-finite; the aggregators' solvers failed on
+    # it (cvxpy "Parameter value must be real", "linalg.svd ... non-finite values") instead of letting
+    # the loss scaler skip the step and lower the scale, as it does for joint training.
+    from test_methods import ToyContext
+
+    from anytime.training.methods import create_method
+
+    ctx = ToyContext(seed=3)
+    ctx.precision = precision = Precision("fp16")
+    method = create_method(name)
+    method.setup(ctx)
+    x, y = ctx.data[0]
+    losses = [precision.scale(loss) for loss in ctx.exit_losses(ctx.model(x), y, 0)]
+    losses[0] = losses[0] * float("inf")  # what an overflowing fp16 backward produces
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    scale = precision.loss_scale
+    method.backward(ctx, losses, 0)
+    precision.step(ctx.optimizer)
+    assert precision.loss_scale < scale
+    for n, p in ctx.model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -83,6 +83,15 @@ class AggregatorMethod(StepwiseMethod):
                 p.grad = grad if p.grad is None else p.grad + grad
                 del p.jac  # type: ignore[attr-defined]
             if scale != 1.0:
+                if not all(bool(p.jac.isfinite().all()) for p in self.shared):  # type: ignore[attr-defined]
+                    # The loss scale overflowed fp16. Aggregators fail on a non-finite Jacobian (the solvers
+                    # of CAGrad and Nash-MTL, the SVD of Aligned-MTL); hand the loss scaler the non-finite
+                    # gradient instead, so that it skips this step and lowers the scale, as it does for joint.
+                    for p in self.shared:
+                        grad = p.jac.sum(dim=0)  # type: ignore[attr-defined]
+                        p.grad = grad if p.grad is None else p.grad + grad
+                        del p.jac  # type: ignore[attr-defined]
+                    return
                 for p in self.shared:
                     p.jac.div_(scale)  # type: ignore[attr-defined]
         weights = jac_to_grad(self.shared, self.aggregator)
