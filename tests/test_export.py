@@ -446,3 +446,29 @@ def test_manifest_module_and_check_command_run_without_torch(convnet):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith("is sound.\nok"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated weights", "other model's spec", "no spec"])
+def test_a_damaged_run_directory_is_one_clear_line(tmp_path, damage):
+    # Each of these was a traceback from inside safetensors, torch or a KeyError.
+    from anytime.errors import ConfigError
+
+    run = make_run(tmp_path, "test-convnet", size=16, channels=3, n_train=48, val_size=12)
+    weights, meta_path = run / "model.safetensors", run / "model.json"
+    meta = json.loads(meta_path.read_text())
+    if damage == "no weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "other model's spec":
+        meta["spec"]["num_classes"] += 3
+        meta_path.write_text(json.dumps(meta))
+    else:
+        del meta["spec"]
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="model.safetensors|model.json") as info:
+        export_bundle(run, tmp_path / "bundle")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "bundle").exists()
+    result = CliRunner().invoke(export_command, [str(run), "-o", str(tmp_path / "bundle")])
+    assert result.exit_code != 0 and isinstance(result.exception, ConfigError)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from anytime.errors import ConfigError
 from anytime.fileio import atomic_write_bytes, atomic_write_json
 from anytime.formats.preprocessing import PreprocessingSpec
 from anytime.formats.rundir import (
@@ -55,7 +56,14 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> tuple
     from anytime.models.registry import create
 
     meta = read_model_meta(directory)
-    spec = ModelSpec.from_dict(meta["spec"])
+    meta_path = Path(directory) / MODEL_META
+    try:
+        spec = ModelSpec.from_dict(meta["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{meta_path} has no valid 'spec' ({type(exc).__name__}: {exc}); the file is damaged: train the run "
+            "again, or restore model.json"
+        ) from None
     model = create(
         spec.arch,
         num_classes=spec.num_classes,
@@ -63,7 +71,22 @@ def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> tuple
         image_size=spec.image_size,
         **spec.overrides,
     )
-    state = load_file(str(Path(directory) / MODEL_WEIGHTS), device=map_location)
-    model.load_state_dict(state, strict=True)
+    weights = Path(directory) / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(
+            f"{weights} not found: {directory} has model.json but no weights; copy model.safetensors along with "
+            "it, or resume the run (`anytime train --resume RUN_DIR` writes both again)"
+        )
+    try:
+        state = load_file(str(weights), device=map_location)
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # safetensors' own error type, or load_state_dict's RuntimeError
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        first = text if len(text) <= 240 else text[:237] + "..."
+        raise ConfigError(
+            f"cannot load the weights {weights} into the {spec.arch} described by {meta_path} ({first}); one of the "
+            "two files is damaged or they come from different runs: resume the run (`anytime train --resume "
+            "RUN_DIR` writes both again) or train it again"
+        ) from exc
     model.eval()
     return model, meta
