@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from anytime.cli.train import train as train_command
 from anytime.data import open_dataset, restore_split
-from anytime.errors import ConfigError, TrainingError
+from anytime.errors import ConfigError, DatasetError, TrainingError
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 
@@ -289,3 +289,14 @@ def test_a_run_stopped_in_its_first_epoch_is_no_dead_end(stripes, tmp_path, monk
         # neither sends the user to the other: both say to delete the directory
         assert f"delete {run}" in str(refused.exception), refused.exception
     assert "continue it with" not in str(again.exception)
+
+
+def test_a_data_set_of_one_class_is_refused(tmp_path):
+    # It trained a 1-class "classifier" at 100% accuracy and exported it without a word.
+    x = np.random.default_rng(0).integers(0, 256, (96, 16, 16), dtype=np.uint8)
+    data = tmp_path / "one.npz"
+    np.savez(data, x_train=x, y_train=np.zeros(96, np.int64), x_test=x[:8], y_test=np.zeros(8, np.int64))
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match="has 1 class .*at least 2"):
+        train(small_config(data, run, epochs=1))
+    assert not (run / "config.json").exists()

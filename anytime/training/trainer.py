@@ -139,6 +139,11 @@ class Trainer:
             # Record the absolute spec: export and --resume may run from another working directory.
             self.config = cfg = cfg.replace(data=self.dataset.spec)
         info = self.dataset.info
+        if info.num_classes < 2:
+            raise DatasetError(
+                f"the data set {self.dataset.spec} has {info.num_classes} class ({', '.join(info.classes)}); a "
+                "classifier needs at least 2: check the labels (or the class sub-directories of an image folder)"
+            )
         if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
             raise DatasetError(
                 f"--num-classes {cfg.num_classes} does not match the data set {self.dataset.spec}, which has "
