@@ -269,7 +269,7 @@ def test_resume_refuses_options_it_would_otherwise_ignore(stripes, tmp_path):
     assert allowed.exit_code == 0, allowed.output
 
 
-def test_a_run_stopped_in_its_first_epoch_is_no_dead_end(stripes, tmp_path, monkeypatch):
+def test_a_run_stopped_in_its_first_epoch_resumes_from_the_beginning(stripes, tmp_path, monkeypatch):
     # Ctrl-C before the first checkpoint: the new-run check pointed at --resume, and --resume at a new run.
     def interrupted(self, loss, batch_size):
         raise KeyboardInterrupt
@@ -278,16 +278,21 @@ def test_a_run_stopped_in_its_first_epoch_is_no_dead_end(stripes, tmp_path, monk
     run = tmp_path / "run"
     result = CliRunner().invoke(train_command, base_args(stripes, run))
     assert result.exit_code == 130
-    assert "nothing to resume" in result.output and "--resume" not in result.output
+    assert f"`anytime train --resume {run}` starts it again from the beginning" in result.output
     assert (run / "config.json").is_file() and not (run / "checkpoints" / "last.pt").exists()
     monkeypatch.undo()
 
     again = CliRunner().invoke(train_command, base_args(stripes, run))
+    assert again.exit_code != 0 and "starts it again from the beginning" in str(again.exception)
     resumed = CliRunner().invoke(train_command, ["--resume", str(run), "-q"])
-    for refused in (again, resumed):
-        assert refused.exit_code != 0
-        # neither sends the user to the other: both say to delete the directory
-        assert f"delete {run}" in str(refused.exception), refused.exception
+    assert resumed.exit_code == 0, resumed.output
+    # the same run as one never interrupted
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(train_command, base_args(stripes, reference)).exit_code == 0
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     assert "continue it with" not in str(again.exception)
 
 

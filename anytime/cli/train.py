@@ -221,7 +221,7 @@ def train(**kw: Any) -> None:
         if (run_dir / CHECKPOINT).is_file():
             message = f"The last completed epoch is checkpointed; continue with: anytime train --resume {run_dir}"
         elif (run_dir / CONFIG_FILE).is_file():
-            message = f"No epoch had completed, so there is nothing to resume; delete {run_dir} to start it again"
+            message = f"No epoch had completed; `anytime train --resume {run_dir}` starts it again from the beginning"
         else:
             message = "Nothing was written yet; run the command again to start"
         click.echo(f"\nInterrupted. {message}", err=True)

@@ -38,8 +38,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise TrainingError(
-            f"no checkpoint at {path}: the run stopped before finishing its first epoch; start it again "
-            "without --resume"
+            f"no checkpoint at {path}: the run stopped before finishing its first epoch (`anytime train "
+            "--resume RUN_DIR` starts it again from the beginning)"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from anytime.errors import ConfigError, TrainingError
+from anytime.errors import ConfigError
 from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE, MODEL_META
 from anytime.training.base import TrainingMethod
 from anytime.training.config import TrainConfig
@@ -50,21 +50,14 @@ def preflight(config: TrainConfig, dist: DistInfo, *, resuming: bool) -> Trainin
 
 
 def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
-    """A resumed run needs its checkpoint; a new run needs a writable directory that holds no run."""
-    if resuming:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise TrainingError(
-                f"cannot resume {run_dir}: no checkpoint at {run_dir / CHECKPOINT} (the run "
-                f"stopped before its first epoch ended); delete {run_dir} and start it again without --resume, "
-                "or start it with another --out"
-            )
-    elif (run_dir / CONFIG_FILE).exists():
+    """A new run needs a writable directory that holds no run. A resumed run continues from its checkpoint,
+    or, when it stopped before its first epoch ended, starts again from the beginning with its own config."""
+    if not resuming and (run_dir / CONFIG_FILE).exists():
         if not (run_dir / CHECKPOINT).is_file() and not (run_dir / MODEL_META).is_file():
-            # Neither resumable nor finished: pointing at --resume would send the user in a circle.
             raise ConfigError(
-                f"'{run_dir}' already holds a run that stopped before its first epoch ended ({CONFIG_FILE} but no "
-                f"checkpoint, so --resume has nothing to continue); delete {run_dir} to start it again, or choose "
-                "another --out"
+                f"'{run_dir}' already holds a run that stopped before its first epoch ended; "
+                f"`anytime train --resume {run_dir}` starts it again from the beginning with its own settings, "
+                "or choose another --out"
             )
         raise ConfigError(
             f"'{run_dir}' already holds a run ({CONFIG_FILE} exists); continue it with "

@@ -84,7 +84,10 @@ def train(config: TrainConfig, *, progress: bool = False, epoch_hook: EpochHook 
 def resume(
     run_dir: str | os.PathLike, *, progress: bool = False, epoch_hook: EpochHook | None = None, **overrides: Any
 ) -> RunResult:
-    """Continue the run in `run_dir` from its last checkpoint. Only `device`, `workers` and `compile` may change."""
+    """Continue the run in `run_dir` from its last checkpoint (from the beginning if no epoch had completed).
+
+    Only `device`, `workers` and `compile` may change.
+    """
     config = resume_config(Path(run_dir), overrides)
     return Trainer(config, progress=progress, resume=True, epoch_hook=epoch_hook).run()
 
@@ -106,6 +109,8 @@ class Trainer:
         self.epoch_hook = epoch_hook
         self.resuming = resume
         self.run_dir = Path(config.out)
+        # A run stopped before its first epoch ended has no checkpoint: resuming it starts it from the beginning.
+        self.from_checkpoint = resume and (self.run_dir / CHECKPOINT).is_file()
         self.dist = ddp.env_dist_info()
         self.rank = self.dist.rank
         self.world_size = self.dist.world_size
@@ -151,7 +156,7 @@ class Trainer:
                 "drop --num-classes or use matching data"
             )
         split_path = self.run_dir / SPLIT_FILE
-        if self.resuming:
+        if self.resuming and (self.from_checkpoint or split_path.is_file()):
             self.split_record = json.loads(split_path.read_text())
             train_idx, val_idx = restore_split(self.dataset, self.split_record)
         else:
@@ -303,9 +308,9 @@ class Trainer:
             self._build()
             self._completed_epochs = 0
             history: list[dict[str, Any]] = []
-            if self.resuming:
+            if self.from_checkpoint:
                 history = self._load_checkpoint()
-            elif self.dist.is_main:
+            elif self.dist.is_main:  # a new run, or one resumed that had not finished its first epoch
                 write_config(self.run_dir, self.config, self.method.options)
                 atomic_write_text(self.run_dir / SPLIT_FILE, split_record_text(self.split_record))
             resumed_from = self._completed_epochs
