@@ -349,6 +349,13 @@ def test_bare_model_dir_needs_data_and_existing_output_needs_force(tmp_path, con
     assert check_bundle(out) == [] and _leftovers(tmp_path) == []
 
 
+def test_a_run_trained_without_validation_images_names_the_fix(tmp_path):
+    run = make_run(tmp_path / "src", "test-convnet", size=16, channels=3, n_train=16, val_size=0)
+    with pytest.raises(DatasetError, match=r"is empty .*train the run with --val-size above 0"):
+        export_bundle(run, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_run_whose_dataset_moved_names_the_path_and_the_data_fix(tmp_path):
     run = make_run(tmp_path / "src", "test-convnet", size=16, channels=3, n_train=16, val_size=4)
     moved = tmp_path / "moved.npz"

@@ -305,3 +305,19 @@ def test_a_data_set_of_one_class_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="has 1 class .*at least 2"):
         train(small_config(data, run, epochs=1))
     assert not (run / "config.json").exists()
+
+
+def test_cli_val_size_takes_a_count_or_a_fraction(stripes, tmp_path):
+    from anytime.data.split import ranges_indices
+
+    run = tmp_path / "run"
+    args = base_args(stripes, run, "--epochs", "1")
+    args[args.index("--val-size") + 1] = "0.25"
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "split.json").read_text())
+    assert len(ranges_indices(record["val_ranges"], "val_ranges")) == 96  # a quarter of 384
+    for bad in ("abc", "1.5", "-0.2"):
+        args[args.index("--val-size") + 1] = bad
+        refused = CliRunner().invoke(train_command, [*args[:-2], "-o", str(tmp_path / bad), "-q"])
+        assert refused.exit_code != 0 and "a number of images (5000) or a fraction (0.1)" in str(refused.exception)

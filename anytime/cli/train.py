@@ -47,13 +47,20 @@ def _milestones(text: str | None) -> tuple[float, ...] | None:
         ) from None
 
 
-def _val_size(text: str | None) -> int | None:
+def _val_size(text: str | None) -> int | float | None:
     if text is None:
         return None
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"--val-size {text!r}: give a number of images, e.g. 5000") from None
+        pass
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--val-size {text!r}: give a number of images (5000) or a fraction (0.1)")
+    return fraction
 
 
 def _check_resume_options(resume_dir: str, output: str | None, kw: dict[str, Any]) -> None:
@@ -117,7 +124,7 @@ def _method_names() -> str:
 @api_option(
     "--val-size",
     api=TRAIN_CONFIG,
-    help="Validation images held out of the training split [default: the data set's default].",
+    help="Validation images held out of the training split, a count or a fraction (0.1) [default: the data set's default].",
 )
 @api_option(
     "--train-limit", type=int, api=TRAIN_CONFIG, help="Train on only the first N training images (quick trials)."

@@ -88,7 +88,11 @@ def load_source(
             "no held-out images for the calibration data; pass the training run's split.json with --split FILE"
         )
     if len(val_split) == 0:
-        raise DatasetError(f"the validation split of {dataset.spec} is empty; calibration needs held-out images")
+        raise DatasetError(
+            f"the validation split of {dataset.spec} is empty (the run was trained with --val-size 0?), and "
+            "calibration needs held-out images the model did not train on: train the run with --val-size above 0 "
+            "(the default holds out 5,000 images or 10%)"
+        )
     return ExportSource(
         run_dir, model, meta, config, dataset.spec, val_split, np.asarray(val_indices, np.int64), source
     )

@@ -47,7 +47,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
-    val_size: int | None = None  # None: anytime.data's default (5,000 or 10%)
+    val_size: int | float | None = None  # images, or a fraction in (0, 1); None: anytime.data's default (5,000 or 10%)
     train_limit: int | None = None  # train on only the first N training images (quick trials)
     workers: int = 0
     augment: bool = True
@@ -83,8 +83,10 @@ class TrainConfig:
             raise bad("milestones", self.milestones, "give increasing fractions of the epochs in (0, 1), e.g. 0.5,0.75")
         if not 0 < self.lr_gamma <= 1:
             raise bad("lr_gamma", self.lr_gamma, "the lr factor at each milestone must be in (0, 1]")
-        if self.val_size is not None and self.val_size < 0:
-            raise bad("val_size", self.val_size, "give a number of validation images >= 0")
+        if self.val_size is not None and (
+            self.val_size < 0 or (not float(self.val_size).is_integer() and not 0 < self.val_size < 1)
+        ):
+            raise bad("val_size", self.val_size, "give a number of validation images >= 0 or a fraction in (0, 1)")
         if self.train_limit is not None and self.train_limit < 1:
             raise bad("train_limit", self.train_limit, "give a positive number of training images")
         if self.workers < 0:
