@@ -213,6 +213,8 @@ def test_bad_specs_and_npz_files_give_clear_errors(tmp_path, monkeypatch):
         open_dataset("svhn:foo")
     with pytest.raises(DatasetError, match="no KIND: prefix \\(did you mean 'npz:foo.npz'\\?\\)"):
         open_dataset("foo.npz")
+    with pytest.raises(DatasetError, match="'npz:' has no path after npz:; expected KIND:PATH, e.g. npz:data/"):
+        open_dataset("npz:")
     with pytest.raises(DatasetError, match="nope.npz: path does not exist; expected file with x_train"):
         open_dataset("npz:nope.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

@@ -667,6 +667,9 @@ def test_routes_command_reports_cosine_similarity_of_importance(tmp_path):
 def test_routes_command_errors_name_the_problem(tmp_path):
     result = CliRunner().invoke(routes_command, [str(tmp_path / "missing")])
     assert isinstance(result.exception, ConfigError) and "does not exist" in str(result.exception)
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(routes_command, [str(tmp_path / "a_file")])
+    assert isinstance(result.exception, ConfigError) and "is a file, not a directory" in str(result.exception)
     _, _, meta = setup_method(MetaGF)
     run = write_run(tmp_path, meta)
     result = CliRunner().invoke(routes_command, [str(run)])

@@ -42,6 +42,8 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"dataset spec {spec!r} is empty; expected KIND:PATH, one of: {kinds_help()}")
     kind, sep, raw_path = spec.strip().partition(":")
+    if sep and not raw_path.strip():
+        raise DatasetError(f"dataset spec {spec!r} has no path after {kind}:; expected KIND:PATH, e.g. {kind}:data/")
     if not sep or not raw_path:
         hint = ""
         if spec.endswith(".npz"):

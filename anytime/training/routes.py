@@ -80,7 +80,8 @@ def load_routes(run_dir: Path) -> dict[str, Any]:
 
     path = run_dir / CHECKPOINT
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; pass the -o/--output directory of `anytime train`")
+        what = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"run directory {run_dir} {what}; pass the -o/--output directory of `anytime train`")
     if not path.is_file():
         raise ConfigError(
             f"{run_dir} has no {CHECKPOINT}: it is not a training run directory, or its first epoch has not "
