@@ -77,7 +77,7 @@ def main() -> None:
         kinds = write_images(args.data, args.images, Path(tmp))
         models = {(t, w): anytime.load(threads=t, workers=w) for t in threads for w in workers}
         seconds: dict[tuple[str, int, int], list[float]] = {}
-        for kind, paths in kinds.items():
+        for paths in kinds.values():
             for model in models.values():
                 model.predict(paths[:256], budget="50%")  # warm: sessions, file cache
         for _ in range(args.rounds):
