@@ -40,7 +40,7 @@ def write_images(data: Path, count: int, folder: Path) -> dict[str, list[str]]:
         small = folder / "28x28-PNG" / f"{i:05d}.png"
         Image.fromarray(image).save(small)
         large = folder / "224x224-JPEG" / f"{i:05d}.jpg"
-        Image.fromarray(image).convert("RGB").resize((224, 224), Image.BILINEAR).save(large, quality=90)
+        Image.fromarray(image).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR).save(large, quality=90)
         kinds["28x28 PNG"].append(str(small))
         kinds["224x224 JPEG"].append(str(large))
     return kinds
