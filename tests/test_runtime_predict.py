@@ -471,3 +471,17 @@ def test_inputs_that_are_not_images_nor_collections_of_them_are_a_config_error(m
     # None and numbers were a bare TypeError from deep inside ("'NoneType' object is not iterable")
     with pytest.raises(ConfigError, match=f"cannot classify an input of type {type(inputs).__name__}; give a path"):
         model.predict(inputs, exit=1, on_error="record")
+
+
+def test_predictions_slice_to_predictions_of_those_rows(model, pattern_test_images):
+    # a slice went to the error-row branch and failed with numpy's "truth value of an array is ambiguous"
+    x, _ = pattern_test_images
+    preds = model.predict([x[0], np.zeros((3, 3, 2), np.uint8), x[1], x[2]], budget="60%", on_error="record")
+    part = preds[1:3]
+    assert type(part) is type(preds) and len(part) == 2
+    assert part.to_rows() == preds.to_rows()[1:3]
+    assert part.failed == 1 and part.images == 1 and part.budget == preds.budget
+    assert preds[::-1].to_rows() == preds.to_rows()[::-1]
+    assert preds[:].to_rows() == preds.to_rows() and preds[:].summary() == preds.summary()
+    assert preds[np.int64(2)] == preds[2] and preds[-1] == preds[3]
+    assert len(preds[10:]) == 0 and preds[10:].to_rows() == []

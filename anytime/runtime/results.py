@@ -6,11 +6,12 @@ import contextlib
 import csv
 import json
 import math
+import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -86,7 +87,16 @@ class Predictions:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def __getitem__(self, i: int) -> Prediction:
+    @overload
+    def __getitem__(self, i: int) -> Prediction: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> "Predictions": ...
+
+    def __getitem__(self, i: int | slice) -> "Prediction | Predictions":
+        if isinstance(i, slice):
+            return self._subset(i)
+        i = operator.index(i)
         if self.error_list[i] is not None:
             return Prediction(
                 self.paths[i],
@@ -108,6 +118,29 @@ class Predictions:
             cost=float(self.cost_array[i]),
             error=None,
             true_label=None if self.true_label_array[i] < 0 else int(self.true_label_array[i]),
+        )
+
+    def _subset(self, rows: slice) -> "Predictions":
+        """The rows of a slice, as `Predictions` of the same run (its timing and stage counts are the whole
+        run's, so they are not carried over; a latency profile's estimate is kept only for the whole run)."""
+        whole = range(len(self))[rows] == range(len(self))
+        return Predictions(
+            paths=self.paths[rows],
+            label_array=self.label_array[rows],
+            confidence_array=self.confidence_array[rows],
+            exit_array=self.exit_array[rows],
+            cost_array=self.cost_array[rows],
+            error_list=self.error_list[rows],
+            true_label_array=self.true_label_array[rows],
+            classes=self.classes,
+            num_exits=self.num_exits,
+            cost_convention=self.cost_convention,
+            budget=self.budget,
+            policy=self.policy,
+            seconds=self.seconds if whole else 0.0,
+            speed=dict(self.speed) if whole else {},
+            rows_per_stage=list(self.rows_per_stage) if whole else [],
+            estimated_seconds=self.estimated_seconds if whole else None,
         )
 
     # --- arrays over successful inputs ---------------------------------------------------------------
