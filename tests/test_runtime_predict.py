@@ -485,3 +485,29 @@ def test_predictions_slice_to_predictions_of_those_rows(model, pattern_test_imag
     assert preds[:].to_rows() == preds.to_rows() and preds[:].summary() == preds.summary()
     assert preds[np.int64(2)] == preds[2] and preds[-1] == preds[3]
     assert len(preds[10:]) == 0 and preds[10:].to_rows() == []
+
+
+def test_file_objects_and_memoryviews_are_one_input_each(model, pattern_test_images, tmp_path):
+    # an open file was iterated as lines and a memoryview as ints: one image became many error rows
+    import io
+
+    x, _ = pattern_test_images
+    path = tmp_path / "one.png"
+    Image.fromarray(x[0, :, :, 0]).save(path)
+    data = path.read_bytes()
+    reference = model.predict(str(path), exit=4)[0]
+    with open(path, "rb") as fh:
+        preds = model.predict(fh, exit=4, on_error="record")
+    assert len(preds) == 1 and preds.failed == 0
+    assert preds[0].label == reference.label and preds[0].path == str(path)
+    for inputs in (memoryview(data), io.BytesIO(data), [io.BytesIO(data), memoryview(data)]):
+        preds = model.predict(inputs, exit=4, on_error="record")
+        assert preds.failed == 0 and {p.label for p in preds} == {reference.label}, type(inputs)
+        assert len(preds) == (2 if isinstance(inputs, list) else 1)
+    with open(path, encoding="latin-1") as text:
+        with pytest.raises(InputImageError, match=r"text-mode file object; open the image in binary mode"):
+            model.predict(text, exit=4)
+    closed = io.BytesIO(data)
+    closed.close()
+    preds = model.predict([closed, data], exit=4, on_error="record")
+    assert len(preds) == 2 and "cannot read the file object" in preds[0].error and preds[1].ok

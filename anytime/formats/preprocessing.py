@@ -366,6 +366,11 @@ def eval_preprocess(
 
 
 # ------------------------------------------------------------------------------------------ the whole
+def is_binary_file(item: Any) -> bool:
+    """An open file object (or BytesIO) to read one encoded image from: it has `read`."""
+    return callable(getattr(item, "read", None)) and not isinstance(item, (str, bytes, os.PathLike))
+
+
 class Preprocessor:
     """Turns paths, encoded bytes, PIL images and uint8 arrays into the network's normalised NCHW input."""
 
@@ -385,10 +390,22 @@ class Preprocessor:
         return decode_bytes(data, name, self.max_pixels)
 
     def to_array(self, item: Any, name: str = "<image>") -> np.ndarray:
-        """One input (path, bytes, PIL image or H×W[×C] uint8 array) -> H×W×C uint8 of the model's size."""
+        """One input (path, encoded bytes or a binary file object holding them, PIL image or H×W[×C] uint8
+        array) -> H×W×C uint8 of the model's size."""
         if isinstance(item, (str, os.PathLike)):
             return self._from_pil(self.open_path(item), str(item))
-        if isinstance(item, (bytes, bytearray)):
+        if is_binary_file(item):
+            if isinstance(item, io.TextIOBase):
+                raise InputImageError(f"{name}: a text-mode file object; open the image in binary mode ('rb')")
+            try:
+                item = item.read()
+            except (OSError, ValueError) as exc:  # ValueError: a closed file
+                raise InputImageError(f"{name}: cannot read the file object: {exc}") from exc
+            if not isinstance(item, (bytes, bytearray)):
+                raise InputImageError(
+                    f"{name}: the file object gave {type(item).__name__}, not bytes; open it in 'rb' mode"
+                )
+        if isinstance(item, (bytes, bytearray, memoryview)):
             return self._from_pil(self.decode_bytes(bytes(item), name), name)
         if isinstance(item, Image.Image):
             return self._from_pil(item, name)

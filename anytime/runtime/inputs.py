@@ -17,6 +17,7 @@ from PIL import Image
 
 from anytime.errors import ConfigError
 from anytime.formats.pathlist import is_path_list, read_path_list
+from anytime.formats.preprocessing import is_binary_file
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -111,8 +112,8 @@ def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[P
 def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Iterator[InputItem]:
     """Normalise `predict`'s argument to a lazy stream of InputItems.
 
-    A path (a folder: its images, recursively), PIL image, encoded image bytes, H×W[×C] array or N×H×W×C
-    array, or any iterable of those (consumed lazily).
+    A path (a folder: its images, recursively), PIL image, encoded image bytes (or a binary file object
+    holding them), H×W[×C] array or N×H×W×C array, or any iterable of those (consumed lazily).
     """
     folders = ClassFolders(classes) if classes is not None else None
 
@@ -127,8 +128,9 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         else:
             yield from_path(inputs)
         return
-    if isinstance(inputs, (Image.Image, bytes, bytearray)):  # one image (encoded bytes: not a list of ints)
-        yield InputItem(inputs, None)
+    if isinstance(inputs, (Image.Image, bytes, bytearray, memoryview)) or is_binary_file(inputs):
+        # one image: encoded bytes are not a list of ints, nor a file object a list of lines
+        yield InputItem(inputs, _file_name(inputs))
         return
     if isinstance(inputs, np.ndarray):
         if inputs.ndim == 4:
@@ -153,4 +155,10 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         elif isinstance(item, (str, os.PathLike)):
             yield from_path(item)
         else:
-            yield InputItem(item, None)
+            yield InputItem(item, _file_name(item))
+
+
+def _file_name(item: Any) -> str | None:
+    """The path a file object was opened from (its rows' path), None for other inputs."""
+    name = getattr(item, "name", None) if is_binary_file(item) else None
+    return name if isinstance(name, str) else None

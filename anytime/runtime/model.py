@@ -16,7 +16,7 @@ import numpy as np
 
 from anytime.errors import AnytimeError, BudgetError, ConfigError, InputImageError
 from anytime.formats.bundle import Bundle, read_bundle
-from anytime.formats.preprocessing import DEFAULT_MAX_PIXELS, Preprocessor
+from anytime.formats.preprocessing import DEFAULT_MAX_PIXELS, Preprocessor, is_binary_file
 from anytime.formats.profile import LatencyProfile
 from anytime.runtime.budget import (
     TIME_CONVENTION,
@@ -338,8 +338,8 @@ class AnytimeModel:
     ) -> Predictions:
         """Classify inputs with real batched early exit under a budget, a policy or a fixed exit.
 
-        `inputs`: a path, PIL image, encoded image bytes, H×W×C uint8 array, N×H×W×C array, or an iterable of
-        these (consumed lazily, `batch_size` at a time). `policy`: how the budget becomes thresholds ("best", "geometric",
+        `inputs`: a path, PIL image, encoded image bytes (or a binary file object holding them), H×W×C uint8
+        array, N×H×W×C array, or an iterable of these (consumed lazily, `batch_size` at a time). `policy`: how the budget becomes thresholds ("best", "geometric",
         "search"), or a ready `ExitPolicy` / policy JSON file. With neither budget, exit nor a ready
         policy the full network answers.
         `strict`: each batch's total cost never exceeds images × budget. `on_error`: "raise" stops at
@@ -602,7 +602,7 @@ def _at_most_one_batch(inputs: Any, batch_size: int) -> bool:
     """True for one image or array, or a sized collection of at most batch_size items (cheap checks only)."""
     from PIL import Image
 
-    if isinstance(inputs, (Image.Image, InputItem, bytes, bytearray)):
+    if isinstance(inputs, (Image.Image, InputItem, bytes, bytearray, memoryview)) or is_binary_file(inputs):
         return True
     if isinstance(inputs, np.ndarray):
         return inputs.ndim < 4 or inputs.shape[0] <= batch_size
