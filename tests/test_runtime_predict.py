@@ -511,3 +511,36 @@ def test_file_objects_and_memoryviews_are_one_input_each(model, pattern_test_ima
     closed.close()
     preds = model.predict([closed, data], exit=4, on_error="record")
     assert len(preds) == 2 and "cannot read the file object" in preds[0].error and preds[1].ok
+
+
+def test_paths_are_taken_as_serve_takes_its_inputs_also_in_lists(model, pattern_test_images, tmp_path, monkeypatch):
+    # a folder in a list was one error row ("not a regular file"), a glob "file not found", and a path
+    # list was read as an image, while `anytime serve` takes all three (and predict(folder) took a folder)
+    from anytime.runtime.model import _at_most_one_batch
+
+    x, _ = pattern_test_images
+    for i in range(4):
+        (tmp_path / "imgs" / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, :, :, 0]).save(tmp_path / "imgs" / f"d{i % 2}" / f"{i}.png")
+    files = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    reference = model.predict(files, exit=4)
+    listing = tmp_path / "paths.jsonl"
+    listing.write_text("".join(json.dumps({"path": f}) + "\n" for f in files))
+    variants = {
+        "folders in a list": [tmp_path / "imgs" / "d0", str(tmp_path / "imgs" / "d1")],
+        "glob": str(tmp_path / "imgs" / "*" / "*.png"),
+        "globs in a list": [str(tmp_path / "imgs" / "d0" / "*.png"), str(tmp_path / "imgs" / "d1" / "*.png")],
+        "path list": listing,
+    }
+    for name, inputs in variants.items():
+        preds = model.predict(inputs, exit=4, batch_size=3)
+        assert sorted(preds.paths) == files and preds.failed == 0, name
+        assert sorted(zip(preds.paths, preds.labels.tolist())) == list(zip(files, reference.labels.tolist())), name
+        assert not _at_most_one_batch(inputs, 64), name  # a GPU's auto scheduler sees a stream
+    preds = model.predict([str(tmp_path / "none" / "*.png"), files[0]], exit=4, on_error="record")
+    assert preds[0].error.endswith("no file matches this pattern") and preds[1].ok
+    with pytest.raises(InputImageError, match="file not found"):
+        model.predict(str(tmp_path / "missing.png"), exit=4)
+    monkeypatch.chdir(tmp_path)
+    assert model.predict(["./imgs//d0/0.png"], exit=4)[0].path == "./imgs//d0/0.png"  # kept as written
+    assert _at_most_one_batch(files[0], 64) and _at_most_one_batch(files, 64)

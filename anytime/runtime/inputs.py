@@ -96,23 +96,37 @@ def expand_paths(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[P
         elif path.exists() or path.is_symlink():
             yield path
         elif _GLOB_CHARS.search(arg):
-            matches = sorted(glob.iglob(str(path), recursive=True))
-            if not matches:
-                yield MissingInput(arg, f"{arg}: no file matches this pattern")
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    yield from _walk_images(mp)
-                else:
-                    yield mp
+            yield from _glob(arg)
         else:
             yield MissingInput(arg, f"{arg}: file not found")
+
+
+def _glob(pattern: str) -> Iterator[Path | MissingInput]:
+    """The files a glob pattern matches (folders among them: their images), or one MissingInput."""
+    matches = sorted(glob.iglob(str(Path(pattern).expanduser()), recursive=True))
+    if not matches:
+        yield MissingInput(pattern, f"{pattern}: no file matches this pattern")
+    for m in matches:
+        mp = Path(m)
+        if mp.is_dir():
+            yield from _walk_images(mp)
+        else:
+            yield mp
+
+
+def is_one_path(path: str | os.PathLike) -> bool:
+    """A path that stands for one input (a file, or a missing one), not a folder, glob pattern or path list."""
+    p = Path(path).expanduser()
+    if p.is_dir() or is_path_list(p):
+        return False
+    return p.exists() or p.is_symlink() or not _GLOB_CHARS.search(os.fspath(path))
 
 
 def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Iterator[InputItem]:
     """Normalise `predict`'s argument to a lazy stream of InputItems.
 
-    A path (a folder: its images, recursively), PIL image, encoded image bytes (or a binary file object
+    A path, taken as `anytime serve` takes its INPUTS (a folder: its images, recursively; a glob pattern: the
+    files it matches; a Parquet or JSONL path list: the files it names), PIL image, encoded image bytes (or a binary file object
     holding them), H×W[×C] array or N×H×W×C array, or any iterable of those (consumed lazily).
     """
     folders = ClassFolders(classes) if classes is not None else None
@@ -121,12 +135,21 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         label = folders.label(p) if folders is not None else -1
         return InputItem(os.fspath(p), os.fspath(p), label)
 
-    if isinstance(inputs, (str, os.PathLike)):
-        if Path(inputs).expanduser().is_dir():  # a folder means its images, recursively, as in serve
-            for p in _walk_images(Path(inputs).expanduser()):
-                yield from_path(p)
+    def from_arg(arg: str | os.PathLike) -> Iterator[InputItem]:
+        """As `expand_paths` takes an argument (no `-`), keeping a file's path as written for its row."""
+        path = Path(arg).expanduser()
+        if is_path_list(path):
+            yield from (from_path(p) for p in read_path_list(path))
+        elif path.is_dir():  # a folder means its images, recursively, as in serve
+            yield from (from_path(p) for p in _walk_images(path))
+        elif not (path.exists() or path.is_symlink()) and _GLOB_CHARS.search(os.fspath(arg)):
+            for m in _glob(os.fspath(arg)):
+                yield InputItem(m, m.name) if isinstance(m, MissingInput) else from_path(m)
         else:
-            yield from_path(inputs)
+            yield from_path(arg)  # a missing file is an error row (or error) when it is read
+
+    if isinstance(inputs, (str, os.PathLike)):
+        yield from from_arg(inputs)
         return
     if isinstance(inputs, (Image.Image, bytes, bytearray, memoryview)) or is_binary_file(inputs):
         # one image: encoded bytes are not a list of ints, nor a file object a list of lines
@@ -153,7 +176,7 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         elif isinstance(item, MissingInput):
             yield InputItem(item, item.name)
         elif isinstance(item, (str, os.PathLike)):
-            yield from_path(item)
+            yield from from_arg(item)
         else:
             yield InputItem(item, _file_name(item))
 

@@ -36,7 +36,7 @@ from anytime.runtime.calibration import (
 )
 from anytime.runtime.costmodel import COST_MODES, TimeCost
 from anytime.runtime.engine import StageExecutor
-from anytime.runtime.inputs import InputItem, MissingInput, iter_input_items
+from anytime.runtime.inputs import InputItem, MissingInput, is_one_path, iter_input_items
 from anytime.runtime.profiling import check_profile, measure_profile
 from anytime.runtime.results import Predictions, concat
 from anytime.runtime.scheduler import Answered, RefillingScheduler, StageCalls
@@ -338,8 +338,10 @@ class AnytimeModel:
     ) -> Predictions:
         """Classify inputs with real batched early exit under a budget, a policy or a fixed exit.
 
-        `inputs`: a path, PIL image, encoded image bytes (or a binary file object holding them), H×W×C uint8
-        array, N×H×W×C array, or an iterable of these (consumed lazily, `batch_size` at a time). `policy`: how the budget becomes thresholds ("best", "geometric",
+        `inputs`: a path (taken as `anytime serve` takes it: a folder's images, recursively; the files a glob
+        pattern matches; the files a Parquet or JSONL path list names), PIL image, encoded image bytes (or a
+        binary file object holding them), H×W×C uint8 array, N×H×W×C array, or an iterable of these (consumed
+        lazily, `batch_size` at a time). `policy`: how the budget becomes thresholds ("best", "geometric",
         "search"), or a ready `ExitPolicy` / policy JSON file. With neither budget, exit nor a ready
         policy the full network answers.
         `strict`: each batch's total cost never exceeds images × budget. `on_error`: "raise" stops at
@@ -607,9 +609,9 @@ def _at_most_one_batch(inputs: Any, batch_size: int) -> bool:
     if isinstance(inputs, np.ndarray):
         return inputs.ndim < 4 or inputs.shape[0] <= batch_size
     if isinstance(inputs, (str, os.PathLike)):
-        return not os.path.isdir(os.path.expanduser(inputs))
+        return is_one_path(inputs)
     if isinstance(inputs, (list, tuple)):
-        return len(inputs) <= batch_size
+        return len(inputs) <= batch_size and all(is_one_path(i) for i in inputs if isinstance(i, (str, os.PathLike)))
     return False
 
 
