@@ -544,3 +544,18 @@ def test_paths_are_taken_as_serve_takes_its_inputs_also_in_lists(model, pattern_
     monkeypatch.chdir(tmp_path)
     assert model.predict(["./imgs//d0/0.png"], exit=4)[0].path == "./imgs//d0/0.png"  # kept as written
     assert _at_most_one_batch(files[0], 64) and _at_most_one_batch(files, 64)
+
+
+@pytest.mark.parametrize("max_pixels", [0, -1, None, math.inf])
+def test_a_max_pixels_that_refuses_every_image_is_refused_at_load(pattern_bundle, max_pixels):
+    # 0 loaded, then every input failed with "28×28 = 0 MP, more than the 0 MP accepted"; None a bare TypeError
+    with pytest.raises(ConfigError, match=rf"max_pixels={max_pixels!r}: give the most pixels an input image may have"):
+        anytime.load(pattern_bundle, max_pixels=max_pixels)
+
+
+def test_a_small_max_pixels_names_the_pixels(model, pattern_bundle, pattern_test_images):
+    x, _ = pattern_test_images
+    small = anytime.load(pattern_bundle, max_pixels=np.int64(100))
+    with pytest.raises(InputImageError, match=r"= 1,024 pixels, more than the 100 pixels accepted"):
+        small.predict(Image.fromarray(np.zeros((32, 32), np.uint8)), exit=1)
+    assert small.predict(x[:1], exit=1).failed == 0  # arrays of the model's size are not images to decode

@@ -19,6 +19,8 @@ turn it into an error row and go on with the other images.
 from __future__ import annotations
 
 import io
+import math
+import numbers
 import os
 import struct
 import warnings
@@ -169,11 +171,16 @@ def check_pixels(size: tuple[int, int], name: str, max_pixels: int = DEFAULT_MAX
     w, h = size
     if w * h > max_pixels:
         raise InputImageError(
-            f"{name}: image claims {w}×{h} = {w * h / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP "
+            f"{name}: image claims {w}×{h} = {_pixels(w * h)}, more than the {_pixels(max_pixels)} "
             "accepted (a possible decompression bomb); downscale it first"
         )
     if w <= 0 or h <= 0:
         raise InputImageError(f"{name}: image has no pixels ({w}×{h})")
+
+
+def _pixels(n: float) -> str:
+    """64 MP, or 784 pixels below a megapixel (where MP rounded to 0)."""
+    return f"{n / 1e6:.0f} MP" if n >= 1e6 else f"{int(n):,} pixels"
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -376,6 +383,12 @@ class Preprocessor:
 
     def __init__(self, spec: PreprocessingSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.spec = spec
+        given: Any = max_pixels  # callers pass what they have: None, 0, a float, a numpy integer
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 1 <= float(given) < math.inf:
+            raise ConfigError(
+                f"max_pixels={max_pixels!r}: give the most pixels an input image may have, a positive number "
+                f"(default {DEFAULT_MAX_PIXELS:,}); larger images are refused as possible decompression bombs"
+            )
         self.max_pixels = int(max_pixels)
         std = np.asarray(spec.std, dtype=np.float32)
         mean = np.asarray(spec.mean, dtype=np.float32)

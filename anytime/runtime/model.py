@@ -637,7 +637,9 @@ def load(
 
     `providers`: explicit onnxruntime providers; else `device` ("auto" | "cpu" | "cuda"): CUDA when
     onnxruntime-gpu and a GPU are present. `threads`: intra-op threads (None: onnxruntime's default).
-    `verify`: check every file's sha256 against the manifest. `io_binding`: keep the stages' state
+    `verify`: check every file's sha256 against the manifest. `max_pixels`: larger input images are refused (an
+    error row) as possible decompression bombs. `workers`: threads decoding image files (default: up to 4).
+    `io_binding`: keep the stages' state
     tensors on the device between stages, only logits coming to the host ("auto": with CUDA; True also
     works on CPU; an unsupported provider with True is an error). `thread_pool`: "session" (default), a pool
     of `threads` per stage session, whose workers block between calls; "shared", one onnxruntime intra-op pool
