@@ -559,3 +559,19 @@ def test_a_small_max_pixels_names_the_pixels(model, pattern_bundle, pattern_test
     with pytest.raises(InputImageError, match=r"= 1,024 pixels, more than the 100 pixels accepted"):
         small.predict(Image.fromarray(np.zeros((32, 32), np.uint8)), exit=1)
     assert small.predict(x[:1], exit=1).failed == 0  # arrays of the model's size are not images to decode
+
+
+def test_predict_batches_checks_its_arguments_when_called_not_at_the_first_part(model, pattern_test_images):
+    x, _ = pattern_test_images
+    bad_calls = [
+        {"budget": "50%", "on_error": "ignore"},
+        {"budget": "50%", "scheduler": "fastest"},
+        {"budget": "3kb"},
+        {"exit": 2, "strict": True},
+        {"budget": "50%", "batch_size": 0},
+    ]
+    for bad in bad_calls:
+        with pytest.raises((ConfigError, BudgetError)):
+            model.predict_batches(x, **bad)  # never iterated
+    parts = model.predict_batches(iter(x), budget="50%", batch_size=8)
+    assert sum(len(p) for p in parts) == len(x)

@@ -423,11 +423,28 @@ class AnytimeModel:
                 "strict=True caps a budget; it has no meaning with a fixed exit (exit=) or the full network"
             )
         cap = chosen.budget if strict else None
+        # Everything above is checked when called; the parts below are made as they are asked for.
         if mode == "batch":
-            for loaded in self._loaded_batches(inputs, batch_size, on_error):
-                yield self._infer_batch(loaded, thresholds, cap, chosen, stage_calls)
-            return
+            return self._per_batch_parts(inputs, batch_size, on_error, thresholds, cap, chosen, stage_calls)
         refill = RefillingScheduler(self.executor, thresholds, batch_size, ordered, max_wait_rows, stage_calls)
+        return self._refilled_parts(inputs, batch_size, on_error, refill, chosen)
+
+    def _per_batch_parts(
+        self,
+        inputs: Any,
+        batch_size: int,
+        on_error: str,
+        thresholds: np.ndarray,
+        cap: float | None,
+        chosen: ExitPolicy,
+        stage_calls: StageCalls | None,
+    ) -> Iterator[Predictions]:
+        for loaded in self._loaded_batches(inputs, batch_size, on_error):
+            yield self._infer_batch(loaded, thresholds, cap, chosen, stage_calls)
+
+    def _refilled_parts(
+        self, inputs: Any, batch_size: int, on_error: str, refill: RefillingScheduler, chosen: ExitPolicy
+    ) -> Iterator[Predictions]:
         preprocess = inference = 0.0  # seconds not yet reported in a yielded part
         for loaded in self._loaded_batches(inputs, batch_size, on_error):
             preprocess += loaded.pop("seconds")
