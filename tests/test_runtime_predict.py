@@ -575,3 +575,15 @@ def test_predict_batches_checks_its_arguments_when_called_not_at_the_first_part(
             model.predict_batches(x, **bad)  # never iterated
     parts = model.predict_batches(iter(x), budget="50%", batch_size=8)
     assert sum(len(p) for p in parts) == len(x)
+
+
+def test_load_refuses_thread_counts_and_provider_lists_it_would_bend(pattern_bundle, tmp_path):
+    for threads in (1.5, "2", -1, True):
+        with pytest.raises(ConfigError, match="must be a whole number >= 0"):
+            anytime.load(pattern_bundle, threads=threads)
+    for providers in ([], ""):
+        with pytest.raises(ConfigError, match="providers is empty; name at least one execution provider"):
+            anytime.load(pattern_bundle, providers=providers)
+    model = anytime.load(pattern_bundle, threads=np.int64(1))
+    policy = model.calibrate("50%")
+    assert policy.save(tmp_path / "p.json") == tmp_path / "p.json"  # as Predictions.save and LatencyProfile.save

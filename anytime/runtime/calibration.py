@@ -105,8 +105,10 @@ class ExitPolicy:
                 f"not an exit policy: {exc!r}; write one with `anytime calibrate BUNDLE --budget B -o policy.json`"
             ) from exc
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the policy as JSON, atomically; returns the path (as `Predictions.save` does)."""
         atomic_write_json(path, self.to_dict())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExitPolicy":

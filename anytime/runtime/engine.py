@@ -75,6 +75,11 @@ def resolve_providers(providers: Sequence[Any] | str | None, device: str | None 
     if providers is not None:
         if isinstance(providers, str):
             providers = [p.strip() for p in providers.split(",") if p.strip()]
+        if not providers:
+            raise ConfigError(
+                f"providers is empty; name at least one execution provider ({', '.join(available)}), or leave "
+                "providers unset and choose a device"
+            )
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
         unknown = [p for p in names if p not in available]
         if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import numbers
 import threading
 from typing import Any
 
@@ -36,9 +37,11 @@ def shared_pool() -> tuple[bool, int | None]:
 
 def _checked_threads(threads: int | None) -> int | None:
     """`threads` as onnxruntime takes it (None or 0: its default, returned as None); negative is refused."""
-    if threads is not None and int(threads) < 0:
-        raise ConfigError(f"threads={threads} must be >= 0 (0: onnxruntime's default)")
-    return int(threads) if threads else None
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise ConfigError(f"threads={threads!r} must be a whole number >= 0 (0 or None: onnxruntime's default)")
+    return int(threads) or None
 
 
 def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int | None]:
