@@ -81,3 +81,14 @@ def test_exit_given_as_text_names_the_type():
     with pytest.raises(BudgetError, match=r"exit='2' is a str; give the exit as a whole number 1\.\.4"):
         check_exit("2", 4)
     assert check_exit(np.int64(2), 4) == 2 and check_exit(3.0, 4) == 3
+
+
+@pytest.mark.parametrize("budget", [0.5, "0.5"])
+def test_a_bare_number_below_one_suggests_the_fraction_meant(budget):
+    with pytest.raises(
+        BudgetError, match=r"is below the cost of the first exit \(for a fraction of the full network write 50%\)"
+    ):
+        resolve_budget_cost(parse_budget(budget), COSTS, "macs")
+    with pytest.raises(BudgetError) as info:
+        resolve_budget_cost(parse_budget("10M"), COSTS, "macs")
+    assert "fraction" not in str(info.value)

@@ -151,8 +151,11 @@ def resolve_budget_cost(budget: Budget, exit_costs: Sequence[float] | np.ndarray
     if cost < first - tol or cost > full + tol:
         what = "time" if timed else "cost"
         side = f"below the {what} of the first exit" if cost < first else f"above the {what} of the last exit"
+        # A bare number in (0, 1] is a cost of under one MAC (or second): a fraction was almost surely meant.
+        meant = budget.kind == "cost" and 0 < budget.value <= 1 and not suffixed
+        hint = f" (for a fraction of the full network write {100 * budget.value:g}%)" if meant else ""
         raise BudgetError(
-            f"budget {budget.text} ({format_cost(cost, convention)} per image) is {side}; feasible budgets are "
+            f"budget {budget.text} ({format_cost(cost, convention)} per image) is {side}{hint}; feasible budgets are "
             f"{format_cost(first, convention)} to {format_cost(full, convention)} per image "
             f"({100 * first / full:.1f}% to 100% of the full network), or a fixed exit=1..{len(exit_costs)}"
         )
