@@ -105,3 +105,20 @@ def test_not_a_model_directory_is_a_clear_error(tmp_path, pattern_npz):
     res = CliRunner().invoke(cli, ["eval", str(tmp_path), "--data", pattern_npz])
     assert res.exit_code != 0
     assert "neither a bundle" in (res.output + str(res.exception))
+
+
+def test_dataset_classes_in_another_order_are_matched_by_name(
+    pattern_bundle, pattern_npz, pattern_test_images, tmp_path
+):
+    """An image folder lists its classes sorted by name, which need not be the model's order: labels are the
+    model's indices of the same class names (as serve's class-named folders are), not the dataset's."""
+    x, y = pattern_test_images
+    order = [2, 3, 0, 1]  # the dataset's class i is the model's class order[i]
+    names = [PATTERN_CLASSES[k].replace("/", "_") for k in order]  # "checker_board": folder-style, matched loosely
+    relabel = np.argsort(order)[y]  # the same images, labelled in the dataset's own order
+    path = tmp_path / "shuffled.npz"
+    np.savez(path, x_train=x, y_train=relabel, x_test=x, y_test=relabel, classes=np.array(names))
+    expected = evaluate(pattern_bundle, pattern_npz, points=4).models[0]
+    got = evaluate(pattern_bundle, f"npz:{path}", points=4).models[0]
+    assert [e.top1 for e in got.exits] == [e.top1 for e in expected.exits]
+    assert [p.accuracy for p in got.curve] == [p.accuracy for p in expected.curve]

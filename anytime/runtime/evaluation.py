@@ -188,6 +188,9 @@ def evaluate_model(
             "evaluate on the dataset the model was trained for"
         )
     logits, labels = all_exit_logits(model, images, progress=progress)
+    order = _model_labels(ds.info.classes, model.classes)
+    if order is not None:
+        labels = order[labels]
     confidence, predictions = softmax_confidence(logits)
     correct = predictions == labels[None, :]
     costs = model.exit_costs
@@ -236,6 +239,22 @@ def evaluate_model(
         seconds=time.perf_counter() - t0,
         method=provenance.get("method"),
     )
+
+
+def _model_labels(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
+    """The model's index of each of the data set's classes, matched by name as serve matches class-named
+    folders (an image folder lists its classes sorted by name, which need not be the model's order); None
+    to take the data set's labels as they are (the same names in the same order, or names that do not
+    match one for one, e.g. "0".."9" of an npz file without class names)."""
+    from anytime.runtime.inputs import ClassFolders
+
+    if list(data_classes) == list(model_classes):
+        return None
+    folders = ClassFolders(model_classes)
+    order = np.asarray([folders.index(c) for c in data_classes], dtype=np.int64)
+    if (order < 0).any() or len(set(order.tolist())) != len(order):
+        return None
+    return order
 
 
 def _realised_cost(data: ValidationData, costs: np.ndarray, exits: np.ndarray) -> float:

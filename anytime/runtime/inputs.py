@@ -58,7 +58,10 @@ class ClassFolders:
         self.by_number = {} if numeric_names else {str(i): i for i in range(len(classes))}
 
     def label(self, path: str | os.PathLike) -> int:
-        folder = Path(path).parent.name
+        return self.index(Path(path).parent.name)
+
+    def index(self, folder: str) -> int:
+        """The class a folder (or a data set's class) named `folder` stands for; -1 when none."""
         if folder in self.exact:
             return self.exact[folder]
         if folder in self.by_number:
