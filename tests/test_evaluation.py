@@ -122,3 +122,13 @@ def test_dataset_classes_in_another_order_are_matched_by_name(
     got = evaluate(pattern_bundle, f"npz:{path}", points=4).models[0]
     assert [e.top1 for e in got.exits] == [e.top1 for e in expected.exits]
     assert [p.accuracy for p in got.curve] == [p.accuracy for p in expected.curve]
+
+
+def test_an_empty_split_is_a_clear_error(pattern_bundle, tmp_path):
+    x, y = make_pattern_images(20, seed=5)
+    path = tmp_path / "empty-test.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:0], y_test=y[:0], classes=np.array(PATTERN_CLASSES))
+    with pytest.raises(DatasetError, match="'test' split of .* has no images"):
+        evaluate(pattern_bundle, f"npz:{path}")
+    res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), "--data", f"npz:{path}", "-q"])
+    assert res.exit_code != 0 and isinstance(res.exception, DatasetError)

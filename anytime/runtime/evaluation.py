@@ -100,6 +100,12 @@ def _split_images(data: str, split: str):
     if images is None:
         available = [s for s in ("train", "val", "test") if getattr(ds, s, None) is not None]
         raise DatasetError(f"{data}: has no '{split}' split; choose --split from {', '.join(available)}")
+    if len(images) == 0:
+        others = [s for s in ("train", "val", "test") if s != split and len(getattr(ds, s, None) or ()) > 0]
+        raise DatasetError(
+            f"the '{split}' split of {data} has no images; add some"
+            + (f" or choose --split from {', '.join(others)}" if others else "")
+        )
     return ds, images
 
 
