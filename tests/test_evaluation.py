@@ -132,3 +132,24 @@ def test_an_empty_split_is_a_clear_error(pattern_bundle, tmp_path):
         evaluate(pattern_bundle, f"npz:{path}")
     res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), "--data", f"npz:{path}", "-q"])
     assert res.exit_code != 0 and isinstance(res.exception, DatasetError)
+
+
+def test_an_output_directory_that_cannot_be_made_is_a_clear_error_before_the_work(
+    pattern_bundle, pattern_npz, tmp_path, monkeypatch
+):
+    from anytime.errors import OutputError
+    from anytime.runtime import evaluation
+
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "report"
+    report = evaluate(pattern_bundle, pattern_npz, points=3)
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        report.save(out)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated although the report could not be written")
+
+    monkeypatch.setattr(evaluation, "evaluate", must_not_run)
+    res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), "--data", pattern_npz, "-o", str(out), "-q"])
+    assert res.exit_code != 0 and isinstance(res.exception, OutputError), res.output
+    assert "is a file, not a directory" in str(res.exception)

@@ -73,11 +73,14 @@ def eval_command(
     Several MODELS are overlaid in one plot, e.g. DR-MGF against joint training:
       anytime eval runs/drmgf runs/joint --data npz:fashion-mnist.npz -o reports/compare
     """
+    from anytime.fileio import check_writable
     from anytime.formats.bundle import is_bundle_dir
     from anytime.formats.rundir import is_model_dir
     from anytime.runtime.evaluation import check_bundle_dir, evaluate
     from anytime.runtime.reports import save_report, summary_lines
 
+    if output:
+        check_writable(Path(output) / "report.json")  # before the evaluation, not after it
     with tempfile.TemporaryDirectory(prefix="anytime-eval-") as tmp:
         bundles: list[Path] = []
         names: list[str | None] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from anytime.runtime.budget import TIME_CONVENTION, format_cost
 from anytime.runtime.evaluation import CURVE_POLICIES, HISTOGRAM_FRACTIONS, CurvePoint, EvalReport, ModelReport
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 def save_report(report: EvalReport, directory: str | os.PathLike, plots: bool = True) -> list[Path]:
     """Write report.json, anytime.csv, budget_curve.csv and (with matplotlib) PNG plots; returns the files."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "anytime.csv", out / "budget_curve.csv"]
+    check_writable(written[0])  # the directory made, or the one-line error of a path that cannot be
     atomic_write_json(written[0], report.to_dict())
     atomic_write_text(
         written[1],
