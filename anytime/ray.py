@@ -251,16 +251,17 @@ def blocks_for(rows: int, batch_size: int, workers: int) -> int:
 
 def dataset_of_inputs(
     inputs: Sequence[str], stdin: TextIO | None = None, batch_size: int = 64, workers: int = 1
-) -> tuple[Any, list[MissingInput], int]:
+) -> tuple[Any, list[tuple[int, MissingInput]], int]:
     """The inputs of `anytime serve` as a Ray Dataset with a `path` column (None when there are none),
-    the arguments that matched nothing, and the number of rows.
+    the arguments that matched nothing, each with the number of the dataset's rows before it (its place
+    among the output rows), and the number of rows.
 
     A Parquet path list is read by Ray Data (in parallel, never through the driver), before the prediction
     starts; files, folders, globs, stdin and JSONL lists are expanded here. The parts keep the order of the arguments.
     """
     ray = require_ray()
     parts: list[Any] = []
-    missing: list[MissingInput] = []
+    missing: list[tuple[int, MissingInput]] = []
     pending: list[str] = []
 
     rows = 0
@@ -294,7 +295,7 @@ def dataset_of_inputs(
             continue
         for item in expand_paths([arg], stdin=stdin):
             if isinstance(item, MissingInput):
-                missing.append(item)
+                missing.append((rows + len(pending), item))
             else:
                 pending.append(str(item))
     flush()
@@ -338,10 +339,14 @@ def stream_predictions(
         "cost_convention": model.cost_convention,
         "budget": policy.budget,
     }
-    if missing:
-        empty = {"label": None, "class": None, "confidence": None, "exit": None, "cost": None}
-        yield Predictions.from_rows([{"path": m.name, **empty, "error": m.reason} for m in missing], **common)
+    empty = {"label": None, "class": None, "confidence": None, "exit": None, "cost": None}
+    # The error rows of arguments that matched nothing, to go in where the argument was (as in one process).
+    waiting = [(at, {"path": m.name, **empty, "error": m.reason}) for at, m in missing]
+    waiting.reverse()  # popped from the end, in order
     if ds is None:
+        if waiting:
+            rows_out = [row for _, row in reversed(waiting)]
+            yield Predictions.from_rows(rows_out, true_labels=[-1] * len(rows_out), **common)
         return
     out = map_predictions(
         ds,
@@ -357,11 +362,27 @@ def stream_predictions(
         worker_class=worker_class or BundleWorker,
     )
     folders = ClassFolders(model.classes)
+    done = 0  # the dataset's rows so far
+
+    def merged(answered: list[dict[str, Any]]) -> Predictions:
+        nonlocal done
+        out_rows, true = [], []
+        for row in answered:
+            while waiting and waiting[-1][0] <= done:
+                out_rows.append(waiting.pop()[1])
+                true.append(-1)
+            out_rows.append(row)
+            true.append(folders.label(row["path"]) if row["path"] is not None else -1)
+            done += 1
+        return Predictions.from_rows(out_rows, true_labels=true, **common)
+
     try:
         for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = table.to_pylist()
-            true = [folders.label(r["path"]) if r["path"] is not None else -1 for r in rows]
-            yield Predictions.from_rows(rows, true_labels=true, **common)
+            yield merged(table.to_pylist())
+        if waiting:  # the arguments after the last row
+            yield Predictions.from_rows(
+                [row for _, row in reversed(waiting)], true_labels=[-1] * len(waiting), **common
+            )
     except ray.exceptions.RayError as exc:
         # Ray's message carries the worker's traceback; its last line names the error itself.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

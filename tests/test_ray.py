@@ -238,3 +238,19 @@ def test_serve_ray_with_a_bundle_after_it_is_a_usage_error(pattern_bundle, image
     root, _, _ = image_tree
     code, out, err = run_cli(["serve", "--ray", str(pattern_bundle), str(root), "--budget", "50%"], capsys)
     assert code == 2 and "not a Ray address" in out + err
+
+
+def test_an_input_that_matches_nothing_keeps_its_place(cluster, pattern_bundle, image_tree, tmp_path, capsys):
+    """Its error row comes where it was given, as in one process, not ahead of every other row."""
+    root, _, _ = image_tree
+    args = [str(root / "horizontal"), str(root / "missing.png"), str(root / "vertical"), str(root / "none-*.png")]
+    common = ["serve", str(pattern_bundle), *args, "--budget", "50%", "-q"]
+    code, single_out, _ = run_cli([*common, "-o", str(tmp_path / "single.jsonl")], capsys)
+    assert code == 1
+    code, ray_out, err = run_cli([*common, "-o", str(tmp_path / "ray.jsonl"), "--ray", "--workers", "1"], capsys)
+    assert code == 1, err
+    single, rows = read_rows(tmp_path / "single.jsonl"), read_rows(tmp_path / "ray.jsonl")
+    assert rows == single
+    errors = [i for i, r in enumerate(rows) if r["error"] is not None]
+    assert errors == [len(list((root / "horizontal").glob("*.png"))), len(rows) - 1]
+    assert summary_lines(ray_out) == summary_lines(single_out)
