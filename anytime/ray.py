@@ -29,7 +29,7 @@ import numpy as np
 
 from anytime.errors import ClusterError, ConfigError, require
 from anytime.formats.bundle import read_bundle
-from anytime.formats.pathlist import is_path_list, list_format, path_column, read_path_list
+from anytime.formats.pathlist import is_path_list, list_format, open_parquet, path_column, read_path_list
 from anytime.runtime.budget import BudgetLike
 from anytime.runtime.calibration import ExitPolicy
 from anytime.runtime.engine import StageExecutor
@@ -277,10 +277,9 @@ def dataset_of_inputs(
     for arg in inputs:
         if arg != "-" and is_path_list(arg) and list_format(arg) == "parquet":
             flush()
-            import pyarrow.parquet as pq
-
-            column = path_column(pq.read_schema(arg).names, arg)
-            listed = pq.ParquetFile(arg).metadata.num_rows
+            reader = open_parquet(arg)
+            column = path_column(reader.schema_arrow.names, arg)
+            listed = reader.metadata.num_rows
             rows += listed
             # Read and split (in parallel, into the object store) before the actors start: Ray Data's file
             # listing, reading and repartitioning take a CPU each, which a pool of as many actors as the

@@ -254,3 +254,12 @@ def test_an_input_that_matches_nothing_keeps_its_place(cluster, pattern_bundle, 
     errors = [i for i, r in enumerate(rows) if r["error"] is not None]
     assert errors == [len(list((root / "horizontal").glob("*.png"))), len(rows) - 1]
     assert summary_lines(ray_out) == summary_lines(single_out)
+
+
+def test_a_damaged_parquet_path_list_is_a_clear_error(cluster, pattern_bundle, tmp_path, capsys):
+    (tmp_path / "paths.parquet").write_text("not parquet\n")
+    args = ["serve", str(pattern_bundle), str(tmp_path / "paths.parquet"), "--budget", "50%", "-q"]
+    code, _, single_err = run_cli(args, capsys)
+    assert code == 2 and "not a readable Parquet file" in single_err
+    code, out, err = run_cli([*args, "--ray", "--workers", "1"], capsys)
+    assert code == 2 and "not a readable Parquet file" in err and "Traceback" not in out + err

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from anytime.errors import ConfigError, require
 
@@ -63,13 +63,18 @@ def read_path_list(path: str | os.PathLike) -> Iterator[str]:
         yield from _read_jsonl(path)
 
 
-def _read_parquet(path: str | os.PathLike) -> Iterator[str]:
+def open_parquet(path: str | os.PathLike) -> Any:
+    """A path list's pyarrow.parquet.ParquetFile, or a one-line error for a damaged or non-Parquet file."""
     pq = import_parquet(f"Reading the path list {path}")
 
     try:
-        reader = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for damaged or non-Parquet files
         raise ConfigError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def _read_parquet(path: str | os.PathLike) -> Iterator[str]:
+    reader = open_parquet(path)
     column = path_column(reader.schema_arrow.names, path)
     for batch in reader.iter_batches(columns=[column]):
         for value in batch.column(0).to_pylist():
