@@ -59,12 +59,39 @@ def connect(address: str | None = "auto", quiet: bool = True) -> bool:
     ray = require_ray()
     if ray.is_initialized():
         return False
-    ray.init(
-        address=None if address in (None, "auto") else address,
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        include_dashboard=False,
-    )
+    if address not in (None, "auto", "local"):
+        check_reachable(address)
+    try:
+        ray.init(
+            address=None if address in (None, "auto") else address,
+            logging_level=logging.WARNING if quiet else logging.INFO,
+            include_dashboard=False,
+        )
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ClusterError(
+            f"cannot start or join Ray ({address or 'auto'}): {lines[0] if lines else type(exc).__name__}"
+        ) from exc
     return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A one-line ClusterError when nothing listens at a cluster address (`ray://host:port`, `host:port`):
+    ray.init itself retries such an address for minutes. Addresses it cannot parse are left to Ray."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({reason}); check the address, or start the cluster there "
+            "(ray start --head)"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------- the actors

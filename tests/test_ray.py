@@ -263,3 +263,43 @@ def test_a_damaged_parquet_path_list_is_a_clear_error(cluster, pattern_bundle, t
     assert code == 2 and "not a readable Parquet file" in single_err
     code, out, err = run_cli([*args, "--ray", "--workers", "1"], capsys)
     assert code == 2 and "not a readable Parquet file" in err and "Traceback" not in out + err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_where_no_cluster_answers_is_a_clear_error(pattern_bundle, image_tree, capsys, monkeypatch):
+    """Ray itself retries such an address for minutes (seen: over 2 minutes of GCS warnings, then still waiting)."""
+    from anytime.errors import ClusterError
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called for an address where nothing listens")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the module's cluster may be up
+    monkeypatch.setattr(ray, "init", no_init)
+    root, _, _ = image_tree
+    for address in (f"127.0.0.1:{free_port()}", f"ray://127.0.0.1:{free_port()}"):
+        with pytest.raises(ClusterError, match="no Ray cluster answers at"):
+            on_ray.connect(address)
+        code, out, err = run_cli(
+            ["serve", str(pattern_bundle), str(root), "--budget", "50%", "-q", "--ray", address], capsys
+        )
+        assert code == 2 and "no Ray cluster answers at" in err and "Traceback" not in out + err
+
+
+def test_ray_init_failing_is_a_clear_error(monkeypatch):
+    """E.g. a ray:// address without the ray[client] package: Ray raises a ValueError."""
+    from anytime.errors import ClusterError
+
+    def failing_init(*args, **kwargs):
+        raise ValueError("Ray Client requires pip package `ray[client]`. If you installed the minimal Ray ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(ClusterError, match=r"cannot start or join Ray \(auto\): Ray Client requires .*ray\[client\]"):
+        on_ray.connect("auto")
