@@ -276,6 +276,14 @@ def blocks_for(rows: int, batch_size: int, workers: int) -> int:
     return max(1, min(math.ceil(rows / batch_size), max(math.ceil(rows / ROWS_PER_BLOCK), 2 * workers)))
 
 
+def rows_per_block(rows: int, batch_size: int, workers: int) -> int:
+    """Rows of each block (the last may hold fewer) when `rows` rows are cut into `blocks_for` blocks: whole
+    batches, since a worker's batch never spans two blocks, so that its batches are those of one process (what
+    --strict caps)."""
+    batches = math.ceil(max(rows, 1) / batch_size)
+    return math.ceil(batches / blocks_for(rows, batch_size, workers)) * batch_size
+
+
 def dataset_of_inputs(
     inputs: Sequence[str], stdin: TextIO | None = None, batch_size: int = 64, workers: int = 1
 ) -> tuple[Any, list[tuple[int, MissingInput]], int]:
@@ -297,8 +305,11 @@ def dataset_of_inputs(
         nonlocal rows
         rows += len(pending)
         if pending:
-            blocks = blocks_for(len(pending), batch_size, workers)
-            parts.append(ray.data.from_items([{PATH_COLUMN: p} for p in pending], override_num_blocks=blocks))
+            import pyarrow as pa
+
+            per = rows_per_block(len(pending), batch_size, workers)
+            tables = [pa.table({PATH_COLUMN: pending[i : i + per]}) for i in range(0, len(pending), per)]
+            parts.append(ray.data.from_arrow(tables))  # a block per table
             pending.clear()
 
     for arg in inputs:
@@ -312,8 +323,12 @@ def dataset_of_inputs(
             # listing, reading and repartitioning take a CPU each, which a pool of as many actors as the
             # cluster has CPUs would hold for good (measured: the job never started). A column of paths is
             # small next to the images.
-            blocks = blocks_for(max(listed, 1), batch_size, workers)
-            part = ray.data.read_parquet(arg, columns=[column]).repartition(blocks).materialize()
+            per = rows_per_block(listed, batch_size, workers)
+            part = (
+                ray.data.read_parquet(arg, columns=[column])
+                .repartition(target_num_rows_per_block=per, strict=True)
+                .materialize()
+            )
             parts.append(part if column == PATH_COLUMN else part.rename_columns({column: PATH_COLUMN}))
             continue
         if arg != "-" and is_path_list(arg):

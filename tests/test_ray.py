@@ -303,3 +303,25 @@ def test_ray_init_failing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ray, "init", failing_init)
     with pytest.raises(ClusterError, match=r"cannot start or join Ray \(auto\): Ray Client requires .*ray\[client\]"):
         on_ray.connect("auto")
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_strict_caps_the_batches_of_one_process(cluster, pattern_bundle, image_tree, tmp_path, capsys, as_list):
+    """--strict caps each batch of --batch-size rows: the blocks the inputs are cut into hold whole batches, so a
+    worker's batches are those of one process and so are the rows (they were cut evenly: 74 rows into 37 + 37)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, truth, broken = image_tree
+    inputs = [str(root)]
+    if as_list:
+        listed = [str(p) for p in sorted(root.rglob("*.png"))]
+        pq.write_table(pa.table({"path": listed}), tmp_path / "inputs.parquet")
+        inputs = [str(tmp_path / "inputs.parquet")]
+    common = ["serve", str(pattern_bundle), *inputs, "--budget", "35%", "--strict", "--batch-size", "16", "-q"]
+    code, single_out, _ = run_cli([*common, "-o", str(tmp_path / "single.jsonl")], capsys)
+    assert code == 1
+    code, ray_out, err = run_cli([*common, "-o", str(tmp_path / "ray.jsonl"), "--ray", "--workers", "1"], capsys)
+    assert code == 1, err
+    assert read_rows(tmp_path / "ray.jsonl") == read_rows(tmp_path / "single.jsonl")
+    assert summary_lines(ray_out) == summary_lines(single_out)
