@@ -153,3 +153,22 @@ def test_an_output_directory_that_cannot_be_made_is_a_clear_error_before_the_wor
     res = CliRunner().invoke(cli, ["eval", str(pattern_bundle), "--data", pattern_npz, "-o", str(out), "-q"])
     assert res.exit_code != 0 and isinstance(res.exception, OutputError), res.output
     assert "is a file, not a directory" in str(res.exception)
+
+
+@pytest.mark.parametrize("how", ["--no-plots", "no matplotlib"])
+def test_a_report_without_plots_leaves_no_plots_of_an_earlier_report(pattern_bundle, pattern_npz, tmp_path, how):
+    """The directory is the report: the PNGs of an earlier report there would show other numbers than its CSVs."""
+    import sys
+
+    out = tmp_path / "report"
+    evaluate(pattern_bundle, pattern_npz, points=3).save(out)
+    assert (out / "accuracy_vs_cost.png").exists() and (out / "exit_histogram.png").exists()
+    report = evaluate([pattern_bundle, pattern_bundle], pattern_npz, points=3)
+    if how == "--no-plots":
+        written = report.save(out, plots=False)
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+            written = report.save(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    assert not any(p.suffix == ".png" for p in out.iterdir())

@@ -22,8 +22,12 @@ from anytime.runtime.evaluation import CURVE_POLICIES, HISTOGRAM_FRACTIONS, Curv
 log = logging.getLogger(__name__)
 
 
+PLOT_FILES = ("accuracy_vs_cost.png", "exit_histogram.png")
+
+
 def save_report(report: EvalReport, directory: str | os.PathLike, plots: bool = True) -> list[Path]:
-    """Write report.json, anytime.csv, budget_curve.csv and (with matplotlib) PNG plots; returns the files."""
+    """Write report.json, anytime.csv, budget_curve.csv and (with matplotlib) PNG plots; returns the files.
+    Without plots, the plots of an earlier report in `directory` are removed (they would not match)."""
     out = Path(directory)
     written = [out / "report.json", out / "anytime.csv", out / "budget_curve.csv"]
     check_writable(written[0])  # the directory made, or the one-line error of a path that cannot be
@@ -72,6 +76,10 @@ def save_report(report: EvalReport, directory: str | os.PathLike, plots: bool = 
     )
     if plots:
         written += plot_report(report, out)
+    for name in PLOT_FILES:  # an earlier report's plots would show other numbers than these files
+        if out / name not in written and (out / name).is_file():
+            (out / name).unlink()
+            log.info("removed %s of an earlier report (no plots this time)", out / name)
     return written
 
 
@@ -123,7 +131,7 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    written.append(_save_figure(fig, out / "accuracy_vs_cost.png"))
+    written.append(_save_figure(fig, out / PLOT_FILES[0]))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(report.models), figsize=(5 * len(report.models), 3.5), squeeze=False)
@@ -144,7 +152,7 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
         ax.set_xticks(range(1, len(m.exits) + 1))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    written.append(_save_figure(fig, out / "exit_histogram.png"))
+    written.append(_save_figure(fig, out / PLOT_FILES[1]))
     plt.close(fig)
     return written
 
