@@ -7,7 +7,7 @@ measured on the chosen split. Applying thresholds to precomputed all-exit logits
 real early exit gives (the runtime tests that equality), so one pass over the split serves every budget.
 
     report = evaluate("bundles/fm", "npz:fashion-mnist.npz", split="test")
-    report.save("reports/fm")     # anytime.csv, budget_curve.csv, exit_histogram.csv, report.json, PNGs
+    report.save("reports/fm")     # report.json, anytime.csv, budget_curve.csv, PNGs (with matplotlib)
 """
 
 from __future__ import annotations
