@@ -61,6 +61,8 @@ def connect(address: str | None = "auto", quiet: bool = True) -> bool:
         return False
     if address not in (None, "auto", "local"):
         check_reachable(address)
+    elif address != "local" and os.environ.get("RAY_ADDRESS", "") not in ("", "auto", "local"):
+        check_reachable(os.environ["RAY_ADDRESS"], source="RAY_ADDRESS=")
     try:
         ray.init(
             address=None if address in (None, "auto") else address,
@@ -75,7 +77,7 @@ def connect(address: str | None = "auto", quiet: bool = True) -> bool:
     return True
 
 
-def check_reachable(address: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, timeout: float = 10.0, source: str = "") -> None:
     """A one-line ClusterError when nothing listens at a cluster address (`ray://host:port`, `host:port`):
     ray.init itself retries such an address for minutes. Addresses it cannot parse are left to Ray."""
     import socket
@@ -89,7 +91,7 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ClusterError(
-            f"no Ray cluster answers at {address} ({reason}); check the address, or start the cluster there "
+            f"no Ray cluster answers at {source}{address} ({reason}); check the address, or start the cluster there "
             "(ray start --head)"
         ) from exc
 

@@ -325,3 +325,16 @@ def test_strict_caps_the_batches_of_one_process(cluster, pattern_bundle, image_t
     assert code == 1, err
     assert read_rows(tmp_path / "ray.jsonl") == read_rows(tmp_path / "single.jsonl")
     assert summary_lines(ray_out) == summary_lines(single_out)
+
+
+def test_ray_address_in_the_environment_where_no_cluster_answers_is_a_clear_error(monkeypatch):
+    from anytime.errors import ClusterError
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("ray.init was called for an address where nothing listens")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_init)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    with pytest.raises(ClusterError, match="no Ray cluster answers at RAY_ADDRESS=127.0.0.1:"):
+        on_ray.connect("auto")
