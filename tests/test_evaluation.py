@@ -172,3 +172,31 @@ def test_a_report_without_plots_leaves_no_plots_of_an_earlier_report(pattern_bun
             written = report.save(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
     assert not any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_models_counting_cost_differently_are_overlaid_as_fractions_of_their_full_networks(
+    pattern_bundle, pattern_npz, tmp_path, monkeypatch
+):
+    """One axis in M macs for a model priced in MSDNet's convention (or in time) would misstate its cost."""
+    pytest.importorskip("matplotlib")
+    from anytime.runtime import reports
+
+    report = evaluate([pattern_bundle, pattern_bundle], pattern_npz, points=3)
+    report.models[1].cost_convention = "msdnet"  # as a bundle exported with --cost-convention msdnet
+    for e in report.models[1].exits:
+        e.cost *= 2.0
+    for p in report.models[1].curve:
+        p.cost *= 2.0
+    drawn = {}
+
+    def keep(fig, path):
+        drawn[path.name] = fig.axes[0]
+        return path
+
+    monkeypatch.setattr(reports, "_save_figure", keep)
+    reports.plot_report(report, tmp_path)
+    ax = drawn["accuracy_vs_cost.png"]
+    assert "% of each model's full network" in ax.get_xlabel() and "macs, msdnet" in ax.get_xlabel()
+    exits = [line for line in ax.get_lines() if line.get_label().endswith("single exits")]
+    for line, m in zip(exits, report.models):
+        np.testing.assert_allclose(line.get_xdata(), [100 * e.fraction for e in m.exits])

@@ -102,11 +102,16 @@ def plot_report(report: EvalReport, out: Path) -> list[Path]:
         log.info("matplotlib not installed: no plots (pip install 'anytime[plot]')")
         return []
     written = []
-    convention = report.models[0].cost_convention
+    conventions = list(dict.fromkeys(m.cost_convention for m in report.models))
+    convention = conventions[0]
     scale, unit = (1e-3, "ms, latency profile") if convention == TIME_CONVENTION else (1e6, f"M {convention}")
+    if len(conventions) > 1:  # one axis cannot hold costs counted differently: each model's share of its own
+        unit = f"% of each model's full network, costs in {', '.join(conventions)}"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, m in enumerate(report.models):
         color = f"C{i}"
+        if len(conventions) > 1:
+            scale = m.exits[-1].cost / 100
         for policy, style in (("search", "-"), ("geometric", "--")):
             # A line through realised costs: the search policy stops spending where the validation data shows no
             # gain, so a larger budget can realise a smaller cost, and budget order would draw the line backwards.
