@@ -179,3 +179,24 @@ def test_eval_exports_a_run_directory_explicitly_to_a_temporary_bundle(tmp_path)
     model = json.loads((out / "report.json").read_text())["models"][0]
     assert model["bundle"] == str(run) and model["name"].startswith("run")
     assert not list(out.glob("*.png"))
+
+
+def test_eval_of_a_run_directory_with_a_latency_profile_names_the_fix_before_exporting(tmp_path, monkeypatch):
+    """A profile is measured for one bundle, and every export of a run is another bundle (its manifest is dated): the
+    temporary bundle could never match, and the error named that temporary directory, gone by then."""
+    from test_export import make_run
+
+    import anytime.cli.eval as eval_cli
+
+    run = make_run(tmp_path, "test-convnet", size=16, channels=3, n_train=48, val_size=12)
+    (tmp_path / "profile.json").write_text("{}")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported although the profile cannot fit the temporary bundle")
+
+    monkeypatch.setattr(eval_cli, "_export_run", no_export)
+    res = CliRunner().invoke(
+        cli, ["eval", str(run), "--data", f"npz:{tmp_path / 'data.npz'}", "--profile", str(tmp_path / "profile.json")]
+    )
+    assert res.exit_code == 2, res.output + repr(res.exception)
+    assert f"anytime export {run} -o BUNDLE_DIR" in res.output and "anytime profile BUNDLE_DIR" in res.output

@@ -79,6 +79,14 @@ def eval_command(
     from anytime.runtime.evaluation import check_bundle_dir, evaluate
     from anytime.runtime.reports import save_report, summary_lines
 
+    runs = [m for m in models if not is_bundle_dir(Path(m).expanduser()) and is_model_dir(Path(m).expanduser())]
+    if profile and runs:
+        # Every export is another bundle (its manifest is dated), so no profile fits the temporary one.
+        raise click.UsageError(
+            f"--profile is measured for one bundle, and {runs[0]} is a run directory, exported anew here; export it "
+            f"(anytime export {runs[0]} -o BUNDLE_DIR), profile that (anytime profile BUNDLE_DIR -o PROFILE) "
+            "and evaluate BUNDLE_DIR with --profile PROFILE"
+        )
     if output:
         check_writable(Path(output) / "report.json")  # before the evaluation, not after it
     with tempfile.TemporaryDirectory(prefix="anytime-eval-") as tmp:
