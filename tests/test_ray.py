@@ -240,6 +240,17 @@ def test_serve_ray_with_a_bundle_after_it_is_a_usage_error(pattern_bundle, image
     assert code == 2 and "not a Ray address" in out + err
 
 
+@pytest.mark.parametrize(
+    "flags", [["--unordered"], ["--max-wait-rows", "8"], ["--io-binding", "off"], ["--unordered", "--io-binding", "on"]]
+)
+def test_serve_ray_refuses_the_options_its_workers_would_ignore(pattern_bundle, image_tree, capsys, flags):
+    root, _, _ = image_tree
+    args = ["serve", str(pattern_bundle), str(root), "--budget", "50%", "--ray", "auto", *flags]
+    code, out, err = run_cli(args, capsys)
+    named = [f for f in flags if f.startswith("--")]
+    assert code == 2 and f"{', '.join(named)} do not apply with --ray" in out + err
+
+
 def test_an_input_that_matches_nothing_keeps_its_place(cluster, pattern_bundle, image_tree, tmp_path, capsys):
     """Its error row comes where it was given, as in one process, not ahead of every other row."""
     root, _, _ = image_tree

@@ -151,6 +151,20 @@ def serve(
             raise click.UsageError(
                 "with --ray each worker runs every block of --batch-size rows as one batch; drop --scheduler refill"
             )
+        ignored = [
+            flag
+            for flag, given_here in (
+                ("--unordered", ordered is False),
+                ("--max-wait-rows", max_wait_rows is not None),
+                ("--io-binding", io_binding is not None),
+            )
+            if given_here
+        ]
+        if ignored:
+            raise click.UsageError(
+                f"{', '.join(ignored)} do not apply with --ray: each Ray worker runs the per-batch executor on its "
+                "CPU and the rows come in input order; drop them"
+            )
         on_ray.require_ray("anytime serve --ray")
     elif workers is not None:
         raise click.UsageError("--workers sets the Ray actors; give it with --ray")
