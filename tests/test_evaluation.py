@@ -101,6 +101,20 @@ def test_class_count_mismatch_is_a_clear_error(pattern_bundle, tmp_path):
         evaluate(pattern_bundle, f"npz:{path}")
 
 
+def test_a_class_count_mismatch_of_a_later_model_is_found_before_any_is_evaluated(
+    pattern_bundle, pattern_npz, monkeypatch
+):
+    import anytime.runtime.evaluation as evaluation
+    from anytime.formats.bundle import resolve_bundle_path
+
+    default = resolve_bundle_path(None)  # 10 classes; the pattern data has fewer
+    evaluated = []
+    monkeypatch.setattr(evaluation, "evaluate_model", lambda *a, **k: evaluated.append(a))
+    with pytest.raises(DatasetError, match=f"classes but the model {default} has 10"):
+        evaluate([pattern_bundle, default], pattern_npz)
+    assert evaluated == []
+
+
 def test_not_a_model_directory_is_a_clear_error(tmp_path, pattern_npz):
     res = CliRunner().invoke(cli, ["eval", str(tmp_path), "--data", pattern_npz])
     assert res.exit_code != 0

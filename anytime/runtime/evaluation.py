@@ -188,11 +188,7 @@ def evaluate_model(
         cost_mode=cost_mode,
     )
     ds, images = _split_images(data, split)
-    if ds.info.num_classes != len(model.classes):
-        raise DatasetError(
-            f"{data} has {ds.info.num_classes} classes but the model {bundle_dir} has {len(model.classes)}; "
-            "evaluate on the dataset the model was trained for"
-        )
+    _check_class_count(ds, data, model.classes, bundle_dir)
     logits, labels = all_exit_logits(model, images, progress=progress)
     order = _model_labels(ds.info.classes, model.classes)
     if order is not None:
@@ -245,6 +241,14 @@ def evaluate_model(
         seconds=time.perf_counter() - t0,
         method=provenance.get("method"),
     )
+
+
+def _check_class_count(ds: Any, data: str, classes: Sequence[str], bundle_dir: Path) -> None:
+    if ds.info.num_classes != len(classes):
+        raise DatasetError(
+            f"{data} has {ds.info.num_classes} classes but the model {bundle_dir} has {len(classes)}; "
+            "evaluate on the dataset the model was trained for"
+        )
 
 
 def _model_labels(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
@@ -305,6 +309,14 @@ def evaluate(
             f"{len(paths)} models but {len(profiles) if profiles else 'one'} latency profile(s): a profile is "
             "measured for one bundle, so give one per model, in the same order (--profile A.json --profile B.json)"
         )
+    if len(paths) > 1:
+        # Every model against the data before any is evaluated, so a mismatch in the last is not found last.
+        from anytime.formats.bundle import read_bundle
+
+        ds, _ = _split_images(data, split)
+        for p in paths:
+            bundle_dir = check_bundle_dir(p)
+            _check_class_count(ds, data, read_bundle(bundle_dir).classes, bundle_dir)
     report = EvalReport(
         [
             evaluate_model(p, data, split, points, name=n, profile=prof, **kwargs)
