@@ -254,9 +254,15 @@ def predict_dataset(
     chosen = model.resolve_policy(budget=budget, policy=policy, exit=exit)
     if strict and chosen.budget is None:
         raise ConfigError("strict caps a budget; it has no meaning with a fixed exit")
+    columns = ds.columns()  # None where the schema is not known without running the dataset
     if image_column is None:
-        columns = ds.columns()
-        image_column = IMAGE_COLUMN if IMAGE_COLUMN in columns else PATH_COLUMN
+        image_column = IMAGE_COLUMN if columns is not None and IMAGE_COLUMN in columns else PATH_COLUMN
+    if columns is not None and image_column not in columns:
+        # Checked here: inside the workers it would surface as a failed task, far from the cause.
+        raise ConfigError(
+            f"the dataset has no column {image_column!r} (its columns: {', '.join(columns)}); name the column of "
+            "encoded image bytes, paths or uint8 arrays with image_column="
+        )
     return map_predictions(
         ds,
         model,

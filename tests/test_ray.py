@@ -24,6 +24,7 @@ from test_runtime_serve import run_cli  # the serve tests' CLI runner
 ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install -e '.[ray]'")
 
 import anytime.ray as on_ray  # noqa: E402
+from anytime.errors import ConfigError  # noqa: E402
 from anytime.runtime.model import load  # noqa: E402
 
 pytestmark = [
@@ -173,6 +174,15 @@ def test_predict_dataset_on_bytes_and_arrays(cluster, pattern_bundle, pattern_te
     budget = model.calibrate("30%").budget
     for start in range(0, 64, 16):
         assert sum(r["cost"] for r in strict[start : start + 16]) <= 16 * budget * (1 + 1e-9)
+
+
+def test_predict_dataset_names_a_missing_image_column_before_any_task(cluster, pattern_bundle, pattern_test_images):
+    x, _ = pattern_test_images
+    ds = ray.data.from_items([{"pixels": png_bytes(x[0]), "name": "a"}])
+    with pytest.raises(ConfigError, match=r"no column 'path' \(its columns: pixels, name\); name the column"):
+        on_ray.predict_dataset(ds, pattern_bundle, budget="50%", workers=1)
+    with pytest.raises(ConfigError, match=r"no column 'image'"):
+        on_ray.predict_dataset(ds, pattern_bundle, budget="50%", image_column="image", workers=1)
 
 
 class DiesOnce(on_ray.BundleWorker):
