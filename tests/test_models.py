@@ -212,3 +212,26 @@ def test_unknown_model_and_bad_options_raise_config_errors() -> None:
         create("sdn-resnet56", num_classes=0)
     with pytest.raises(ConfigError, match="too small"):
         create("sdn-vgg16", image_size=16)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "names"),
+    [
+        # `--model-option` values that are not JSON arrive as strings: none may build a model silently.
+        ("msdnet-tiny", {"bottleneck": "False"}, "bottleneck"),
+        ("msdnet-tiny", {"n_blocks": "three"}, "n_blocks"),
+        ("msdnet-tiny", {"gr_factor": "1,2,4"}, "gr_factor"),
+        ("msdnet-tiny", {"gr_factor": "124"}, "gr_factor"),
+        ("msdnet-tiny", {"image_size": [28]}, "image_size"),
+        ("msdnet-tiny", {"image_size": [28, 28, 1]}, "image_size"),
+    ],
+)
+def test_bad_option_values_raise_config_errors_naming_the_option(name: str, options: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        create(name, **options)
+
+
+def test_image_size_as_text_is_refused_not_split_into_characters() -> None:
+    # as_hw("28") used to unpack the string into height "2" and width "8" and build a 2x8 model.
+    with pytest.raises(ConfigError, match="image_size"):
+        create("msdnet-tiny", image_size="28")

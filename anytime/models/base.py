@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from anytime.errors import ConfigError
+
 State = tuple[torch.Tensor, ...]
 
 
@@ -50,8 +52,15 @@ class ModelSpec:
 def as_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return (image_size, image_size)
-    h, w = image_size
-    return (int(h), int(w))
+    try:
+        if isinstance(image_size, (str, bytes)):
+            raise TypeError(image_size)
+        h, w = image_size
+        return (int(h), int(w))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"image_size must be one size or [height, width] in pixels, e.g. 32 or [28, 32]; got {image_size!r}"
+        ) from None
 
 
 class Stage(nn.Module):

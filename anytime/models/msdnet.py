@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -286,7 +287,7 @@ class MSDNet(MultiExitNetwork):
         act_layer: ActLayer = _RELU,
     ) -> None:
         super().__init__(spec)
-        gr_factor, bn_factor = [int(g) for g in gr_factor], [int(b) for b in bn_factor]
+        gr_factor, bn_factor = _int_list("gr_factor", gr_factor), _int_list("bn_factor", bn_factor)
         _check_config(
             spec,
             n_blocks,
@@ -301,6 +302,7 @@ class MSDNet(MultiExitNetwork):
             reduction,
             stem,
             head_channels,
+            bottleneck,
         )
         n_scales = len(gr_factor)
         steps = block_steps(n_blocks, base, step, step_mode)
@@ -360,6 +362,18 @@ class MSDNet(MultiExitNetwork):
         self.apply(he_fan_out_init)  # as the reference
 
 
+def _int_list(name: str, value: Sequence[int]) -> list[int]:
+    """A per-scale factor list; a string ("1,2,4", as `--model-option` passes non-JSON text) is refused."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name} must be a list of integers, one per scale, e.g. {name}=[1,2,4]; got {value!r}")
+    try:
+        return [operator.index(v) for v in value]
+    except TypeError:
+        raise ConfigError(
+            f"{name} must be a list of integers, one per scale, e.g. {name}=[1,2,4]; got {value!r}"
+        ) from None
+
+
 def _has_transition(prune: str, layer: int, n_layers: int, in_scales: int, out_scales: int) -> bool:
     if prune == "max":
         return in_scales > out_scales
@@ -380,10 +394,25 @@ def _check_config(
     reduction: float,
     stem: str,
     head_channels: int | None,
+    bottleneck: bool,
 ) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
+
+    integers = {"n_blocks": n_blocks, "base": base, "step": step, "n_channels": n_channels, "growth_rate": growth_rate}
+    if head_channels is not None:
+        integers["head_channels"] = head_channels
+    for key, value in integers.items():
+        need(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{key} must be an integer, got {value!r}",
+        )
+    need(isinstance(bottleneck, bool), f"bottleneck must be true or false, got {bottleneck!r}")
+    need(
+        isinstance(reduction, (int, float)) and not isinstance(reduction, bool),
+        f"reduction must be a number, got {reduction!r}",
+    )
 
     need(spec.num_classes >= 1, f"num_classes must be >= 1, got {spec.num_classes}")
     need(spec.in_channels >= 1, f"in_channels must be >= 1, got {spec.in_channels}")
