@@ -235,3 +235,14 @@ def test_image_size_as_text_is_refused_not_split_into_characters() -> None:
     # as_hw("28") used to unpack the string into height "2" and width "8" and build a 2x8 model.
     with pytest.raises(ConfigError, match="image_size"):
         create("msdnet-tiny", image_size="28")
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("sdn-vgg16", {"fc_widths": []}), ("sdn-vgg16", {"dropout": 2}), ("sdn-tiny", {"ic_after": [1, 2]})],
+)
+def test_option_values_a_builder_cannot_use_are_config_errors_naming_them(name: str, options: dict) -> None:
+    # These failed inside torch or the builder (IndexError, ValueError): a traceback from `anytime train`.
+    (key,) = options
+    with pytest.raises(ConfigError, match=f"invalid option for model '{name}' \\({key}="):
+        create(name, **options)

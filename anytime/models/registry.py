@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from anytime.errors import ConfigError
+from anytime.errors import AnytimeError, ConfigError
 
 _BUILDERS: dict[str, Callable[..., Any]] = {}
 
@@ -81,8 +81,15 @@ def create(
         kwargs["image_size"] = image_size
     try:
         model = _BUILDERS[name](**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"invalid option for model '{name}': {exc}") from exc
+    except AnytimeError:
+        raise  # the builders' own checks name the option already
+    except (TypeError, ValueError, IndexError) as exc:
+        # A wrong name, or a value of the wrong type or range that the builder's own checks did not catch.
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if v is not None)
+        raise ConfigError(
+            f"invalid option for model '{name}'{f' ({given})' if given else ''}: {exc}; check the option names and "
+            "values (--model-option key=value takes JSON: numbers, true/false, lists like [1,2,4])"
+        ) from exc
     model.spec.arch = name
     model.spec.overrides = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels", "image_size")}
     return model
