@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from anytime.models import create
@@ -31,7 +32,17 @@ WORKER = textwrap.dedent(
     configs, out = json.loads(sys.argv[1]), sys.argv[2]
     for cfg in configs:
         trainer = Trainer(TrainConfig.from_dict(cfg))
+        local, inner = [], trainer.method.train_epoch
+
+        def spy(ctx, epoch, inner=inner, local=local):  # this rank's own training metrics
+            metrics = inner(ctx, epoch)
+            local.append(dict(metrics))
+            return metrics
+
+        trainer.method.train_epoch = spy
         trainer.run()
+        with open(os.path.join(out, f"{cfg['method']}-rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(local, f)
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         torch.save(state, os.path.join(out, f"{cfg['method']}-rank{dist.get_rank()}.pt"))
     dist.barrier()  # as shutdown_distributed does: no rank tears gloo down while its peer still uses it
@@ -89,6 +100,12 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
         assert summary["world_size"] == 2 and len(summary["val_accuracy"]) == 3
         if method == "joint":
             assert json.loads(rows[0])["steps"] == 4  # 128 images / 32 per global step, 16 per rank
+        # The recorded training losses are over the whole global batch (both ranks' equal shards), not rank 0's.
+        local = [json.loads((tmp_path / f"{method}-rank{r}.json").read_text())[0] for r in (0, 1)]
+        recorded = json.loads(rows[0])
+        assert local[0]["loss"] != local[1]["loss"]
+        for key in local[0]:
+            assert recorded[key] == pytest.approx((local[0][key] + local[1][key]) / 2), (method, key)
 
 
 def _trained(config: TrainConfig) -> dict[str, torch.Tensor]:

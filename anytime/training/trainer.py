@@ -329,6 +329,8 @@ class Trainer:
         self.progress.start_epoch()
         start, cpu_start = time.perf_counter(), time.process_time()
         metrics = self.method.train_epoch(self, epoch)
+        if self.world_size > 1:
+            metrics = _mean_over_ranks(metrics)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -402,6 +404,16 @@ class Trainer:
         )
         logger.info("resumed %s after epoch %d", self.run_dir, self._completed_epochs)
         return history
+
+
+def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """A method's epoch metrics (means over this rank's shard) as means over the whole training set.
+
+    Every rank trains on an equal-sized shard in equal batches, so the plain mean over ranks is the mean
+    over all images; counts that every rank shares (steps) stay as they are."""
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64)
+    ddp.average_tensors([values])
+    return dict(zip(metrics, values.tolist()))
 
 
 __all__ = ["RunResult", "Trainer", "TrainConfig", "resume", "train"]
