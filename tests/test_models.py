@@ -246,3 +246,11 @@ def test_option_values_a_builder_cannot_use_are_config_errors_naming_them(name: 
     (key,) = options
     with pytest.raises(ConfigError, match=f"invalid option for model '{name}' \\({key}="):
         create(name, **options)
+
+
+def test_msdnet_odd_growth_on_a_split_scale_is_refused_when_built() -> None:
+    # A scale fed by a finer one gets half its new channels from each (growth // 2 twice): an odd
+    # growth_rate * gr_factor there built a model whose first forward failed on a channel mismatch.
+    with pytest.raises(ConfigError, match="growth_rate"):
+        create("msdnet-tiny", gr_factor=[1, 1, 1], bn_factor=[1, 1, 1], growth_rate=3)
+    create("msdnet-tiny", growth_rate=3)  # (1, 2, 4): every split scale gets an even growth

@@ -429,6 +429,12 @@ def _check_config(
         f"gr_factor and bn_factor need one entry per scale, got {gr_factor} and {bn_factor}",
     )
     need(all(g >= 1 for g in gr_factor + bn_factor), f"gr_factor/bn_factor must be >= 1: {gr_factor}, {bn_factor}")
+    # Scales after the first take half their new channels from the finer scale and half from their own.
+    need(
+        all(growth_rate * g % 2 == 0 for g in gr_factor[1:]),
+        f"growth_rate * gr_factor must be even on every scale but the first (half of a scale's new channels "
+        f"come from the finer scale), got growth_rate={growth_rate}, gr_factor={gr_factor}; use an even growth_rate",
+    )
     need(prune in ("max", "min"), f"prune must be 'max' or 'min', got {prune!r}")
     need(0 <= reduction <= 1, f"reduction must be in [0, 1], got {reduction}")
     need(stem in ("cifar", "imagenet"), f"stem must be 'cifar' or 'imagenet', got {stem!r}")
