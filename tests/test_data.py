@@ -289,6 +289,19 @@ def test_cifar_errors(tmp_path):
         open_dataset(f"cifar100:{tmp_path}")
 
 
+@pytest.mark.parametrize("compression", ["gz", ""])
+def test_truncated_cifar_archive_is_a_clear_error(tmp_path, compression):
+    # A download cut short: gzip raised EOFError from deep inside tarfile, which the CLI reported as "Aborted.".
+    folder, *_ = write_cifar10(tmp_path / "src", np.random.default_rng(7))
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, f"w:{compression}") as tar:
+        tar.add(folder, arcname=folder.name)
+    data = tarball.read_bytes()
+    tarball.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="cifar-10-python.tar.gz: damaged or truncated archive .*download it again"):
+        open_dataset(f"cifar10:{tarball}")
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_idx(tmp_path, gz):
     arrays = write_mnist(tmp_path / "mnist", np.random.default_rng(8), gz)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,26 @@ def _member_reader(path: Path, folder: str, layout: str) -> tuple[Callable[[str]
             archive = tarfile.open(path, "r:*")
         except (tarfile.TarError, OSError) as exc:
             raise DatasetError(f"{path}: not a readable tar archive ({exc}); expected {layout}") from exc
-        members = {m.name.lstrip("./"): m for m in archive.getmembers() if m.isfile()}
+        # A truncated or damaged download fails while members are listed or read (gzip raises EOFError,
+        # which click would report as a bare "Aborted."), not when the archive is opened.
+        damaged = (tarfile.TarError, OSError, EOFError, zlib.error)
+        try:
+            members = {m.name.lstrip("./"): m for m in archive.getmembers() if m.isfile()}
+        except damaged as exc:
+            archive.close()
+            raise DatasetError(f"{path}: damaged or truncated archive ({exc}); download it again") from exc
 
         def read(name: str) -> bytes:
             for candidate in (f"{folder}/{name}", name):
                 if candidate in members:
-                    fh = archive.extractfile(members[candidate])
-                    assert fh is not None
-                    return fh.read()
+                    try:
+                        fh = archive.extractfile(members[candidate])
+                        assert fh is not None
+                        return fh.read()
+                    except damaged as exc:
+                        raise DatasetError(
+                            f"{path}: member {candidate} is damaged or truncated ({exc}); download the archive again"
+                        ) from exc
             raise DatasetError(f"{path}: archive has no member {folder}/{name}; expected {layout}")
 
         return read, str(path), archive.close
