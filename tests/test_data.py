@@ -220,6 +220,16 @@ def test_bad_specs_and_npz_files_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="junk.npz: not a readable .npz file"):
         open_dataset("npz:junk.npz")
+    # A damaged member of a compressed archive raised zlib.error; a .npy file, a TypeError (not a context manager).
+    np.savez_compressed(tmp_path / "packed.npz", **{**good, "y_test": np.arange(2)})
+    damaged = bytearray((tmp_path / "packed.npz").read_bytes())
+    damaged[60:80] = bytes(b ^ 0x55 for b in damaged[60:80])
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    with pytest.raises(DatasetError, match="damaged.npz: not a readable .npz file"):
+        open_dataset("npz:damaged.npz")
+    np.save(tmp_path / "single.npy", good["x_train"])
+    with pytest.raises(DatasetError, match="single.npy: a single .npy array, not a .npz archive of named arrays"):
+        open_dataset("npz:single.npy")
     np.savez(tmp_path / "float.npz", **{**good, "x_train": good["x_train"] / 255.0, "y_test": np.arange(2)})
     with pytest.raises(DatasetError, match="x_train: images have dtype float64; expected uint8"):
         open_dataset("npz:float.npz")

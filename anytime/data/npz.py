@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +70,19 @@ def open_npz(path: Path) -> Dataset:
     where = f"npz:{path}"
     if not path.is_file():
         raise DatasetError(f"{where}: file not found; {LAYOUT}")
+    arrays: dict[str, np.ndarray] | None = None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        # Opened here so that the file is closed whatever np.load returns or raises.
+        with open(path, "rb") as fh:
+            archive = np.load(fh, allow_pickle=False)
+            if isinstance(archive, np.lib.npyio.NpzFile):  # else a .npy file: one array, no names
+                with archive:
+                    arrays = {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
+        # zlib.error: a damaged member of a compressed archive (np.savez_compressed)
         raise DatasetError(f"{where}: not a readable .npz file ({exc}); {LAYOUT}") from exc
+    if arrays is None:
+        raise DatasetError(f"{where}: a single .npy array, not a .npz archive of named arrays; {LAYOUT}")
     for key in REQUIRED:
         if key not in arrays:
             found = ", ".join(sorted(arrays)) or "none"
