@@ -373,6 +373,25 @@ def test_imagefolder_without_splits_grey_and_variable_size(tmp_path):
         ds.train.get_batch([0, 3])
 
 
+def test_imagefolder_reads_each_directory_once_through_symlinks(tmp_path):
+    # A link back up the tree listed a's image again at every depth (a/again/again/...): 41 copies, one label.
+    # (Two such links made it 2**40 directories: the folder never opened.)
+    rng = np.random.default_rng(30)
+    root = tmp_path / "data"
+    write_folder(root, rng, {"a": 2, "b": 1})
+    (root / "a" / "again").symlink_to(".", target_is_directory=True)
+    write_folder(tmp_path / "elsewhere", rng, {"more": 1})
+    (root / "b" / "more").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)  # still followed
+    ds = open_dataset(f"imagefolder:{root}")
+    assert [os.path.relpath(p, root) for p in ds.train.paths] == [
+        "a/000.png",
+        "a/001.png",
+        "b/000.png",
+        "b/more/000.png",
+    ]
+    assert list(ds.train.labels) == [0, 0, 1, 1]
+
+
 def test_imagefolder_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_folder(tmp_path / "train", rng, {"a": 1})

@@ -60,8 +60,13 @@ def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
             files: list[str] = []
+            # Symbolic links are followed, but no directory is read twice: a link back up the tree (a -> .)
+            # would otherwise list the same images again at every level until the OS gives up (ELOOP).
+            seen = {os.path.realpath(entry.path)}
             for root, dirs, names in os.walk(entry.path, followlinks=True):
-                dirs.sort()
+                real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs}
+                dirs[:] = sorted(d for d in dirs if real[d] not in seen)
+                seen.update(real[d] for d in dirs)
                 files.extend(
                     os.path.join(root, n) for n in sorted(names)
                     if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions
