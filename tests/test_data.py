@@ -392,6 +392,16 @@ def test_imagefolder_reads_each_directory_once_through_symlinks(tmp_path):
     assert list(ds.train.labels) == [0, 0, 1, 1]
 
 
+def test_imagefolder_skips_hidden_directories_inside_class_folders(tmp_path):
+    # Hidden files and hidden class folders were skipped, but a/.thumbnails/ inside a class folder was read.
+    rng = np.random.default_rng(31)
+    write_folder(tmp_path, rng, {"a": 1, "b": 1, "a/sub": 1, "a/.thumbnails": 2, ".hidden": 1})
+    (tmp_path / "b" / ".cover.png").write_bytes((tmp_path / "b" / "000.png").read_bytes())
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert ds.info.classes == ["a", "b"]
+    assert [os.path.relpath(p, tmp_path) for p in ds.train.paths] == ["a/000.png", "a/sub/000.png", "b/000.png"]
+
+
 def test_imagefolder_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_folder(tmp_path / "train", rng, {"a": 1})

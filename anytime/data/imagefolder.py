@@ -64,6 +64,9 @@ def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]
             # would otherwise list the same images again at every level until the OS gives up (ELOOP).
             seen = {os.path.realpath(entry.path)}
             for root, dirs, names in os.walk(entry.path, followlinks=True):
+                # Hidden directories are skipped like hidden files and hidden class folders: .thumbnails/,
+                # .ipynb_checkpoints/, a NAS's .@__thumb/ hold copies, not more training images.
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
                 real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs}
                 dirs[:] = sorted(d for d in dirs if real[d] not in seen)
                 seen.update(real[d] for d in dirs)
