@@ -402,6 +402,20 @@ def test_imagefolder_skips_hidden_directories_inside_class_folders(tmp_path):
     assert [os.path.relpath(p, tmp_path) for p in ds.train.paths] == ["a/000.png", "a/sub/000.png", "b/000.png"]
 
 
+def test_imagefolder_image_size_is_that_of_the_images_as_decoded(tmp_path):
+    # Photos stored 30×40 with "rotate 90°" in EXIF decode as 40×30, but image_size said (30, 40): a model
+    # built at that size scaled every upright photo to 53×40 and cropped away 43% of its rows.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        image = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+        exif = image.getexif()
+        exif[0x0112] = 6
+        image.save(tmp_path / name / "photo.jpg", exif=exif)
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert ds.train[0][0].shape == (40, 30, 3)
+    assert ds.info.image_size == (40, 30)
+
+
 def test_imagefolder_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_folder(tmp_path / "train", rng, {"a": 1})

@@ -82,12 +82,26 @@ def _evenly_spaced(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
 
 
+# EXIF orientations that turn the image a quarter (decode_file applies them): height and width swap.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as decoded, i.e. after its EXIF orientation; from the header only."""
+    # PNG's getexif() decodes all pixels to look for an eXIf chunk after the image data; one before it is
+    # already in img.info, and that is where writers put it.
+    exif = None if img.format == "PNG" and "exif" not in img.info else img.getexif()
+    if exif is not None and exif.get(0x0112) in _QUARTER_TURNS:
+        return img.width, img.height
+    return img.height, img.width
+
+
 def _headers(paths: list[str]) -> list[tuple[str, tuple[int, int]]]:
     out = []
     for path in paths:
         try:
             with Image.open(path) as img:  # reads the header only
-                out.append((img.mode, (img.height, img.width)))
+                out.append((img.mode, _oriented_size(img)))
         except (OSError, UnidentifiedImageError) as exc:
             raise DatasetError(f"{path}: cannot read image header ({exc}); remove or replace the file") from exc
     return out
