@@ -349,6 +349,22 @@ def test_bare_model_dir_needs_data_and_existing_output_needs_force(tmp_path, con
     assert check_bundle(out) == [] and _leftovers(tmp_path) == []
 
 
+def test_force_replaces_the_bundle_that_is_the_working_directory(tmp_path, convnet, monkeypatch):
+    # `anytime export RUN -o . --force` inside a bundle: the old bundle was moved aside into a "..old-*"
+    # directory made inside itself, then os.replace('.', ...) failed with an OSError traceback.
+    run, bundle, _ = convnet
+    out = tmp_path / "bundles" / "fm"
+    shutil.copytree(bundle, out)
+    (out / "exit_1.onnx").unlink()
+    monkeypatch.chdir(out)
+    result = export_bundle(run, ".", force=True)
+    assert result.bundle_dir == Path(".")
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.npz", "manifest.json"] + [
+        f"stage_{k}.onnx" for k in range(3)
+    ]
+    assert check_bundle(out) == [] and _leftovers(out.parent) == []
+
+
 def test_a_run_trained_without_validation_images_names_the_fix(tmp_path):
     run = make_run(tmp_path / "src", "test-convnet", size=16, channels=3, n_train=16, val_size=0)
     with pytest.raises(DatasetError, match=r"is empty .*train the run with --val-size above 0"):

@@ -229,8 +229,11 @@ def export_bundle(
     preprocessor = Preprocessor(input_spec)
     val_images = _images(src.val_split, range(min(validation_images, len(src.val_split))), preprocessor)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The temporary bundle is made next to the output and renamed into place: that needs the output's
+    # real name and parent, which `-o .` (or `bundles/fm/..`) does not spell out.
+    target = Path(os.path.abspath(out))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         # Batch 2 as the tracing example: a batch of 1 invites exporters to specialise the batch axis.
         plans = plan_stages(model, torch.from_numpy(val_images[np.arange(2) % len(val_images)]))
@@ -359,7 +362,7 @@ def export_bundle(
         size = sum(p.stat().st_size for p in tmp.iterdir())
         _prepare_out(out, force)  # the output may have appeared meanwhile
         _publishable_modes(tmp)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
