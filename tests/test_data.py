@@ -335,6 +335,13 @@ def test_mnist_errors(tmp_path):
     path.unlink()
     with pytest.raises(DatasetError, match="missing t10k-labels-idx1-ubyte\\[.gz\\]; expected a directory with"):
         open_dataset(f"mnist:{tmp_path}")
+    # Test images of another size than the training images (files of two datasets mixed) were accepted.
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(10), gz=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((10, 32, 32)), gz=False)
+    with pytest.raises(
+        DatasetError, match="t10k-images-idx3-ubyte: images are 32×32 but train-images-idx3-ubyte holds 28×28"
+    ):
+        open_dataset(f"mnist:{tmp_path}")
 
 
 def test_imagefolder_with_splits(tmp_path):

@@ -78,7 +78,13 @@ def _open(directory: Path, kind: str, classes: list[str]) -> Dataset:
         if labels.size and labels.max() >= len(classes):
             raise DatasetError(f"{paths[f'{split}_labels']}: label {int(labels.max())}; expected 0..{len(classes) - 1}")
         arrays[split] = ArraySplit(images[..., None], labels)
-    train_images = arrays["train"].images
+    train_images, test_images = arrays["train"].images, arrays["test"].images
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DatasetError(
+            f"{paths['test_images']}: images are {test_images.shape[1]}×{test_images.shape[2]} but "
+            f"{paths['train_images'].name} holds {train_images.shape[1]}×{train_images.shape[2]}; "
+            "the four files must come from the same dataset"
+        )
     return Dataset(
         kind=kind,
         path=str(directory),
