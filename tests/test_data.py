@@ -423,6 +423,16 @@ def test_imagefolder_image_size_is_that_of_the_images_as_decoded(tmp_path):
     assert ds.info.image_size == (40, 30)
 
 
+def test_imagefolder_split_folders_in_any_case(tmp_path):
+    # Train/ and Test/ were read as two classes named "Test" and "Train", labelling every image by its split.
+    rng = np.random.default_rng(32)
+    write_folder(tmp_path / "Train", rng, {"cat": 2, "dog": 1})
+    write_folder(tmp_path / "Test", rng, {"dog": 1})
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert ds.info.classes == ["cat", "dog"] and (len(ds.train), len(ds.test)) == (3, 1)
+    assert list(ds.train.labels) == [0, 0, 1] and list(ds.test.labels) == [1]
+
+
 def test_imagefolder_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_folder(tmp_path / "train", rng, {"a": 1})

@@ -133,9 +133,14 @@ def open_imagefolder(path: Path) -> Dataset:
         raise DatasetError(f"{where}: not a directory; {LAYOUT}")
     extensions = image_extensions()
     split_dirs: dict[str, Path] = {}
-    if (path / "train").is_dir():
+    # Split folders are recognised in any case (Train/, TEST/): read as classes, their names became the labels.
+    subdirs: dict[str, Path] = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir():
+            subdirs.setdefault(entry.name.lower(), Path(entry.path))
+    if "train" in subdirs:
         for split, names in SPLIT_DIRS.items():
-            found = [path / n for n in names if (path / n).is_dir()]
+            found = [subdirs[n] for n in names if n in subdirs]
             if found:
                 split_dirs[split] = found[0]
     else:
