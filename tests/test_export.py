@@ -453,6 +453,16 @@ def test_check_reports_what_is_wrong_with_a_damaged_bundle(damage, convnet, tmp_
     assert expected in captured.out + captured.err and "Traceback" not in captured.err
 
 
+def test_check_takes_the_manifest_path_as_load_does(convnet, tmp_path, capsys):
+    _, bundle, _ = convnet
+    cli_main(["export", "--check", str(bundle / "manifest.json")])
+    assert "is sound" in capsys.readouterr().out
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--check", str(tmp_path / "notes.txt")])
+    assert "is a file, not a bundle directory" in capsys.readouterr().err
+
+
 def test_unknown_format_version_is_refused_by_read_manifest(convnet, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(convnet[1], copy)

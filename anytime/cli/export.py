@@ -33,12 +33,13 @@ def _print_check(check) -> None:
 
 
 def _run_check(bundle: Path) -> None:
-    from anytime.formats.bundle import check_bundle, read_manifest
+    from anytime.formats.bundle import MANIFEST_FILE, check_bundle, read_manifest
 
+    if bundle.is_file() and bundle.name == MANIFEST_FILE:
+        bundle = bundle.parent  # the manifest names its bundle, as anytime.load takes it
     if not bundle.is_dir():
-        raise BundleError(
-            f"bundle directory {bundle} does not exist; give the -o/--output directory of `anytime export`"
-        )
+        what = "is a file, not a bundle directory" if bundle.exists() else "does not exist"
+        raise BundleError(f"bundle directory {bundle} {what}; give the -o/--output directory of `anytime export`")
     problems = check_bundle(bundle)
     if problems:
         for p in problems:
