@@ -495,7 +495,9 @@ class AnytimeModel:
 
         paths = sum(isinstance(it.source, str) for it in chunk)
         if paths > 1 and self.workers > 1:
-            list(pool.map(load, range(len(chunk))))
+            # One contiguous share of the batch per thread: a task per image cost more than decoding a small one.
+            shares = np.array_split(np.arange(len(chunk)), min(self.workers, len(chunk)))
+            list(pool.map(lambda share: [load(int(i)) for i in share], shares))
         else:
             for i in range(len(chunk)):
                 load(i)
