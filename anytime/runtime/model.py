@@ -497,7 +497,12 @@ class AnytimeModel:
         if paths > 1 and self.workers > 1:
             # One contiguous share of the batch per thread: a task per image cost more than decoding a small one.
             shares = np.array_split(np.arange(len(chunk)), min(self.workers, len(chunk)))
-            list(pool.map(lambda share: [load(int(i)) for i in share], shares))
+
+            def load_share(share: np.ndarray) -> None:
+                for i in share:
+                    load(int(i))
+
+            list(pool.map(load_share, shares))
         else:
             for i in range(len(chunk)):
                 load(i)
