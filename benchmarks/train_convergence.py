@@ -27,6 +27,11 @@ report checks), plus the equal-wall-clock pair:
   drmgf-steps8-5x  5E epochs, -m pass_steps=8 (DR-MGF as long as joint-5x: is its plateau above joint's?)
   joint-25x        25E epochs (about the CPU time of drmgf-steps8-5x: equal compute where joint has
                    stopped improving). Neither is in the default queue (each about 25 CPU-minutes a run)
+  drmgf-steps8-25x 25E epochs, -m pass_steps=8 (DR-MGF as long as joint-25x: equal epochs where joint
+                   has about converged)
+  joint-125x       125E epochs (about the CPU time of drmgf-steps8-25x: equal compute with both near their
+                   plateaus, where the paper's claim lives). Neither is in the default queue (each about
+                   2 CPU-hours a run)
 
 Every epoch records the per-exit test accuracy (after the epoch's training and validation; not counted as
 training time), so the report can plot average test accuracy against training time (CPU seconds of the one-thread run:
@@ -108,6 +113,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ("joint-5x", "joint", 5 * e, {}),
         ("drmgf-steps8-5x", "drmgf", 5 * e, {"pass_steps": 8}),
         ("joint-25x", "joint", 25 * e, {}),
+        ("drmgf-steps8-25x", "drmgf", 25 * e, {"pass_steps": 8}),
+        ("joint-125x", "joint", 125 * e, {}),
     ]
     runs = []
     for seed in args.seeds:
@@ -312,6 +319,8 @@ REPORT_ORDER = [
     "joint-5x",
     "drmgf-steps8-5x",
     "joint-25x",
+    "drmgf-steps8-25x",
+    "joint-125x",
 ]
 
 
@@ -320,6 +329,8 @@ COMPARISONS = [
     ("drmgf-steps8", "joint-5x", "equal compute at 16 DR-MGF epochs"),
     ("drmgf-steps8-5x", "joint-5x", "equal epochs (80)"),
     ("drmgf-steps8-5x", "joint-25x", "equal compute at 80 DR-MGF epochs"),
+    ("drmgf-steps8-25x", "joint-25x", "equal epochs (400)"),
+    ("drmgf-steps8-25x", "joint-125x", "equal compute at 400 DR-MGF epochs"),
 ]
 
 
