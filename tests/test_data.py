@@ -325,6 +325,24 @@ def test_mnist_idx(tmp_path, gz):
         np.testing.assert_array_equal(ds.test.labels, arrays["t10k-labels-idx1-ubyte"])
 
 
+def test_mnist_files_are_read_by_content_not_by_name(tmp_path):
+    import gzip
+
+    write_mnist(tmp_path, np.random.default_rng(9), gz=False)
+    expected = open_dataset(f"mnist:{tmp_path}")
+    images = tmp_path / "train-images-idx3-ubyte"
+    images.write_bytes(gzip.compress(images.read_bytes()))  # gzipped, under the raw name
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.rename(tmp_path / "train-labels-idx1-ubyte.gz")  # raw, under the .gz name
+    ds = open_dataset(f"mnist:{tmp_path}")
+    np.testing.assert_array_equal(ds.train.images, expected.train.images)
+    np.testing.assert_array_equal(ds.train.labels, expected.train.labels)
+    header = bytes([0, 0, 8, 1]) + (2**31 - 1).to_bytes(4, "big")  # a damaged count: no overflow, one line
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(header + b"\0" * 10)
+    with pytest.raises(DatasetError, match=r"holds 10 bytes of data; the header \(2147483647,\) says 2147483647"):
+        open_dataset(f"mnist:{tmp_path}")
+
+
 def test_mnist_errors(tmp_path):
     write_mnist(tmp_path, np.random.default_rng(9), gz=False)
     path = tmp_path / "t10k-labels-idx1-ubyte"

@@ -8,6 +8,7 @@ is found too).
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ def _find(directory: Path, stem: str) -> Path | None:
 def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes (magic 0x0000080N, big-endian int32 dims) as a numpy array."""
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = path.read_bytes()
+        # By content, not by name: browsers save the .gz files decompressed under their old name, and back.
+        data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DatasetError(f"{path}: cannot read ({exc}); {LAYOUT}") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
@@ -51,7 +54,7 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     if len(data) < header:
         raise DatasetError(f"{path}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
-    size = int(np.prod(dims))
+    size = math.prod(dims)  # Python ints: a damaged header's huge dimensions must not overflow
     if len(data) - header != size:
         raise DatasetError(f"{path}: holds {len(data) - header} bytes of data; the header {dims} says {size}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
