@@ -451,6 +451,24 @@ def test_imagefolder_split_folders_in_any_case(tmp_path):
     assert list(ds.train.labels) == [0, 0, 1] and list(ds.test.labels) == [1]
 
 
+def test_imagefolder_class_names_compose_and_loose_images_are_named(tmp_path, caplog):
+    import unicodedata
+
+    from anytime.runtime.inputs import ClassFolders
+
+    rng = np.random.default_rng(33)
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    write_folder(tmp_path / "train", rng, {decomposed: 2, "tea": 1})  # as copied from macOS
+    write_folder(tmp_path / "val", rng, {composed: 1})
+    Image.fromarray(np.zeros((12, 10), np.uint8)).save(tmp_path / "train" / "stray.png")
+    with caplog.at_level("WARNING"):
+        ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert ds.info.classes == [composed, "tea"] and list(ds.val.labels) == [0]
+    assert "1 image file(s) lie directly in" in caplog.text and "not used" in caplog.text
+    folders = ClassFolders([composed, "tea"])
+    assert folders.index(decomposed) == 0 and folders.index("Cafe") == 0
+
+
 def test_imagefolder_errors(tmp_path):
     rng = np.random.default_rng(12)
     write_folder(tmp_path / "train", rng, {"a": 1})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,12 @@ class ImageFolderSplit(Split):
             raise DatasetError(f"{exc}; remove or replace the file") from exc
 
 
-def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]:
+def _scan_classes(directory: Path, extensions: set[str], where: str) -> dict[str, list[str]]:
     classes: dict[str, list[str]] = {}
+    loose = 0
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_file() and not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in extensions:
+            loose += 1
         if entry.is_dir() and not entry.name.startswith("."):
             files: list[str] = []
             # Symbolic links are followed, but no directory is read twice: a link back up the tree (a -> .)
@@ -74,7 +78,16 @@ def _scan_classes(directory: Path, extensions: set[str]) -> dict[str, list[str]]
                     os.path.join(root, n) for n in sorted(names)
                     if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions
                 )  # fmt: skip
-            classes[entry.name] = files
+            # NFC: macOS writes names decomposed (NFD), so the same class copied from there would not match.
+            classes.setdefault(unicodedata.normalize("NFC", entry.name), []).extend(files)
+    if loose:
+        logger.warning(
+            "%s: %d image file(s) lie directly in %s, outside any class folder; they are not used (move them "
+            "into the folder of their class)",
+            where,
+            loose,
+            directory,
+        )
     return classes
 
 
@@ -146,7 +159,7 @@ def open_imagefolder(path: Path) -> Dataset:
     else:
         split_dirs["train"] = path
 
-    scanned = {split: _scan_classes(d, extensions) for split, d in split_dirs.items()}
+    scanned = {split: _scan_classes(d, extensions, where) for split, d in split_dirs.items()}
     classes = list(scanned["train"])
     if not classes:
         raise DatasetError(f"{where}: no class sub-directories in {split_dirs['train']}; {LAYOUT}")

@@ -7,6 +7,7 @@ import glob
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +44,15 @@ class MissingInput:
 
 
 def _normalise_class(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "", name.lower())
+    # NFKD first: an accented letter, composed (NFC) or decomposed (NFD, as macOS writes names), keeps its base.
+    return re.sub(r"[^0-9a-z]+", "", unicodedata.normalize("NFKD", name).lower())
 
 
 class ClassFolders:
     """Maps a file's parent folder name to a class index (exact, normalised, or the class number)."""
 
     def __init__(self, classes: Sequence[str]) -> None:
-        self.exact = {c: i for i, c in enumerate(classes)}
+        self.exact = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
         self.loose: dict[str, int] = {}
         for i, c in enumerate(classes):
             self.loose.setdefault(_normalise_class(c), i)
@@ -62,6 +64,7 @@ class ClassFolders:
 
     def index(self, folder: str) -> int:
         """The class a folder (or a data set's class) named `folder` stands for; -1 when none."""
+        folder = unicodedata.normalize("NFC", folder)
         if folder in self.exact:
             return self.exact[folder]
         if folder in self.by_number:
