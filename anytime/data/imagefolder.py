@@ -154,6 +154,11 @@ def open_imagefolder(path: Path) -> Dataset:
     if "train" in subdirs:
         for split, names in SPLIT_DIRS.items():
             found = [subdirs[n] for n in names if n in subdirs]
+            if len(found) > 1:
+                raise DatasetError(
+                    f"{where}: {' and '.join(f'{d.name}/' for d in found)} are all {split} splits; keep one "
+                    "(move the images of the others into it)"
+                )
             if found:
                 split_dirs[split] = found[0]
     else:
