@@ -468,7 +468,7 @@ def test_imagefolder_class_names_compose_and_loose_images_are_named(tmp_path, ca
     folders = ClassFolders([composed, "tea"])
     assert folders.index(decomposed) == 0 and folders.index("Cafe") == 0
     write_folder(tmp_path / "validation", rng, {"tea": 1})  # a second validation split: which one?
-    with pytest.raises(DatasetError, match="val/ and validation/ are all val splits; keep one"):
+    with pytest.raises(DatasetError, match="val/ and validation/ are both val splits; keep one"):
         open_dataset(f"imagefolder:{tmp_path}")
 
 

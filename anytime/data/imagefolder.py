@@ -156,7 +156,7 @@ def open_imagefolder(path: Path) -> Dataset:
             found = [subdirs[n] for n in names if n in subdirs]
             if len(found) > 1:
                 raise DatasetError(
-                    f"{where}: {' and '.join(f'{d.name}/' for d in found)} are all {split} splits; keep one "
+                    f"{where}: {' and '.join(f'{d.name}/' for d in found)} are {'both' if len(found) == 2 else 'all'} {split} splits; keep one "
                     "(move the images of the others into it)"
                 )
             if found:
