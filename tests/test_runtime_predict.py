@@ -147,6 +147,28 @@ def test_strict_keeps_least_confident_going(model):
     assert out.tolist() == [True, True, False, True, False]  # 0.2 and 0.3 continue
 
 
+def test_strict_cap_that_pays_for_every_stage_stops_nobody_early(model, pattern_test_images, monkeypatch):
+    # With costs that are not whole numbers (seconds from a latency profile), a cap of the full network's cost
+    # per image pays for every image to run every stage; rounding in the running total must not stop one early.
+    images, _ = pattern_test_images
+    x = model.preprocessor.normalise(np.stack([model.preprocessor.to_array(im, "image") for im in images[:64]]))
+    rng = np.random.default_rng(0)
+    wants_all = np.array([np.inf] * (model.num_exits - 1) + [-np.inf])
+    for _ in range(40):
+        costs = np.cumsum(rng.uniform(1e-5, 5e-5, model.num_exits))
+        monkeypatch.setattr(model.executor, "costs", costs)
+        for n in (5, 17, 64):
+            _, _, exits, trace = model.executor.run_early_exit(x[:n], wants_all, cap_per_image=float(costs[-1]))
+            assert (exits == model.num_exits - 1).all(), (costs.tolist(), n, np.bincount(exits).tolist())
+            assert trace.total_cost <= n * costs[-1] * (1 + 1e-12)
+        # All want the second exit; a cap that pays for exactly 3 of 10 images to go on there lets 3 go on.
+        cap = costs[0] + 3 * (costs[1] - costs[0]) / 10
+        to_second = np.array([np.inf] + [-np.inf] * (model.num_exits - 1))
+        _, _, exits, trace = model.executor.run_early_exit(x[:10], to_second, cap_per_image=float(cap))
+        assert np.bincount(exits, minlength=model.num_exits).tolist() == [7, 3] + [0] * (model.num_exits - 2)
+        assert trace.total_cost <= 10 * cap * (1 + 1e-12)
+
+
 def test_input_kinds_agree(model, pattern_test_images, tmp_path):
     x, _ = pattern_test_images
     x = x[:6]

@@ -366,7 +366,7 @@ class StageExecutor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BatchTrace]:
         """Early exit over one batch: (labels, confidences, 0-based exits, trace).
 
-        `cap_per_image` (strict mode): the batch's total cost never exceeds n × cap. When the thresholds
+        `cap_per_image` (strict mode): the batch's total cost never exceeds n × cap (to 1e-12, rounding). When the thresholds
         would send more samples on than the remaining budget pays for, the least confident continue and
         the rest answer at the exit they have reached.
 
@@ -389,6 +389,10 @@ class StageExecutor:
         costs = self.costs
         spent = n * float(costs[0])
         cap_total = None if cap_per_image is None else n * float(cap_per_image)
+        # The running total rounds where costs are not whole numbers (seconds from a latency profile): a slack
+        # far below any stage's cost keeps a cap that pays exactly for the rows going on (100%, say) from
+        # stopping one of them early.
+        slack = 0.0 if cap_total is None else 1e-12 * cap_total
         for k in range(k_exits):
             trace.rows_per_stage.append(int(active.size))
             t0 = time.perf_counter()
@@ -404,7 +408,7 @@ class StageExecutor:
             else:
                 leave = conf >= thresholds[k]
                 if cap_total is not None:
-                    leave = self._apply_cap(leave, conf, cap_total - spent, float(costs[k + 1] - costs[k]))
+                    leave = self._apply_cap(leave, conf, cap_total - spent + slack, float(costs[k + 1] - costs[k]))
                     spent += float((~leave).sum()) * float(costs[k + 1] - costs[k])
             if leave.all():
                 idx = active
