@@ -92,3 +92,13 @@ def test_a_bare_number_below_one_suggests_the_fraction_meant(budget):
     with pytest.raises(BudgetError) as info:
         resolve_budget_cost(parse_budget("10M"), COSTS, "macs")
     assert "fraction" not in str(info.value)
+
+
+@pytest.mark.parametrize("number", [np.float32(120e6), np.int64(120_000_000), np.float64(120e6)])
+def test_numpy_numbers_are_budgets_like_python_numbers(number):
+    # A budget computed with numpy (a cost from exit_costs, a sum over a batch) is a number, as check_exit takes it.
+    b = parse_budget(number)
+    assert b.kind == "cost" and b.value == pytest.approx(120e6)
+    assert resolve_budget_cost(b, COSTS, "macs") == pytest.approx(120e6)
+    with pytest.raises(BudgetError, match="positive finite"):
+        parse_budget(np.float32("nan"))

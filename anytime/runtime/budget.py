@@ -83,10 +83,10 @@ def parse_budget(budget: BudgetLike) -> Budget:
         return budget
     if isinstance(budget, bool):
         raise BudgetError(f"budget {budget!r} is not a number; give e.g. 120M, 1.5G, 40% or exit=3")
-    if isinstance(budget, (int, float)):
+    if isinstance(budget, numbers.Real):  # numpy's numbers too (a cost taken from exit_costs, say)
         if not math.isfinite(budget) or budget <= 0:
             raise BudgetError(f"budget {budget!r} must be a positive finite cost per image")
-        return Budget("cost", float(budget), format_cost(budget))
+        return Budget("cost", float(budget), format_cost(float(budget)))
     if not isinstance(budget, str):
         raise BudgetError(
             f"budget {budget!r} has type {type(budget).__name__}; give a string like 120M, 40% or exit=3, or a number"
