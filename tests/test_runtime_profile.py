@@ -462,6 +462,33 @@ def test_per_batch_time_prices_small_calls_and_meets_the_budget(timed_model, bud
     assert per_batch.expected_accuracy <= full.expected_accuracy + 1e-12  # the same budget buys less
 
 
+@pytest.mark.parametrize("batch_size", [16, 8])
+def test_per_batch_time_is_priced_at_the_batch_prediction_runs(timed_model, batch_size):
+    # The profile was timed at batch 64; a prediction in batches of 16 compacts batches of 16, whose stage calls
+    # are smaller and dearer per row: its policy must be priced (and fitted) at 16 rows a batch.
+    x, _ = make_pattern_images(64, seed=3)
+    target = timed_model.budget_cost("60us")
+    preds = timed_model.predict(x, budget="60us", batch_size=batch_size, scheduler="batch")
+    fitted = preds.policy
+    assert fitted.info["cost_mode"] == "per-batch" and fitted.info["batch_size"] == batch_size
+    logits, labels = timed_model.bundle.load_calibration()
+    data = ValidationData(logits, labels, full_batch_seconds())
+    exits = first_exit(data.confidence, fitted.threshold_array())
+    rows = np.array([(exits >= k).mean() for k in range(4)]) * batch_size
+    by_hand = sum(
+        np.interp(r, [0.0] + ROWS, [0.0] + [(o + p * x) * 1e-6 for x in ROWS])
+        for r, p, o in zip(rows, PER_ROW_US, OVERHEAD_US)
+    )
+    assert fitted.expected_cost == pytest.approx(by_hand / batch_size)
+    assert fitted.expected_cost <= target * (1 + 1e-9)
+    # A batch so small that even every image at exit 1 costs more than the budget is refused, saying why.
+    with pytest.raises(anytime.AnytimeError, match=r"in batches of 1 rows \(the profile timed batches of 64\)"):
+        timed_model.predict(x, budget="60us", batch_size=1, scheduler="batch")
+    # The profile's own batch keeps its pricing.
+    at_64 = timed_model.calibrate("60us", cost_mode="per-batch")
+    assert timed_model.calibrate("60us", cost_mode="per-batch", batch_size=64).thresholds == at_64.thresholds
+
+
 def test_time_cost_model_is_exact_on_reach_counts(pattern_bundle):
     cost = TimeCost(synthetic_profile(pattern_bundle), mode="per-batch")
     reach = np.array([[64, 64], [32, 0], [8, 0], [1, 0]])

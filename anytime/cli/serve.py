@@ -10,6 +10,7 @@ import click
 from anytime.cli._options import (
     LOAD,
     PREDICT,
+    api_default,
     api_option,
     given,
     load_bundle,
@@ -216,7 +217,11 @@ def serve(
     refill = scheduler == "refill" or (scheduler in (None, "auto") and model.executor.on_gpu)
     per_batch = strict or not refill or ray_address is not None
     chosen = model.resolve_policy(
-        budget=budget, exit=exit_, **given(policy=policy, cost_mode="per-batch" if per_batch else "full-batches")
+        budget=budget,
+        exit=exit_,
+        # Per batch, time is priced at the batch the run compacts (predict's default when not given).
+        batch_size=batch_size or api_default(PREDICT, "batch_size"),
+        **given(policy=policy, cost_mode="per-batch" if per_batch else "full-batches"),
     )
     if strict and chosen.budget is None:
         raise click.UsageError("--strict caps a budget; it has no meaning with --exit")

@@ -81,7 +81,7 @@ class AnytimeModel:
         self.preprocessor = Preprocessor(bundle.input, max_pixels=max_pixels)
         self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
         self._validation: ValidationData | None = None
-        self._policies: dict[tuple[float, str, str], dict[str, ExitPolicy]] = {}
+        self._policies: dict[tuple[float, str, str, int | None], dict[str, ExitPolicy]] = {}
         if cost_mode not in (*COST_MODES, "auto"):
             raise ConfigError(f"cost_mode={cost_mode!r} is unknown; use one of auto, {', '.join(COST_MODES)}")
         # auto: as the executor a stream runs on by default (`_choose_scheduler`): refilling on a GPU, per batch on CPU
@@ -113,11 +113,12 @@ class AnytimeModel:
         self._validation = None
         self._policies.clear()
 
-    def time_cost(self, cost_mode: str | None = None) -> TimeCost | None:
-        """The time cost model in use (None without a profile); `cost_mode` overrides the model's."""
+    def time_cost(self, cost_mode: str | None = None, batch_size: int | None = None) -> TimeCost | None:
+        """The time cost model in use (None without a profile); `cost_mode` overrides the model's. `batch_size`:
+        the rows of a batch that `per-batch` compacts (default: the profile's batch size)."""
         if self.latency_profile is None:
             return None
-        return TimeCost(self.latency_profile, cost_mode or self.cost_mode)
+        return TimeCost(self.latency_profile, cost_mode or self.cost_mode, batch_size)
 
     # --- description ---------------------------------------------------------------------------------
     @property
@@ -172,12 +173,13 @@ class AnytimeModel:
         return "\n".join(lines)
 
     # --- calibration ---------------------------------------------------------------------------------
-    def validation_data(self, cost_mode: str | None = None) -> ValidationData:
-        """The calibration split, priced in the convention in use (`cost_mode`: how time is counted)."""
+    def validation_data(self, cost_mode: str | None = None, batch_size: int | None = None) -> ValidationData:
+        """The calibration split, priced in the convention in use (`cost_mode`, `batch_size`: how time is
+        counted, as in `calibrate_all`)."""
         if self._validation is None:
             logits, labels = self.bundle.load_calibration()
             self._validation = ValidationData(logits, labels, self.exit_costs)
-        time_cost = self.time_cost(cost_mode)
+        time_cost = self.time_cost(cost_mode, batch_size)
         if time_cost is None or time_cost.linear:
             return self._validation
         return self._validation.with_cost_model(time_cost)
@@ -186,24 +188,28 @@ class AnytimeModel:
         """A budget as an average cost per image; raises BudgetError with the feasible range."""
         return resolve_budget_cost(parse_budget(budget), self.exit_costs, self.cost_convention)
 
-    def calibrate_all(self, budget: BudgetLike, cost_mode: str | None = None) -> dict[str, ExitPolicy]:
+    def calibrate_all(
+        self, budget: BudgetLike, cost_mode: str | None = None, *, batch_size: int | None = None
+    ) -> dict[str, ExitPolicy]:
         """Both policies for a budget: {"geometric", "search", "best"} (best: higher validation accuracy).
 
         `cost_mode` (with a latency profile): "full-batches" or "per-batch", how the time of a policy is
-        counted; default the model's `cost_mode`."""
+        counted; default the model's `cost_mode`. `batch_size`: the batch that "per-batch" prices, the one
+        prediction runs (default: the profile's batch size)."""
         parsed = parse_budget(budget)
         if parsed.kind == "exit":
             p = self._exit_policy(int(parsed.value))
             return {"geometric": p, "search": p, "best": p}
         cost = resolve_budget_cost(parsed, self.exit_costs, self.cost_convention)
         mode = (cost_mode or self.cost_mode) if self.latency_profile is not None else ""
-        key = (cost, parsed.text, mode)
+        rows = int(batch_size) if batch_size is not None and mode == "per-batch" else None
+        key = (cost, parsed.text, mode, rows)
         if key not in self._policies:
-            data = self.validation_data(cost_mode)
+            data = self.validation_data(cost_mode, rows)
             t0 = time.perf_counter()
             geo = fit_geometric(data, cost, self.cost_convention, parsed.text)
             if geo.expected_cost > cost * (1 + 1e-9):
-                raise self._below_cheapest(parsed.text, cost, mode)
+                raise self._below_cheapest(parsed.text, cost, mode, rows)
             t1 = time.perf_counter()
             search = fit_search(data, cost, self.cost_convention, start=geo, budget_text=parsed.text)
             t2 = time.perf_counter()
@@ -214,17 +220,19 @@ class AnytimeModel:
             if mode:
                 for fitted in (geo, search):
                     fitted.info["cost_mode"] = mode
+                    if rows is not None:
+                        fitted.info["batch_size"] = rows
             self._policies[key] = {"geometric": geo, "search": search, "best": best}
         return self._policies[key]
 
-    def cheapest_cost(self, cost_mode: str | None = None) -> float:
+    def cheapest_cost(self, cost_mode: str | None = None, batch_size: int | None = None) -> float:
         """Cost per image of the cheapest policy, every image at exit 1, priced as `calibrate_all` prices it
         (`cost_mode`): at most the first exit's cost, except on full batches with a profile that prices the
         refilling scheduler's own work (`refill_overhead_seconds`), which that work adds to."""
-        return self.validation_data(cost_mode).evaluate(np.full(self.num_exits, -np.inf))[0]
+        return self.validation_data(cost_mode, batch_size).evaluate(np.full(self.num_exits, -np.inf))[0]
 
-    def _below_cheapest(self, text: str, cost: float, mode: str) -> BudgetError:
-        cheapest = self.cheapest_cost(mode or None)
+    def _below_cheapest(self, text: str, cost: float, mode: str, batch_size: int | None = None) -> BudgetError:
+        cheapest = self.cheapest_cost(mode or None, batch_size)
         overhead = (self.latency_profile.refill_overhead_seconds if self.latency_profile is not None else None) or 0.0
         refill = mode == "full-batches" and overhead != 0.0
         full = float(self.exit_costs[-1])
@@ -236,13 +244,26 @@ class AnytimeModel:
                 if refill
                 else ""
             )
+            + (
+                f" in batches of {batch_size} rows (the profile timed batches of {self.latency_profile.batch_size})"
+                if batch_size is not None
+                and self.latency_profile is not None
+                and batch_size != self.latency_profile.batch_size
+                else ""
+            )
             + f"; feasible budgets are {format_cost(cheapest, self.cost_convention)} to "
             f"{format_cost(full, self.cost_convention)} per image ({100 * cheapest / full:.1f}% to 100%)"
             + (", or serve with the per-batch executor (--scheduler batch), which has no such work" if refill else "")
         )
 
     def calibrate(
-        self, budget: BudgetLike, policy: str = "best", *, method: str | None = None, cost_mode: str | None = None
+        self,
+        budget: BudgetLike,
+        policy: str = "best",
+        *,
+        method: str | None = None,
+        cost_mode: str | None = None,
+        batch_size: int | None = None,
     ) -> ExitPolicy:
         """The exit policy for a budget, fitted on the bundle's validation data.
 
@@ -251,7 +272,7 @@ class AnytimeModel:
         policy = _renamed_method(policy, method, "calibrate")
         if policy not in POLICY_CHOICES:
             raise ConfigError(f"policy {policy!r} is unknown; use one of {', '.join(POLICY_CHOICES)}")
-        return self.calibrate_all(budget, cost_mode)[policy]
+        return self.calibrate_all(budget, cost_mode, batch_size=batch_size)[policy]
 
     def _exit_policy(self, exit_number: int) -> ExitPolicy:
         exit_number = check_exit(exit_number, self.num_exits)
@@ -269,10 +290,11 @@ class AnytimeModel:
         *,
         method: str | None = None,
         cost_mode: str | None = None,
+        batch_size: int | None = None,
     ) -> ExitPolicy:
         """The policy a prediction uses. `policy` is how a budget becomes thresholds (best, geometric,
         search), or a ready policy: an `ExitPolicy` or the JSON file `calibrate -o` writes (then no budget).
-        `cost_mode` as in `calibrate_all`."""
+        `cost_mode` and `batch_size` as in `calibrate_all`."""
         policy = _renamed_method(policy, method, "resolve_policy")
         name: str | None
         if policy is None:
@@ -316,7 +338,7 @@ class AnytimeModel:
         if exit is not None:
             return self._exit_policy(exit)
         if budget is not None:
-            return self.calibrate(budget, name, cost_mode=cost_mode)
+            return self.calibrate(budget, name, cost_mode=cost_mode, batch_size=batch_size)
         return self._exit_policy(self.num_exits)  # nothing asked: the full network
 
     # --- prediction ----------------------------------------------------------------------------------
@@ -415,7 +437,7 @@ class AnytimeModel:
         # cap, which holds per batch) compacts every batch stage by stage; the refilling one runs full batches.
         cost_mode = "per-batch" if mode == "batch" else "full-batches"
         chosen = self.resolve_policy(
-            budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=cost_mode
+            budget, _renamed_method(policy, method, "predict_batches"), exit, cost_mode=cost_mode, batch_size=batch_size
         )
         thresholds = chosen.threshold_array()
         if strict and chosen.budget is None:
