@@ -162,3 +162,32 @@ def test_fixed_exit_policy(data):
     assert p.expected_cost == pytest.approx(COSTS[2])
     assert p.exit_fractions[2] == pytest.approx(1.0)
     assert p.expected_accuracy == pytest.approx(data.correct[2].mean())
+
+
+def spec_outcome(
+    confidence: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds
+) -> tuple[float, float, list]:
+    """From the exit rule alone, one sample at a time: leave at the first exit whose confidence reaches its
+    threshold, the last always answers; (average cost, accuracy, share leaving at each exit)."""
+    k_exits, n = confidence.shape
+    total, right, taken = 0.0, 0, [0] * k_exits
+    for i in range(n):
+        for k in range(k_exits):
+            if k == k_exits - 1 or confidence[k, i] >= np.float32(thresholds[k]):
+                total += float(costs[k])
+                right += int(correct[k, i])
+                taken[k] += 1
+                break
+    return total / n, right / n, [t / n for t in taken]
+
+
+@pytest.mark.parametrize("budget", [COSTS[0], (COSTS[0] + COSTS[1]) / 2, 0.4 * COSTS[-1], (COSTS[-2] + COSTS[-1]) / 2])
+def test_fitted_policies_state_what_their_thresholds_do_on_validation(data, budget):
+    # Independent of ValidationData.evaluate: the stated cost, accuracy and exit shares are the exit rule's.
+    geo = fit_geometric(data, budget, "macs")
+    for policy in (geo, fit_search(data, budget, "macs", start=geo)):
+        cost, acc, shares = spec_outcome(data.confidence, data.correct, COSTS, policy.thresholds)
+        assert policy.expected_cost == pytest.approx(cost, rel=1e-12)
+        assert policy.expected_accuracy == acc
+        assert policy.exit_fractions == pytest.approx(shares, abs=1e-15)
+        assert cost <= budget * (1 + 1e-9)
