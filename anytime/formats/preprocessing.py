@@ -23,7 +23,6 @@ import math
 import numbers
 import os
 import struct
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,28 +182,42 @@ def _pixels(n: float) -> str:
     return f"{n / 1e6:.0f} MP" if n >= 1e6 else f"{int(n):,} pixels"
 
 
+def check_bomb(size: tuple[int, int], name: str) -> None:
+    """PIL's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`), refused as an error. PIL only warns
+    between that limit and twice it; turning the warning into an error with `warnings.catch_warnings` is not
+    an option, since that saves and restores the process-wide filter list: decode threads interleaving
+    removed the filter under one another (a bomb passed) and left it set in the process for good."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit is not None and max(1, w) * max(1, h) > limit:
+        raise InputImageError(
+            f"{name}: refused as a possible decompression bomb (image claims {w}×{h} = {_pixels(w * h)}, more than "
+            f"PIL's Image.MAX_IMAGE_PIXELS, {_pixels(limit)})"
+        )
+
+
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Verify and decode an encoded image (fully loaded, so truncated data fails here)."""
-    with warnings.catch_warnings():
-        # PIL warns (rather than fails) on large images; treat that as the bomb it may be.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                check_pixels(probe.size, name, max_pixels)
-                probe.verify()  # structure and checksums, without decoding pixels
-            image = Image.open(io.BytesIO(data))
-            check_pixels(image.size, name, max_pixels)
-            image.load()  # decodes; raises on truncated data
-        except InputImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InputImageError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
-        except UnidentifiedImageError as exc:
-            raise InputImageError(f"{name}: not an image file pillow can read (unknown or damaged format)") from exc
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, struct.error) as exc:
-            msg = str(exc) or type(exc).__name__
-            hint = " (the file looks truncated)" if "truncat" in msg.lower() else ""
-            raise InputImageError(f"{name}: damaged image: {msg}{hint}") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            check_pixels(probe.size, name, max_pixels)
+            check_bomb(probe.size, name)
+            probe.verify()  # structure and checksums, without decoding pixels
+        image = Image.open(io.BytesIO(data))
+        check_pixels(image.size, name, max_pixels)
+        check_bomb(image.size, name)
+        image.load()  # decodes; raises on truncated data
+    except InputImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # the warning: where the process's own filters make it an error
+        raise InputImageError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InputImageError(f"{name}: not an image file pillow can read (unknown or damaged format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError, struct.error) as exc:
+        msg = str(exc) or type(exc).__name__
+        hint = " (the file looks truncated)" if "truncat" in msg.lower() else ""
+        raise InputImageError(f"{name}: damaged image: {msg}{hint}") from exc
     return image
 
 

@@ -1,0 +1,71 @@
+"""Serving from several threads, and long or broken streams: shared state must not leak between calls."""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anytime.errors import InputImageError
+from anytime.formats import preprocessing
+
+pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
+
+
+def png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_decoding_in_threads_neither_changes_the_warning_filters_nor_lets_a_bomb_through(monkeypatch):
+    """Decode threads (the decode pool, or several `predict` calls) once each turned PIL's
+    DecompressionBombWarning into an error with `warnings.catch_warnings`, which saves and restores the
+    process-wide filter list: interleaved, one thread's exit removed the filter under another thread still
+    decoding (a bomb then passed as a warning) and the last exit put it back for good."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # PIL warns above 200 pixels, fails above 400
+    bomb, small = png(15), png(8)  # 225 pixels: a bomb by PIL's warning, within anytime's max_pixels
+    open_image = Image.open
+    b_opening, a_done = threading.Event(), threading.Event()
+    first_open: set[str] = set()
+
+    def interleaved_open(*args, **kwargs):
+        # The first open of each thread: A waits until B is decoding too, B waits until A has finished.
+        me = threading.current_thread().name
+        if me not in first_open:
+            first_open.add(me)
+            if me == "A":
+                assert b_opening.wait(10)
+            elif me == "B":
+                b_opening.set()
+                assert a_done.wait(10)
+        return open_image(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", interleaved_open)
+    # As a process that does not make warnings errors (this suite does; pytest restores its filters after).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    before = list(warnings.filters)
+    outcome: dict[str, object] = {}
+
+    def decode(data: bytes) -> None:
+        me = threading.current_thread().name
+        try:
+            outcome[me] = preprocessing.decode_bytes(data, me).size
+        except InputImageError as exc:
+            outcome[me] = exc
+        finally:
+            if me == "A":
+                a_done.set()
+
+    threads = [threading.Thread(target=decode, args=(d,), name=n) for n, d in (("A", small), ("B", bomb))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert list(warnings.filters) == before
+    assert outcome["A"] == (8, 8)
+    assert isinstance(outcome["B"], InputImageError) and "decompression bomb" in str(outcome["B"])
