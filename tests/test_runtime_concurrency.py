@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import anytime
 from anytime.errors import InputImageError
 from anytime.formats import preprocessing
+from anytime.runtime.inputs import InputItem, MissingInput
 
 pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without torch
 
@@ -69,3 +71,60 @@ def test_decoding_in_threads_neither_changes_the_warning_filters_nor_lets_a_bomb
     assert list(warnings.filters) == before
     assert outcome["A"] == (8, 8)
     assert isinstance(outcome["B"], InputImageError) and "decompression bomb" in str(outcome["B"])
+
+
+@pytest.fixture(scope="module")
+def model(pattern_bundle):
+    return anytime.load(pattern_bundle, device="cpu", threads=1)
+
+
+class SourceBroke(Exception):
+    pass
+
+
+def rows(preds) -> list[tuple]:
+    return [(r["path"], r["label"], r["exit"], r["confidence"], r["error"]) for r in preds.to_rows()]
+
+
+@pytest.mark.parametrize("scheduler", ["batch", "refill"])
+@pytest.mark.parametrize("on_error", ["raise", "record"])
+def test_a_source_that_raises_midway_gets_every_input_before_it_answered_once_then_its_error(
+    model, pattern_test_images, scheduler, on_error
+):
+    """The stream pulled the next batch before yielding the one decoded, so an error of the source lost
+    that batch and the items it gave towards the next (per batch: 86 of 150 inputs; refilling: all 150,
+    still in the queues)."""
+    x, _ = pattern_test_images
+    items = [InputItem(x[i], f"img_{i:03d}") for i in range(150)]
+
+    def source():
+        yield from items
+        raise SourceBroke("the source broke after 150 inputs")
+
+    expected = rows(model.predict(items, budget="50%", batch_size=64, scheduler=scheduler))
+    got: list[tuple] = []
+    with pytest.raises(SourceBroke, match="after 150 inputs"):
+        for part in model.predict_batches(
+            source(), budget="50%", batch_size=64, scheduler=scheduler, on_error=on_error, max_wait_rows=128
+        ):
+            got += rows(part)
+    assert got == expected
+
+
+def test_an_unreadable_input_under_on_error_raise_answers_the_batches_before_it_with_either_scheduler(
+    model, pattern_test_images
+):
+    """Per batch, the batches before the one holding the unreadable input are yielded before the error; the
+    refilling scheduler lost them in its queues."""
+    x, _ = pattern_test_images
+    items = [InputItem(x[i], f"img_{i:03d}") for i in range(200)]
+    items[140] = InputItem(MissingInput("gone.png", "gone.png: file not found"), "gone.png")
+    expected = rows(model.predict(items[:128], budget="50%", batch_size=64, scheduler="batch"))
+    for scheduler in ("batch", "refill"):
+        got: list[tuple] = []
+        with pytest.raises(InputImageError, match="gone.png"):
+            for part in model.predict_batches(
+                items, budget="50%", batch_size=64, scheduler=scheduler, on_error="raise"
+            ):
+                got += rows(part)
+        assert got == expected, scheduler

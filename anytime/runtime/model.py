@@ -425,7 +425,9 @@ class AnytimeModel:
         With the per-batch scheduler each part is one input batch (two batches in memory at most). With
         the refilling one a part is one input batch once all of its inputs are answered (`ordered`), or
         the inputs answered by then (`ordered=False`); waiting rows are bounded as the scheduler module
-        describes.
+        describes. When an iterable of inputs raises, every input it gave before the error is answered and
+        yielded, and then its error is raised; an unreadable input with on_error="raise" is raised after the
+        batches before its own.
         """
         if on_error not in ("raise", "record"):
             raise ConfigError(f"on_error={on_error!r}: use 'raise' or 'record'")
@@ -468,7 +470,18 @@ class AnytimeModel:
         self, inputs: Any, batch_size: int, on_error: str, refill: RefillingScheduler, chosen: ExitPolicy
     ) -> Iterator[Predictions]:
         preprocess = inference = 0.0  # seconds not yet reported in a yielded part
-        for loaded in self._loaded_batches(inputs, batch_size, on_error):
+        batches = self._loaded_batches(inputs, batch_size, on_error)
+        failed: Exception | None = None
+        while True:
+            try:
+                loaded = next(batches, None)
+            except Exception as exc:
+                # From the inputs (the source raised, or an unreadable one with on_error="raise"): what was admitted
+                # before is answered first, as the per-batch executor has answered it by then.
+                failed = exc
+                break
+            if loaded is None:
+                break
             preprocess += loaded.pop("seconds")
             x, ok = loaded.pop("x"), loaded.pop("ok")  # the reorder buffer keeps no images
             t0 = time.perf_counter()
@@ -483,6 +496,8 @@ class AnytimeModel:
         for part in answered:
             yield self._answered(part, chosen, preprocess, inference)
             preprocess = inference = 0.0
+        if failed is not None:
+            raise failed
 
     def _loaded_batches(self, inputs: Any, batch_size: int, on_error: str) -> Iterator[dict[str, Any]]:
         """Decoded batches of `batch_size` inputs; batch i+1 decodes while batch i is being answered."""
@@ -495,7 +510,11 @@ class AnytimeModel:
                 pending = prefetch.submit(self._load_batch, chunk, decode, on_error)
             while pending is not None:
                 loaded = pending.result()
-                nxt = next(chunks, None)
+                try:
+                    nxt = next(chunks, None)
+                except Exception:
+                    yield loaded  # the source raised: the batch before the error is answered first
+                    raise
                 pending = prefetch.submit(self._load_batch, nxt, decode, on_error) if nxt is not None else None
                 yield loaded
 
@@ -662,7 +681,19 @@ def _at_most_one_batch(inputs: Any, batch_size: int) -> bool:
 
 
 def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(itertools.islice(it, size)):
+    """Lists of `size` items (the last one shorter). When `it` raises, the items it gave before the error
+    come first, as a shorter list, and then the error."""
+    while True:
+        chunk: list[Any] = []
+        try:
+            for item in itertools.islice(it, size):
+                chunk.append(item)
+        except Exception:
+            if chunk:
+                yield chunk
+            raise
+        if not chunk:
+            return
         yield chunk
 
 
