@@ -128,3 +128,74 @@ def test_an_unreadable_input_under_on_error_raise_answers_the_batches_before_it_
             ):
                 got += rows(part)
         assert got == expected, scheduler
+
+
+def test_threads_predicting_at_once_on_one_model_answer_as_each_would_alone(
+    pattern_bundle, pattern_test_images, tmp_path
+):
+    """Eight threads on one model (and two on a second model with IO binding) start together, with other
+    batch sizes, budgets, schedulers, strict, ordering and inputs (arrays, PNG files), and repeat: every call's
+    rows equal those of the same call run alone."""
+    x, _ = pattern_test_images
+    x = x[:120]
+    paths = []
+    for i in range(40):
+        paths.append(str(tmp_path / f"img_{i:03d}.png"))
+        Image.fromarray(x[i, :, :, 0]).save(paths[-1])
+    model = anytime.load(pattern_bundle, device="cpu", threads=1, workers=2)
+    bound = anytime.load(pattern_bundle, device="cpu", threads=1, io_binding=True)
+    calls = [
+        (model, x, dict(budget="50%", batch_size=64, scheduler="batch")),
+        (model, x, dict(budget="30%", batch_size=17, scheduler="refill", max_wait_rows=34)),
+        (model, x, dict(budget="70%", batch_size=50, strict=True)),
+        (model, paths, dict(budget="40%", batch_size=7, scheduler="refill", ordered=False)),
+        (model, paths, dict(budget="60%", batch_size=16, scheduler="batch")),
+        (model, x[:5], dict(exit=2)),
+        (model, x, dict(budget="25%", batch_size=33, scheduler="refill", policy="geometric")),
+        (model, paths, dict(budget="45%", batch_size=100, strict=True)),
+        (bound, x, dict(budget="50%", batch_size=32, scheduler="refill")),
+        (bound, x, dict(budget="50%", batch_size=20, scheduler="batch")),
+    ]
+
+    def run(m, inputs, options) -> list[tuple]:
+        return sorted(rows(m.predict(inputs, **options)), key=lambda r: str(r[0]))  # unordered: by path
+
+    alone = [run(*c) for c in calls]
+    start = threading.Barrier(len(calls))
+    got: dict[int, list[list[tuple]]] = {i: [] for i in range(len(calls))}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            start.wait(30)
+            for _ in range(3):
+                got[i].append(run(*calls[i]))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    for i, expected in enumerate(alone):
+        assert got[i] == [expected] * 3, calls[i][2]
+
+
+@pytest.mark.parametrize("scheduler", ["batch", "refill"])
+def test_a_stream_left_early_leaves_no_threads_once_closed(model, pattern_test_images, tmp_path, scheduler):
+    x, _ = pattern_test_images
+    paths = []
+    for i in range(60):
+        paths.append(str(tmp_path / f"img_{i:03d}.png"))
+        Image.fromarray(x[i, :, :, 0]).save(paths[-1])
+    before = set(threading.enumerate())
+    stream = model.predict_batches(paths, budget="50%", batch_size=8, scheduler=scheduler, max_wait_rows=16)
+    first = next(stream)
+    assert len(first) == 8
+    stream.close()
+    assert set(threading.enumerate()) == before
+    for _part in model.predict_batches(x, budget="50%", batch_size=8, scheduler=scheduler, max_wait_rows=16):
+        break  # the loop held the only reference: the generator is dropped here
+    assert set(threading.enumerate()) == before

@@ -733,6 +733,11 @@ def load(
     way); "auto" (default): as a stream runs by default, full batches on a GPU, per batch on CPU. `predict`
     and `serve` price a budget as the executor they run on whatever this says; it decides for `calibrate`
     and `eval`.
+
+    Threads: one model may serve several threads at once, as an onnxruntime session may. `predict` and
+    `predict_batches` keep their batches, queues and decode threads per call and borrow the row buffers one
+    call at a time, so every call answers as it would alone; fitted policies are cached and shared. Call
+    `use_profile` (which changes the costs of every caller) before the threads start, not among them.
     """
     b = read_bundle(bundle, verify=verify)
     executor = StageExecutor(
