@@ -86,6 +86,48 @@ def test_shared_pool_gives_the_same_answers_and_then_holds_the_process(pattern_b
     assert "asked for: a session pool of 1 threads" in done.stderr
 
 
+def test_a_shared_pool_made_by_another_thread_during_a_load_does_not_slip_under_its_sessions(pattern_bundle):
+    """A load decided on per-session pools, then made its sessions; a shared pool made in between by another
+    thread's load put those sessions on it while the executor still said "session" with its own thread count
+    (what a profile of it records). Deciding and making the sessions now exclude making the pool."""
+    done = run_python(
+        f"""
+        import json, threading
+        import anytime
+        from anytime.runtime import engine, threadpool
+
+        made = threading.Event()
+
+        def other_load():
+            threadpool.resolve_thread_pool("shared", 1)  # another thread's anytime.load(thread_pool="shared")
+            made.set()
+
+        real_create = engine.create_session
+        other = threading.Thread(target=other_load)
+
+        def create_session(*args, **kwargs):
+            if not other.is_alive() and not made.is_set():
+                other.start()
+                made.wait(2)  # it gets the lock at once unless this load holds it
+            return real_create(*args, **kwargs)
+
+        engine.create_session = create_session
+        model = anytime.load({str(pattern_bundle)!r}, device="cpu", threads=2)
+        other.join(30)
+        print(json.dumps({{
+            "kind": model.executor.thread_pool,
+            "threads": model.executor.threads,
+            "per_session_threads": [s.get_session_options().use_per_session_threads for s in model.executor.sessions],
+            "pool": threadpool.shared_pool(),
+        }}))
+        """
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pool"] == [True, 1]  # the other thread made it, after this load
+    assert (result["kind"], result["threads"]) == ("session", 2)
+    assert result["per_session_threads"] == [True] * 4
+
+
 def test_a_shared_pool_made_outside_anytime_is_refused_with_the_fix(pattern_bundle):
     done = run_python(
         f"""

@@ -31,7 +31,7 @@ from anytime.formats.bundle import Bundle, StageSpec
 from anytime.runtime.buffers import BufferPool, Buffers, copy_rows
 from anytime.runtime.calibration import softmax_confidence
 from anytime.runtime.iobinding import CPU, CUDA, DeviceRows, bind_input, resolve_io_binding
-from anytime.runtime.threadpool import configure_threads, resolve_thread_pool
+from anytime.runtime.threadpool import configure_threads, deciding_pool
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +216,14 @@ class StageExecutor:
         thread_pool: str,
     ) -> None:
         wanted = resolve_providers(providers, device)
-        self.thread_pool, self.threads = resolve_thread_pool(thread_pool, threads)
         self.sessions = []
-        for stage in stages:
-            session = create_session(
-                directory / stage.file, wanted, self.threads, spinning, shared_pool=self.thread_pool == "shared"
-            )
-            self._check_io(session, stage)
-            self.sessions.append(session)
+        with deciding_pool(thread_pool, threads) as (self.thread_pool, self.threads):
+            for stage in stages:
+                session = create_session(
+                    directory / stage.file, wanted, self.threads, spinning, shared_pool=self.thread_pool == "shared"
+                )
+                self._check_io(session, stage)
+                self.sessions.append(session)
         in_use = self.sessions[0].get_providers()
         wanted_names = [p[0] if isinstance(p, tuple) else p for p in wanted]
         missing = [p for p in wanted_names if p not in in_use]

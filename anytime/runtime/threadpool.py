@@ -12,10 +12,12 @@ the one record of it, and every anytime session is configured here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import numbers
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from anytime.errors import ConfigError, require
@@ -27,7 +29,9 @@ log = logging.getLogger(__name__)
 # size); absent while there is none. onnxruntime makes it once per process, cannot resize it, and from then
 # on refuses sessions with their own pools.
 _shared_pool: dict[str, int | None] = {}
-_shared_pool_lock = threading.Lock()
+# Held while the pool is decided or made, and while an executor makes its sessions on what was decided
+# (`deciding_pool`), so that no other thread makes the shared pool in between.
+_shared_pool_lock = threading.RLock()
 
 
 def shared_pool() -> tuple[bool, int | None]:
@@ -57,6 +61,16 @@ def resolve_thread_pool(thread_pool: str, threads: int | None) -> tuple[str, int
     wanted = _checked_threads(threads)
     with _shared_pool_lock:
         return _resolve_locked(kind, wanted)
+
+
+@contextlib.contextmanager
+def deciding_pool(thread_pool: str, threads: int | None) -> Iterator[tuple[str, int | None]]:
+    """`resolve_thread_pool`'s answer, kept true while the caller makes its sessions in the `with` block.
+
+    Between the two, another thread's executor could make the shared pool: the sessions made after would run
+    on it (`configure_threads` must put them there) while the executor said "session" with its own count."""
+    with _shared_pool_lock:
+        yield resolve_thread_pool(thread_pool, threads)
 
 
 def _resolve_locked(kind: str, wanted: int | None) -> tuple[str, int | None]:
