@@ -435,6 +435,43 @@ def test_split_passes_in_rounds_share_out_each_rounds_part_and_fusion_share_cuts
     assert all(torch.isfinite(v).all() for v in state_of(model).values())
 
 
+@pytest.mark.parametrize(
+    "images, options",
+    [
+        (40, {"rounds": 2}),  # 5 batches: rounds of 2 and 3 batches
+        (24, {"rounds": 6}),  # 3 batches in 6 rounds: three rounds have no batch at all
+        (56, {"rounds": 2, "fusion_share": 0.5}),  # fusion parts of 1 and 2 of the 7 batches
+        (48, {"passes": "split", "rounds": 3}),  # 6 batches in 9 split parts
+    ],
+)
+def test_epoch_losses_are_means_over_the_images_whatever_the_rounds(images, options):
+    # The epoch's loss and pass losses are the means over the images the passes saw, as joint's are; a
+    # round whose part was short or empty must not pull them down (they were the plain mean over rounds,
+    # an empty round counting as a loss of 0: rounds=6 over 3 batches reported half the loss).
+    model = make_model()
+    ctx = FakeContext(model, images=images, batch=8)
+    method = DRMGF(DRMGFOptions(**options))
+    method.setup(ctx)
+    phase = [""]
+    seen: dict[str, list[tuple[float, int]]] = {}
+
+    def start(epoch, name):  # "exit 3 2/6" -> "exit 3", "fusion 1/4" -> "fusion", "exit passes 4/9" -> "exit passes"
+        words = name.split(" ")
+        phase[0] = "fusion" if words[0] == "fusion" else " ".join(words[:2])
+
+    ctx.on_start = start
+    ctx.log_step = lambda loss, n: seen.setdefault(phase[0], []).append((loss, n))  # type: ignore[method-assign]
+    metrics = method.train_epoch(ctx, 0)
+
+    def mean(steps):
+        return sum(v * n for v, n in steps) / sum(n for _, n in steps)
+
+    assert metrics["loss"] == pytest.approx(mean(seen["fusion"]))
+    if options.get("passes") != "split":
+        for t in range(ctx.num_exits):
+            assert metrics[f"pass_loss_exit_{t}"] == pytest.approx(mean(seen[f"exit {t + 1}"])), t
+
+
 def test_split_gain_scales_every_parameters_fused_step():
     # Mean fusion makes the fused step linear in the Δ_t: with gain 3 every parameter's step is 3 times the
     # plain average's (the default, gain 1), from the same start, data order and passes.

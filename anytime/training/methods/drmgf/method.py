@@ -257,34 +257,38 @@ class DRMGF(TrainingMethod):
             self._anchor_importance(model)
         epoch_start = snapshot(model)
         epoch_optimizer = copy.deepcopy(ctx.optimizer.state_dict())
-        sums: dict[str, float] = {}
+        # (loss summed over images, images) per metric: the epoch's means weigh each round by the images it
+        # saw, so rounds of unequal parts, or with an empty part (more parts than batches), count right.
+        sums: dict[str, tuple[float, int]] = {}
         try:
             for r in range(self.rounds):
                 round_metrics = self._round(ctx, epoch, dynamic, (r, self.rounds) if self.rounds > 1 else None)
-                for name, value in round_metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value
+                for name, (total, count) in round_metrics.items():
+                    before = sums.get(name, (0.0, 0))
+                    sums[name] = (before[0] + total, before[1] + count)
         except BaseException:
             # An interrupted or failed epoch leaves the plain model of the epoch start, never a half-trained
             # exit pass or a half-fused network (M and s may have moved; the next epoch re-derives all).
             restore(model, epoch_start)
             ctx.optimizer.load_state_dict(copy.deepcopy(epoch_optimizer))
             raise
-        metrics = {name: total / self.rounds for name, total in sums.items()}
+        metrics = {name: total / max(count, 1) for name, (total, count) in sums.items()}
         ctx.sync_buffers(model)
         metrics["dynamic_routes"] = float(dynamic)
         return metrics
 
     def _round(
         self, ctx: TrainingContext, epoch: int, dynamic: bool, round_part: tuple[int, int] | None
-    ) -> dict[str, float]:
-        """Every exit pass from the current network, then fusion; `round_part` (r, R): over part r of R."""
+    ) -> dict[str, tuple[float, int]]:
+        """Every exit pass from the current network, then fusion; `round_part` (r, R): over part r of R.
+        Returns each metric as (loss summed over the images of the round's part, those images)."""
         opts: DRMGFOptions = self.options  # type: ignore[assignment]
         model = ctx.model
         start = snapshot(model)
         # Carried momentum never goes back to the round's start: no copy of it (one per round otherwise).
         optimizer_start = copy.deepcopy(ctx.optimizer.state_dict()) if opts.momentum != "carry" else {}
         fused_momentum = MomentumFusion(model, self.owners) if opts.momentum == "fused" else None
-        metrics: dict[str, float] = {}
+        metrics: dict[str, tuple[float, int]] = {}
         for k, t in enumerate(self.exit_order()):
             restore(model, start)
             if opts.momentum != "carry":
@@ -335,7 +339,8 @@ class DRMGF(TrainingMethod):
         dynamic: bool,
         part: tuple[int, int] | None = None,
         phase: str | None = None,
-    ) -> float:
+    ) -> tuple[float, int]:
+        """Exit t's pass; returns its objective summed over the pass's images, and the images."""
         model, rho, precision = ctx.model, self.options.aux_weight, ctx.precision  # type: ignore[attr-defined]
         params = [p for p in model.parameters() if p.requires_grad]
         importance = self.gates.parameters(t) if dynamic and self.gates is not None else []
@@ -367,7 +372,7 @@ class DRMGF(TrainingMethod):
             total, count = total + value * x.shape[0], count + int(x.shape[0])
         for m in importance:
             m.grad = None
-        return total / max(count, 1)
+        return total, count
 
     @torch.no_grad()
     def _record_deltas(self, model: nn.Module, start: "Snapshot", t: int, dynamic: bool) -> None:
@@ -387,7 +392,9 @@ class DRMGF(TrainingMethod):
         return self.options.split_gain  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------- fusion
-    def _fuse(self, ctx: TrainingContext, epoch: int, start: "Snapshot", part: tuple[int, int] | None = None) -> float:
+    def _fuse(
+        self, ctx: TrainingContext, epoch: int, start: "Snapshot", part: tuple[int, int] | None = None
+    ) -> tuple[float, int]:
         model = ctx.model
         params = dict(model.named_parameters())
         fusion = self.fusion
@@ -425,7 +432,7 @@ class DRMGF(TrainingMethod):
         if epoch >= self.switch_epoch:
             fusion.smooth(self.options.ema)  # type: ignore[attr-defined]
         fusion.remember()
-        return loss_sum / max(count, 1)
+        return loss_sum, count
 
     def _fused_network(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """All exits' logits of the network with the fused weights θ0 + Σ_t Ω_t Δ_t / Σ_t Ω_t (differentiable in s)."""
@@ -438,7 +445,9 @@ class DRMGF(TrainingMethod):
         return self.fusion.views() if self.fusion is not None else {}
 
     @torch.no_grad()
-    def _refresh_batchnorm(self, ctx: TrainingContext, epoch: int, part: tuple[int, int] | None = None) -> float:
+    def _refresh_batchnorm(
+        self, ctx: TrainingContext, epoch: int, part: tuple[int, int] | None = None
+    ) -> tuple[float, int]:
         """Mean fusion has nothing to learn; one forward pass in train mode re-estimates BN statistics."""
         loss_sum, count = 0.0, 0
         for step, (x, y) in enumerate(ctx.train_batches(epoch, phase="fusion", part=part)):
@@ -449,7 +458,7 @@ class DRMGF(TrainingMethod):
                 ctx.check_finite(loss, epoch, step, None)
             ctx.log_step(value, int(x.shape[0]))
             loss_sum, count = loss_sum + value * x.shape[0], count + int(x.shape[0])
-        return loss_sum / max(count, 1)
+        return loss_sum, count
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
