@@ -597,6 +597,25 @@ def test_meta_gf_variant_has_no_importance_and_fuses_with_scales_alone():
     assert method.analysis()["importance"] == {}
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("meta-gf", {"gate": "true"}),
+        ("meta-gf", {"fusion": "mean"}),
+        ("dr-avgf", {"gate": "false"}),
+        ("dr-avgf", {"fusion": "meta"}),
+    ],
+)
+def test_an_ablation_refuses_the_options_that_would_make_it_another_method(method, options):
+    # `--method meta-gf -m gate=true` trained full DR-MGF and recorded it as meta-gf.
+    from anytime.training.methods import create_method
+
+    with pytest.raises(ConfigError, match=f"invalid {method} options .* use --method drmgf"):
+        create_method(method, options)
+    assert create_method(method, {}).options.gate == (method == "dr-avgf")
+    assert create_method("drmgf", {"gate": "false", "fusion": "mean"}).options.fusion == "mean"
+
+
 def test_options_are_validated():
     with pytest.raises(ConfigError, match="fusion"):
         DRMGFOptions(fusion="median")

@@ -157,14 +157,32 @@ class DRMGFOptions(MethodOptions):
         )
 
 
+def _check_ablation(name: str, options: DRMGFOptions, gate: bool, fusion: str, what: str) -> None:
+    """An ablation's name fixes `gate` and `fusion`: other values would train (and record) another method."""
+    if options.gate != gate or options.fusion != fusion:
+        raise ConfigError(
+            f"invalid {name} options gate={str(options.gate).lower()}, fusion={options.fusion}: {name} is {what} "
+            f"(gate={str(gate).lower()}, fusion={fusion}); for other combinations use --method drmgf with "
+            "-m gate=... -m fusion=..."
+        )
+
+
 @dataclass(frozen=True)
 class MetaGFOptions(DRMGFOptions):
     gate: bool = False  # Meta-GF: plain forward in the exit passes, meta fusion
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_ablation("meta-gf", self, False, "meta", "DR-MGF without dynamic routes, with meta fusion")
 
 
 @dataclass(frozen=True)
 class DRAvgFOptions(DRMGFOptions):
     fusion: Literal["meta", "mean"] = "mean"  # DR-avgF: dynamic routes, plain mean fusion
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_ablation("dr-avgf", self, True, "mean", "DR-MGF with dynamic routes and plain mean fusion")
 
 
 class DRMGF(TrainingMethod):
