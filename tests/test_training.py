@@ -225,6 +225,26 @@ def test_option_parsing_is_typed_and_strict():
         TrainConfig(arch="a", data="npz:x", epochs=3, out="o", milestones=(0.8, 0.3))
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("drmgf", {"kappa": "inf"}),
+        ("drmgf", {"fusion_init": "nan"}),
+        ("drmgf", {"passes": "split", "split_gain": "inf"}),
+        ("joint", {"weights": "1,inf,1"}),
+        ("cagrad", {"c": float("inf")}),
+        ("nashmtl", {"max_norm": "nan"}),
+    ],
+)
+def test_method_options_refuse_non_finite_numbers(method, options):
+    # These were accepted; a run then met them only once training had started (NaN weights or losses).
+    from anytime.training.methods import create_method
+
+    name = next(iter(options)) if len(options) == 1 else "split_gain"
+    with pytest.raises(ConfigError, match=f"option '{name}' must be a finite number"):
+        create_method(method, options)
+
+
 def test_config_records_the_dataset_with_an_absolute_path(tmp_path, monkeypatch):
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train

@@ -206,7 +206,10 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
         try:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return hint(value)
-        except (TypeError, ValueError):
+            coerced = hint(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{what} must be {hint.__name__}, got {value!r}") from None
+        if hint is float and not math.isfinite(coerced):
+            raise ConfigError(f"{what} must be a finite number, got {value!r}")
+        return coerced
     return value
