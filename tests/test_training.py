@@ -245,6 +245,28 @@ def test_method_options_refuse_non_finite_numbers(method, options):
         create_method(method, options)
 
 
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        ({"batch_size": 64.5}, "batch_size"),
+        ({"lr": "0.1"}, "lr"),
+        ({"seed": 1.5}, "seed"),
+        ({"train_limit": 2.5}, "train_limit"),
+        ({"workers": True}, "workers"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"kd_temperature": float("inf")}, "kd_temperature"),
+        ({"val_size": True}, "val_size"),
+        ({"milestones": "0.5,0.75"}, "milestones"),
+    ],
+)
+def test_train_config_from_python_refuses_wrong_types_in_one_line(change, name):
+    # The CLI types its options; TrainConfig(...) from Python took these (or raised a bare TypeError).
+    with pytest.raises(ConfigError, match=f"invalid {name}="):
+        TrainConfig(arch="a", data="npz:x", epochs=3, out="o", **change)
+    cfg = TrainConfig(arch="a", data="npz:x", epochs=3, out="o", milestones=[0.5], lr=1)
+    assert cfg.milestones == (0.5,)  # a list is kept as the tuple the CLI gives
+
+
 def test_config_records_the_dataset_with_an_absolute_path(tmp_path, monkeypatch):
     from anytime.training.config import TrainConfig
     from anytime.training.trainer import train

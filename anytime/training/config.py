@@ -65,7 +65,26 @@ class TrainConfig:
         def bad(name: str, value: Any, fix: str) -> ConfigError:
             return ConfigError(f"invalid {name}={value!r}: {fix}")
 
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        # Python callers pass values without the CLI's typing: a wrong type is one clear line, not a TypeError
+        # here or a float batch size deep in the loader.
+        for name in ("epochs", "batch_size", "eval_batch_size", "seed", "workers", "train_limit", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(name, value, "give a whole number")
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "kd_weight", "kd_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, value, "give a finite number")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, (int, float, type(None))):
+            raise bad("val_size", self.val_size, "give a number of validation images >= 0 or a fraction in (0, 1)")
+        if isinstance(self.milestones, str) or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) for m in self.milestones
+        ):
+            raise bad(
+                "milestones", self.milestones, "give increasing fractions of the epochs in (0, 1), e.g. (0.5, 0.75)"
+            )
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        if self.epochs < 1:
             raise bad("epochs", self.epochs, "give a positive number of epochs")
         if self.batch_size < 1:
             raise bad("batch_size", self.batch_size, "give a positive batch size")
