@@ -439,9 +439,9 @@ def test_split_passes_in_rounds_share_out_each_rounds_part_and_fusion_share_cuts
     "images, options",
     [
         (40, {"rounds": 2}),  # 5 batches: rounds of 2 and 3 batches
-        (24, {"rounds": 6}),  # 3 batches in 6 rounds: three rounds have no batch at all
+        (56, {"rounds": 3}),  # 7 batches: rounds of 2, 2 and 3 batches
         (56, {"rounds": 2, "fusion_share": 0.5}),  # fusion parts of 1 and 2 of the 7 batches
-        (48, {"passes": "split", "rounds": 3}),  # 6 batches in 9 split parts
+        (80, {"passes": "split", "rounds": 3}),  # 10 batches in 9 split parts
     ],
 )
 def test_epoch_losses_are_means_over_the_images_whatever_the_rounds(images, options):
@@ -772,6 +772,22 @@ def test_rounds_follow_the_pass_length_unless_given():
     explicit = DRMGF(DRMGFOptions(rounds=1))
     explicit.setup(FakeContext(make_model(), images=96 * 20, batch=8))  # 240 steps; the paper's 1 fusion
     assert explicit.rounds == 1
+
+
+def test_rounds_never_leave_a_pass_without_batches():
+    # 3 batches: 6 rounds would leave three rounds' passes (and their fusion) empty, and split passes or a
+    # fusion share multiply the parts; an empty fusion part learns no scales and re-estimates no statistics.
+    for options, most in [
+        ({"rounds": 6}, 3),
+        ({"rounds": 2, "passes": "split"}, 1),
+        ({"rounds": 2, "fusion_share": 0.5}, 1),
+    ]:
+        method = DRMGF(DRMGFOptions(**options))
+        with pytest.raises(ConfigError, match=f"get no batch; give rounds <= {most}"):
+            method.setup(FakeContext(make_model(), images=24, batch=8))
+    derived = DRMGF(DRMGFOptions(pass_steps=1, fusion_share=0.25))
+    derived.setup(FakeContext(make_model(), images=96, batch=8))  # 12 steps: 12 rounds by length, 3 by parts
+    assert derived.rounds == 3
 
 
 def test_a_run_resumes_with_the_fusions_per_epoch_it_started_with():

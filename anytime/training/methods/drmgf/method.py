@@ -250,10 +250,20 @@ class DRMGF(TrainingMethod):
     def rounds_for(self, steps_per_epoch: int) -> int:
         """Fusions per epoch: `rounds` when given, else enough that each exit pass is about `pass_steps` steps."""
         opts: DRMGFOptions = self.options  # type: ignore[assignment]
+        # Each round cuts the epoch's batches into this many parts (the split passes' T pieces, the fusion
+        # pass's F); more parts than batches would leave some empty, and an empty fusion part learns nothing.
+        pieces = max(self.num_exits if opts.passes == "split" else 1, round(1 / opts.fusion_share))
+        most = max(1, steps_per_epoch // pieces)
         if opts.rounds is not None:
+            if opts.rounds > most:
+                raise ConfigError(
+                    f"rounds={opts.rounds} cuts this epoch's {steps_per_epoch} batches into {opts.rounds * pieces} "
+                    f"parts, so some exit or fusion passes would get no batch; give rounds <= {most}, or leave "
+                    "rounds out (pass_steps sets it)"
+                )
             return opts.rounds
         pass_epoch_steps = steps_per_epoch / (self.num_exits if opts.passes == "split" else 1)
-        return max(1, round(pass_epoch_steps / opts.pass_steps))
+        return min(most, max(1, round(pass_epoch_steps / opts.pass_steps)))
 
     # ------------------------------------------------------------------ epoch
     def exit_order(self) -> list[int]:
