@@ -137,6 +137,19 @@ def test_serve_glob_exit_and_strict(pattern_bundle, image_tree, capsys):
     assert "\texit " in out  # per-image lines without -o
 
 
+def test_serve_rows_on_stdout_are_one_line_per_input(pattern_bundle, image_tree, capsys):
+    # Piped into other tools (cut, sort, wc -l), stdout carries the rows alone; the summary goes to stderr.
+    root, truth, broken = image_tree
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root), "--budget", "50%"], capsys)
+    assert code == 1  # the broken files
+    lines = out.splitlines()
+    assert len(lines) == len(truth) + len(broken), out
+    assert all(line.split("\t")[0] in truth or line.split("\t")[0] in broken for line in lines), out
+    failed = sum("\tERROR\t" in line for line in lines)
+    assert failed > 0 and f"{len(lines) - failed} image(s) predicted, {failed} failed" in err
+    assert "against a budget of" in err and "against a budget of" not in out
+
+
 def test_serve_missing_input_is_an_error_row(pattern_bundle, image_tree, capsys):
     root, truth, _ = image_tree
     code, out, _ = run_cli(

@@ -127,6 +127,9 @@ def serve(
     With --ray the same rows come from Ray actors: the policy is calibrated here, once, and every worker
     uses its thresholds; --strict then holds per batch of --batch-size rows of each worker.
 
+    Without -o, stdout has one tab-separated line per input (path, class, confidence, exit; or path, ERROR,
+    reason) and the summary goes to stderr.
+
     Exit status: 0 all inputs answered, 1 some input failed (it has an error row), 2 usage error.
     """
     import contextlib
@@ -277,7 +280,8 @@ def serve(
         totals.seconds = time.perf_counter() - t0
         if totals.images + totals.failed == 0:
             raise ConfigError(f"no image files found in {' '.join(inputs)}")
-    click.echo(totals.summary())
+    # Rows printed on stdout stay alone there (one line per input, for pipes); else the summary is the output.
+    click.echo(totals.summary(), err=not output and not quiet)
     if output:
         click.echo(f"rows written to {output}")
     if totals.failed:
