@@ -171,6 +171,9 @@ def test_serve_missing_input_is_an_error_row(pattern_bundle, image_tree, capsys)
         (["--budget", "50%", "--ray", "fast"], "not a Ray address"),
         (["--budget", "50%", "--ray", "auto", "--profile", "p.json"], "Ray workers run on others"),
         (["--budget", "50%", "--ray", "auto", "--scheduler", "refill"], "drop --scheduler refill"),
+        # serve prices a budget as its executor runs; a --cost-mode it would ignore is refused, not dropped silently
+        (["--budget", "50%", "--cost-mode", "full-batches"], "choose the executor with --scheduler"),
+        (["--budget", "50%", "--cost-mode", "per-batch"], "choose the executor with --scheduler"),
     ],
 )
 def test_serve_usage_errors_exit_2(pattern_bundle, image_tree, capsys, argv, message):

@@ -142,6 +142,13 @@ def serve(
     from anytime.runtime.model import POLICY_CHOICES
     from anytime.runtime.results import RunningTotals, output_format, row_file
 
+    if cost_mode not in (None, "auto"):
+        # --cost-mode is how calibrate and eval count a policy's time; serve prices as its executor runs.
+        raise click.UsageError(
+            f"--cost-mode {cost_mode} does not apply to serve, which prices a budget as its executor runs (per "
+            "batch on CPU and with --strict, full batches with --scheduler refill); choose the executor with "
+            "--scheduler and drop --cost-mode"
+        )
     if ray_address is not None:
         from anytime import ray as on_ray
 
