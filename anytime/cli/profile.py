@@ -60,7 +60,13 @@ def profile(
             f"stage 1 back to back (every row leaving at exit 1): {format_seconds(alone)} per row "
             f"({alone / prof.seconds_per_row[0]:.2f} of its time in a full chain)"
         )
-    if prof.refill_overhead_seconds is not None:
+    if prof.refill_overhead_seconds is not None and prof.refill_overhead_seconds < 0:
+        click.echo(
+            f"refilling scheduler's own work measured {format_seconds(prof.refill_overhead_seconds)} per row and "
+            "stage: below zero, timing noise (is the machine busy?); priced as none. Profile again on an idle "
+            "machine for times you can budget by"
+        )
+    elif prof.refill_overhead_seconds is not None:
         click.echo(
             f"refilling scheduler's own work (queues, answers): {format_seconds(prof.refill_overhead_seconds)} per "
             "row and stage, priced with it (--scheduler refill, --cost-mode full-batches)"

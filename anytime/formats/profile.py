@@ -129,6 +129,12 @@ class LatencyProfile:
     def batch_size(self) -> int:
         return int(self.rows[-1])
 
+    @property
+    def refill_overhead_priced(self) -> float:
+        """The refilling scheduler's own work per row and stage call as pricing counts it: the measured
+        difference, or 0 where timing noise on a busy machine made it negative (work cannot save time)."""
+        return max(0.0, self.refill_overhead_seconds or 0.0)
+
     def call_seconds(self, stage: int, rows: Any) -> np.ndarray:
         """Seconds of one call of `stage` (0-based) on `rows` rows (a number or an array; fractional rows
         interpolate, which is what an expected row count needs); 0 rows cost nothing."""

@@ -49,7 +49,7 @@ class TimeCost:
         return (
             self.mode == "full-batches"
             and self.profile.first_stage_alone_seconds is None
-            and not self.profile.refill_overhead_seconds
+            and not self.profile.refill_overhead_priced
         )
 
     @property
@@ -66,8 +66,8 @@ class TimeCost:
             # stage at its full-batch time per row.
             per_row = self.profile.seconds_per_row.reshape((-1,) + (1,) * (reach.ndim - 1))
             cost = (per_row * reach).sum(axis=0) / count
-            if self.profile.refill_overhead_seconds:
-                cost = cost + self.profile.refill_overhead_seconds * reach.sum(axis=0) / count
+            if self.profile.refill_overhead_priced:
+                cost = cost + self.profile.refill_overhead_priced * reach.sum(axis=0) / count
             if self.profile.first_stage_alone_seconds is None:
                 return cost
             later = (per_row[1:] * reach[1:]).sum(axis=0)

@@ -233,7 +233,7 @@ class AnytimeModel:
 
     def _below_cheapest(self, text: str, cost: float, mode: str, batch_size: int | None = None) -> BudgetError:
         cheapest = self.cheapest_cost(mode or None, batch_size)
-        overhead = (self.latency_profile.refill_overhead_seconds if self.latency_profile is not None else None) or 0.0
+        overhead = self.latency_profile.refill_overhead_priced if self.latency_profile is not None else 0.0
         refill = mode == "full-batches" and overhead != 0.0
         full = float(self.exit_costs[-1])
         return BudgetError(
