@@ -41,7 +41,12 @@ from anytime.formats.bundle import SAMPLE_IMAGES_DIR as SAMPLES_DIR
     help="Exit policy: best (higher validation accuracy), geometric (MSDNet), search, or a policy JSON file "
     "written by `anytime calibrate -o` (then no --budget).",
 )
-@api_option("--batch-size", type=click.IntRange(min=1), api=PREDICT)
+@api_option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    api=PREDICT,
+    help="Images per batch (--strict caps each batch; a latency profile prices this batch size).",
+)
 @api_option(
     "--scheduler",
     type=click.Choice(["auto", "refill", "batch"]),

@@ -109,7 +109,7 @@ def _method_names() -> str:
     help="Continue the run in this directory from its last checkpoint.",
 )
 @api_option("--batch-size", type=int, api=TRAIN_CONFIG, help="Global mini-batch size (split over torchrun processes).")
-@api_option("--eval-batch-size", type=int, api=TRAIN_CONFIG)
+@api_option("--eval-batch-size", type=int, api=TRAIN_CONFIG, help="Images per batch when validating and testing.")
 @api_option("--lr", type=float, api=TRAIN_CONFIG, help="Initial learning rate.")
 @api_option("--schedule", type=click.Choice(["multistep", "cosine", "constant"]), api=TRAIN_CONFIG)
 @api_option(
