@@ -107,3 +107,25 @@ def test_cli_summary_counts_only_the_epochs_run_in_this_process(tmp_path, capsys
     assert "1 epochs run here, 4.0 s per epoch" in capsys.readouterr().out
     _print_summary(RunResult(tmp_path, None, [0.5], [0.5], history[:2], resumed_from_epoch=2))  # nothing left to run
     assert "epochs run here" not in capsys.readouterr().out
+
+
+def test_resuming_a_finished_run_trains_evaluates_and_writes_nothing(tmp_path, monkeypatch):
+    from anytime.training.trainer import Trainer
+
+    data = write_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    first = train(config_for(data, run, "joint").replace(epochs=1))
+    weights = (run / "model.safetensors").stat().st_mtime_ns
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished run was evaluated again")
+
+    monkeypatch.setattr(Trainer, "evaluate", never)
+    again = resume(run)
+    assert (again.val_accuracy, again.test_accuracy) == (first.val_accuracy, first.test_accuracy)
+    assert (run / "model.safetensors").stat().st_mtime_ns == weights
+    # A finish that was cut short (no model written yet) is completed on resume.
+    (run / "model.safetensors").unlink()
+    monkeypatch.undo()
+    resume(run)
+    assert (run / "model.safetensors").is_file()

@@ -27,7 +27,7 @@ from torch import nn
 from anytime.data.split import split_record_text
 from anytime.errors import ConfigError, DatasetError, TrainingError
 from anytime.fileio import atomic_write_text
-from anytime.formats.rundir import CHECKPOINT, SPLIT_FILE
+from anytime.formats.rundir import CHECKPOINT, MODEL_META, MODEL_WEIGHTS, SPLIT_FILE, SUMMARY_FILE
 from anytime.training import distributed as ddp
 from anytime.training.base import Routes, TrainingMethod, compute_routes
 from anytime.training.checkpoint import load_run_checkpoint, save_run_checkpoint
@@ -358,6 +358,9 @@ class Trainer:
         from anytime.formats.preprocessing import PreprocessingSpec
         from anytime.models import save_model
 
+        finished = self._finished_before(resumed_from)
+        if finished is not None:
+            return RunResult(self.run_dir, self.config, finished[0], finished[1], history, resumed_from)
         plain = self.method.plain_model(self.model)
         val = self.evaluate(plain, *self.val_split)
         test = None
@@ -377,6 +380,27 @@ class Trainer:
             write_summary(self.run_dir, self.config, val, test, history, self.world_size)
         ddp.barrier()
         return RunResult(self.run_dir, self.config, val, test, history, resumed_from)
+
+    def _finished_before(self, resumed_from: int) -> tuple[list[float], list[float] | None] | None:
+        """(val, test) accuracies of a resumed run that had already finished and written its model, read from
+        its summary: nothing is trained, so nothing is evaluated or written again (None otherwise)."""
+        if not self.from_checkpoint or resumed_from < self.epochs:
+            return None
+        files = [self.run_dir / name for name in (SUMMARY_FILE, MODEL_WEIGHTS, MODEL_META)]
+        if not all(f.is_file() for f in files):
+            return None  # its finish was cut short: evaluate and write the model now
+        try:
+            summary = json.loads(files[0].read_text())
+            val, test = [float(v) for v in summary["val_accuracy"]], summary.get("test_accuracy")
+            test = None if test is None else [float(v) for v in test]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        logger.info(
+            "%s had finished all %d epochs: nothing to train; to train longer, start a new run with more --epochs",
+            self.run_dir,
+            self.epochs,
+        )
+        return val, test
 
     # ----------------------------------------------------------------- checkpoint
     def _save_checkpoint(self, history: list[dict[str, Any]]) -> None:
