@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,10 +20,11 @@ from anytime.training.config import TrainConfig
 from anytime.training.trainer import Trainer
 
 METHODS = ["joint", "drmgf"]
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys, torch
+    import gc, json, os, sys, torch
     import torch.distributed as dist
     torch.set_num_threads(1)
     from anytime.training.config import TrainConfig
@@ -45,7 +47,9 @@ WORKER = textwrap.dedent(
             json.dump(local, f)
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         torch.save(state, os.path.join(out, f"{cfg['method']}-rank{dist.get_rank()}.pt"))
-    dist.barrier()  # as shutdown_distributed does: no rank tears gloo down while its peer still uses it
+    del trainer
+    gc.collect()  # as shutdown_distributed does: nothing of the runs is left for interpreter finalisation
+    dist.barrier()  # ... and no rank tears gloo down while its peer still uses it
     dist.destroy_process_group()
     """
 )
@@ -71,9 +75,19 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = subprocess.run(
-        [*cmd, str(script), json.dumps(configs), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
+
+    def launch() -> subprocess.CompletedProcess:
+        args = [*cmd, str(script), json.dumps(configs), str(tmp_path)]
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = launch()
+    written = [tmp_path / f"{m}-rank{r}.pt" for m in METHODS for r in (0, 1)]
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and all(p.is_file() for p in written):
+        # A rank aborted at interpreter exit after all its work was written (gloo's teardown in torch 2.13:
+        # 1 of about 8 full-suite runs under load, none in 10 runs of this test alone); once more, from scratch.
+        for path in [*tmp_path.glob("ddp-*"), *tmp_path.glob("*-rank*")]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        proc = launch()
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
     for method in METHODS:

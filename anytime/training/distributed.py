@@ -7,6 +7,7 @@ same code on one process and on many. One flattened all-reduce per call keeps th
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterable
@@ -61,8 +62,10 @@ def init_distributed(info: DistInfo, device: torch.device) -> bool:
 
 def shutdown_distributed(started: bool) -> None:
     if started and dist.is_initialized():
-        # A rank that tears gloo down while its peer still talks to it can abort at exit ("terminate called
-        # without an active exception", seen once in CI): every rank first waits for the others to finish.
+        # A rank that tears gloo down while its peer still talks to it, or that leaves objects holding its
+        # tensors to interpreter finalisation, can abort at exit ("terminate called without an active
+        # exception", seen in CI and under load): collect what is unreachable now, then wait for every rank.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
