@@ -41,11 +41,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     leaves no half-written file under the final name, and an earlier file there stays as it was.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from exc
+    fd, tmp = _temp_beside(path)
     try:
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -68,15 +64,20 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
 def check_writable(path: str | os.PathLike) -> None:
     """Raise the one-line OutputError now if `path` could not be written, before minutes of work go into it."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise IsADirectoryError(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from exc
+    if path.is_dir():
+        raise _cannot_write(path, IsADirectoryError(path))
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     os.unlink(tmp)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s directory (made if missing): (descriptor, name), or the OutputError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
 
 
 def _cannot_write(path: Path, exc: OSError) -> OutputError:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from anytime.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from anytime.runtime.budget import TIME_CONVENTION, format_cost
 from anytime.runtime.evaluation import CURVE_POLICIES, HISTOGRAM_FRACTIONS, CurvePoint, EvalReport, ModelReport
 
@@ -30,7 +30,6 @@ def save_report(report: EvalReport, directory: str | os.PathLike, plots: bool = 
     Without plots, the plots of an earlier report in `directory` are removed (they would not match)."""
     out = Path(directory)
     written = [out / "report.json", out / "anytime.csv", out / "budget_curve.csv"]
-    check_writable(written[0])  # the directory made, or the one-line error of a path that cannot be
     atomic_write_json(written[0], report.to_dict())
     atomic_write_text(
         written[1],
