@@ -203,9 +203,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             check_pixels(probe.size, name, max_pixels)
             check_bomb(probe.size, name)
             probe.verify()  # structure and checksums, without decoding pixels
-        image = Image.open(io.BytesIO(data))
-        check_pixels(image.size, name, max_pixels)
-        check_bomb(image.size, name)
+        image = Image.open(io.BytesIO(data))  # the same bytes: the size checked above
         image.load()  # decodes; raises on truncated data
     except InputImageError:
         raise
