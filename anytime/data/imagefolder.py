@@ -56,11 +56,16 @@ class ImageFolderSplit(Split):
             raise DatasetError(f"{exc}; remove or replace the file") from exc
 
 
+def _is_image(name: str, extensions: set[str]) -> bool:
+    """A file name that is not hidden and has an image suffix pillow reads."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+
+
 def _scan_classes(directory: Path, extensions: set[str], where: str) -> dict[str, list[str]]:
     classes: dict[str, list[str]] = {}
     loose = 0
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.is_file() and not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in extensions:
+        if entry.is_file() and _is_image(entry.name, extensions):
             loose += 1
         if entry.is_dir() and not entry.name.startswith("."):
             files: list[str] = []
@@ -74,10 +79,7 @@ def _scan_classes(directory: Path, extensions: set[str], where: str) -> dict[str
                 real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs}
                 dirs[:] = sorted(d for d in dirs if real[d] not in seen)
                 seen.update(real[d] for d in dirs)
-                files.extend(
-                    os.path.join(root, n) for n in sorted(names)
-                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in extensions
-                )  # fmt: skip
+                files.extend(os.path.join(root, n) for n in sorted(names) if _is_image(n, extensions))
             # NFC: macOS writes names decomposed (NFD), so the same class copied from there would not match.
             classes.setdefault(unicodedata.normalize("NFC", entry.name), []).extend(files)
     if loose:
