@@ -14,6 +14,7 @@ This is the only module that imports ray (an import-linter contract checks it), 
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -390,12 +391,15 @@ def stream_predictions(
     }
     empty = {"label": None, "class": None, "confidence": None, "exit": None, "cost": None}
     # The error rows of arguments that matched nothing, to go in where the argument was (as in one process).
-    waiting = [(at, {"path": m.name, **empty, "error": m.reason}) for at, m in missing]
-    waiting.reverse()  # popped from the end, in order
+    waiting = collections.deque((at, {"path": m.name, **empty, "error": m.reason}) for at, m in missing)
+
+    def left_waiting() -> Predictions:  # the arguments after the last row
+        rows_out = [row for _, row in waiting]
+        return Predictions.from_rows(rows_out, true_labels=[-1] * len(rows_out), **common)
+
     if ds is None:
         if waiting:
-            rows_out = [row for _, row in reversed(waiting)]
-            yield Predictions.from_rows(rows_out, true_labels=[-1] * len(rows_out), **common)
+            yield left_waiting()
         return
     out = map_predictions(
         ds,
@@ -417,8 +421,8 @@ def stream_predictions(
         nonlocal done
         out_rows, true = [], []
         for row in answered:
-            while waiting and waiting[-1][0] <= done:
-                out_rows.append(waiting.pop()[1])
+            while waiting and waiting[0][0] <= done:
+                out_rows.append(waiting.popleft()[1])
                 true.append(-1)
             out_rows.append(row)
             true.append(folders.label(row["path"]) if row["path"] is not None else -1)
@@ -428,10 +432,8 @@ def stream_predictions(
     try:
         for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
             yield merged(table.to_pylist())
-        if waiting:  # the arguments after the last row
-            yield Predictions.from_rows(
-                [row for _, row in reversed(waiting)], true_labels=[-1] * len(waiting), **common
-            )
+        if waiting:
+            yield left_waiting()
     except ray.exceptions.RayError as exc:
         # Ray's message carries the worker's traceback; its last line names the error itself.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
