@@ -142,17 +142,17 @@ def iter_input_items(inputs: Any, classes: Sequence[str] | None = None) -> Itera
         return InputItem(os.fspath(p), os.fspath(p), label)
 
     def from_arg(arg: str | os.PathLike) -> Iterator[InputItem]:
-        """As `expand_paths` takes an argument (no `-`), keeping a file's path as written for its row."""
-        path = Path(arg).expanduser()
-        if is_path_list(path):
-            yield from (from_path(p) for p in read_path_list(path))
-        elif path.is_dir():  # a folder means its images, recursively, as in serve
-            yield from (from_path(p) for p in _walk_images(path))
-        elif not (path.exists() or path.is_symlink()) and _GLOB_CHARS.search(os.fspath(arg)):
-            for m in _glob(os.fspath(arg)):
-                yield InputItem(m, m.name) if isinstance(m, MissingInput) else from_path(m)
-        else:
-            yield from_path(arg)  # a missing file is an error row (or error) when it is read
+        """As `expand_paths` takes an argument, keeping a file's path as written for its row."""
+        text = os.fspath(arg)
+        if text == "-":  # standard input is the command line's; here it is a file named "-"
+            yield from_path(arg)
+            return
+        given = Path(text).expanduser()
+        for item in expand_paths([text]):
+            if isinstance(item, MissingInput):
+                yield InputItem(item, item.name)
+            else:
+                yield from_path(arg if item == given else item)
 
     if isinstance(inputs, (str, os.PathLike)):
         yield from from_arg(inputs)
