@@ -364,14 +364,13 @@ class MSDNet(MultiExitNetwork):
 
 def _int_list(name: str, value: Sequence[int]) -> list[int]:
     """A per-scale factor list; a string ("1,2,4", as `--model-option` passes non-JSON text) is refused."""
+    wrong = ConfigError(f"{name} must be a list of integers, one per scale, e.g. {name}=[1,2,4]; got {value!r}")
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ConfigError(f"{name} must be a list of integers, one per scale, e.g. {name}=[1,2,4]; got {value!r}")
+        raise wrong
     try:
         return [operator.index(v) for v in value]
     except TypeError:
-        raise ConfigError(
-            f"{name} must be a list of integers, one per scale, e.g. {name}=[1,2,4]; got {value!r}"
-        ) from None
+        raise wrong from None
 
 
 def _has_transition(prune: str, layer: int, n_layers: int, in_scales: int, out_scales: int) -> bool:
