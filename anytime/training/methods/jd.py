@@ -14,6 +14,7 @@ A solver dependency that is missing (cvxpy for CAGrad and Nash-MTL, quadprog for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
@@ -77,20 +78,14 @@ class AggregatorMethod(StepwiseMethod):
         # the loss scaler to unscale.
         scale = ctx.precision.loss_scale
         with torch.no_grad():
-            for p in self.specific:
-                # One owner: the rows of the other exits are zero, so the sum is the owner's gradient.
-                grad = p.jac.sum(dim=0)  # type: ignore[attr-defined]
-                p.grad = grad if p.grad is None else p.grad + grad
-                del p.jac  # type: ignore[attr-defined]
+            # One owner: the rows of the other exits are zero, so the sum is the owner's gradient.
+            _sum_jacobian_into_grad(self.specific)
             if scale != 1.0:
                 if not all(bool(p.jac.isfinite().all()) for p in self.shared):  # type: ignore[attr-defined]
                     # The loss scale overflowed fp16. Aggregators fail on a non-finite Jacobian (the solvers
                     # of CAGrad and Nash-MTL, the SVD of Aligned-MTL); hand the loss scaler the non-finite
                     # gradient instead, so that it skips this step and lowers the scale, as it does for joint.
-                    for p in self.shared:
-                        grad = p.jac.sum(dim=0)  # type: ignore[attr-defined]
-                        p.grad = grad if p.grad is None else p.grad + grad
-                        del p.jac  # type: ignore[attr-defined]
+                    _sum_jacobian_into_grad(self.shared)
                     return
                 for p in self.shared:
                     p.jac.div_(scale)  # type: ignore[attr-defined]
@@ -105,6 +100,14 @@ class AggregatorMethod(StepwiseMethod):
 
     def analysis(self) -> dict[str, Any]:
         return {} if self.last_weights is None else {"exit_weights": self.last_weights}
+
+
+def _sum_jacobian_into_grad(params: Sequence[torch.Tensor]) -> None:
+    """Each parameter's Jacobian rows (one per exit) summed into its `.grad`, the Jacobian dropped."""
+    for p in params:
+        grad = p.jac.sum(dim=0)  # type: ignore[attr-defined]
+        p.grad = grad if p.grad is None else p.grad + grad
+        del p.jac  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
