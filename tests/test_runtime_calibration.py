@@ -16,6 +16,7 @@ from anytime.runtime.calibration import (
     fit_search,
     fixed_exit_policy,
     geometric_thresholds,
+    search_frontier,
     softmax_confidence,
 )
 
@@ -25,14 +26,17 @@ pytestmark = pytest.mark.runtime  # torch-free: .ci/run also runs these without 
 COSTS = np.array([56.43, 101.00, 155.31, 198.10, 249.53, 298.05, 340.64]) * 1e6
 
 
-def crafted_logits(n: int = 5000, k: int = 7, c: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Logits where deeper exits are better and confidence tracks correctness (easy samples stay easy)."""
+def crafted_logits(
+    n: int = 5000, k: int = 7, c: int = 10, seed: int = 0, qualities: list[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits where deeper exits are better (or as `qualities` says: exit e resolves samples easier than its
+    quality) and confidence tracks correctness (easy samples stay easy)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, c, n)
     difficulty = rng.uniform(0, 1, n)
     logits = np.empty((k, n, c), dtype=np.float32)
     for e in range(k):
-        quality = 0.35 + 0.55 * e / (k - 1)  # exit e resolves samples easier than its quality
+        quality = qualities[e] if qualities is not None else 0.35 + 0.55 * e / (k - 1)
         margin = 4.0 * (quality - difficulty) + rng.normal(0, 0.6, n)
         z = rng.normal(0, 1.0, (n, c))
         z[np.arange(n), labels] += margin
@@ -191,3 +195,25 @@ def test_fitted_policies_state_what_their_thresholds_do_on_validation(data, budg
         assert policy.expected_accuracy == acc
         assert policy.exit_fractions == pytest.approx(shares, abs=1e-15)
         assert cost <= budget * (1 + 1e-9)
+
+
+def test_frontier_start_keeps_a_larger_budget_from_scoring_below_a_smaller_one():
+    # Exit 2 is the best exit and deeper ones are worse (an undertrained network): coordinate ascent from
+    # a large budget's geometric policy stops at "everyone at exit 1", below what a smaller budget gets.
+    data = ValidationData(*crafted_logits(n=3000, qualities=[0.6, 0.7, 0.5, 0.55, 0.6, 0.62, 0.6]), COSTS)
+    frontier = search_frontier(data, "macs")
+    assert len(frontier) == 32
+    assert all(p.expected_cost <= p.budget * (1 + 1e-9) for p in frontier)
+    frontier_accuracy = [p.expected_accuracy for p in frontier]
+    assert frontier_accuracy == sorted(frontier_accuracy)  # a continuation: each ascends from the one before
+    shortfall = []
+    for budget in np.linspace(COSTS[0], COSTS[-1], 61)[1:]:
+        fitting = max((p.expected_accuracy for p in frontier if p.expected_cost <= budget), default=0.0)
+        alone = fit_search(data, budget, "macs")
+        with_frontier = fit_search(data, budget, "macs", frontier=frontier)
+        assert with_frontier.expected_cost <= budget * (1 + 1e-9)
+        assert with_frontier.expected_accuracy >= max(alone.expected_accuracy, fitting)
+        cost, acc, _ = data.evaluate(with_frontier.threshold_array())
+        assert (cost, acc) == pytest.approx((with_frontier.expected_cost, with_frontier.expected_accuracy))
+        shortfall.append(fitting - alone.expected_accuracy)
+    assert max(shortfall) > 0.005  # the trap is real: without the frontier a larger budget scored lower

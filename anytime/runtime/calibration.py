@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -335,10 +336,43 @@ def fit_search(
     start: ExitPolicy | None = None,
     budget_text: str = "",
     max_rounds: int = 20,
+    frontier: Sequence[ExitPolicy] = (),
 ) -> ExitPolicy:
-    """Coordinate ascent on thresholds maximising validation accuracy with average cost <= budget."""
+    """Coordinate ascent on thresholds maximising validation accuracy with average cost <= budget.
+
+    Coordinate ascent stops at a local optimum, and the one reached from the budget's geometric policy
+    can be worse than a policy that fits a smaller budget. With a `frontier` (`search_frontier`) it also
+    starts from the frontier's most accurate policy that fits and returns the better of the two, so a
+    larger budget never scores lower on validation than the frontier at a smaller one."""
     if start is None:
         start = fit_geometric(data, budget, convention, budget_text)
+    best = _ascend(data, budget, convention, start, budget_text, max_rounds)
+    fitting = [p for p in frontier if p.expected_cost <= budget * (1 + 1e-9)]
+    if fitting:
+        seed = max(fitting, key=lambda p: (p.expected_accuracy, -p.expected_cost))
+        other = _ascend(data, budget, convention, seed, budget_text, max_rounds, start_name="frontier")
+        if _better(other, best):
+            best = other
+    return best
+
+
+def _better(a: ExitPolicy, b: ExitPolicy) -> bool:
+    """Higher validation accuracy, or the same for less cost."""
+    return a.expected_accuracy > b.expected_accuracy + 1e-12 or (
+        abs(a.expected_accuracy - b.expected_accuracy) <= 1e-12
+        and a.expected_cost < b.expected_cost - 1e-9 * max(b.expected_cost, 1.0)
+    )
+
+
+def _ascend(
+    data: ValidationData,
+    budget: float,
+    convention: str,
+    start: ExitPolicy,
+    budget_text: str,
+    max_rounds: int,
+    start_name: str | None = None,
+) -> ExitPolicy:
     thresholds = np.asarray(start.thresholds, dtype=np.float64).copy()
     cost, acc, _ = data.evaluate(thresholds)
     rounds = 0
@@ -352,7 +386,34 @@ def fit_search(
                 improved = True
         if not improved:
             break
-    return data.policy(thresholds, "search", budget, convention, budget_text, rounds=rounds, start=start.method)
+    return data.policy(
+        thresholds, "search", budget, convention, budget_text, rounds=rounds, start=start_name or start.method
+    )
+
+
+FRONTIER_POINTS = 32
+
+
+def search_frontier(data: ValidationData, convention: str, points: int = FRONTIER_POINTS) -> tuple[ExitPolicy, ...]:
+    """Searched policies at `points` budgets evenly spaced from the cheapest policy's cost (everyone at
+    exit 1) to the full network's, each ascended from the one before it (the first from its geometric
+    policy): a continuation whose best accuracy never falls as the budget grows, for `fit_search` to start
+    from. Costs about `points` warm-started searches (0.1-0.2 s for 6,000 samples and 4 exits)."""
+    k = data.num_exits
+    cheapest = data.evaluate(np.full(k, -math.inf))[0]
+    full_th = np.full(k, math.inf)
+    full_th[-1] = -math.inf
+    full = data.evaluate(full_th)[0]
+    policies: list[ExitPolicy] = []
+    previous: ExitPolicy | None = None
+    for budget in np.linspace(cheapest, full, points + 1)[1:]:
+        start = previous if previous is not None else fit_geometric(data, float(budget), convention)
+        policy = _ascend(data, float(budget), convention, start, "", 20)
+        if policy.expected_cost > budget * (1 + 1e-9):
+            continue  # a start that does not fit (ties at exit 1's threshold); the next budget tries again
+        policies.append(policy)
+        previous = policy
+    return tuple(policies)
 
 
 def fixed_exit_policy(

@@ -33,6 +33,7 @@ from anytime.runtime.calibration import (
     fit_geometric,
     fit_search,
     fixed_exit_policy,
+    search_frontier,
 )
 from anytime.runtime.costmodel import COST_MODES, TimeCost
 from anytime.runtime.engine import StageExecutor
@@ -82,6 +83,7 @@ class AnytimeModel:
         self.workers = max(1, min(4, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
         self._validation: ValidationData | None = None
         self._policies: dict[tuple[float, str, str, int | None], dict[str, ExitPolicy]] = {}
+        self._frontiers: dict[tuple[str, int | None], tuple[ExitPolicy, ...]] = {}
         if cost_mode not in (*COST_MODES, "auto"):
             raise ConfigError(f"cost_mode={cost_mode!r} is unknown; use one of auto, {', '.join(COST_MODES)}")
         # auto: as the executor a stream runs on by default (`_choose_scheduler`): refilling on a GPU, per batch on CPU
@@ -112,6 +114,7 @@ class AnytimeModel:
         self.executor.costs = self.exit_costs
         self._validation = None
         self._policies.clear()
+        self._frontiers.clear()
 
     def time_cost(self, cost_mode: str | None = None, batch_size: int | None = None) -> TimeCost | None:
         """The time cost model in use (None without a profile); `cost_mode` overrides the model's. `batch_size`:
@@ -211,7 +214,17 @@ class AnytimeModel:
             if geo.expected_cost > cost * (1 + 1e-9):
                 raise self._below_cheapest(parsed.text, cost, mode, rows)
             t1 = time.perf_counter()
-            search = fit_search(data, cost, self.cost_convention, start=geo, budget_text=parsed.text)
+            frontier_key = (mode, rows)
+            if frontier_key not in self._frontiers:
+                self._frontiers[frontier_key] = search_frontier(data, self.cost_convention)
+            search = fit_search(
+                data,
+                cost,
+                self.cost_convention,
+                start=geo,
+                budget_text=parsed.text,
+                frontier=self._frontiers[frontier_key],
+            )
             t2 = time.perf_counter()
             log.debug("calibration for %s: geometric %.3fs, search %.3fs", parsed.text, t1 - t0, t2 - t1)
             # The searched policy starts from the geometric one and never scores lower on validation;
