@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from anytime.cli.train import train as train_command
 from anytime.data import open_dataset, restore_split
-from anytime.errors import ConfigError, DatasetError, TrainingError
+from anytime.errors import ConfigError, DatasetError, OutputError, TrainingError
 from anytime.training.config import TrainConfig, build_options
 from anytime.training.trainer import Trainer, train
 
@@ -133,7 +133,7 @@ def _error_of(args: list[str]) -> str:
 def test_unwritable_or_occupied_output_directory(stripes, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(ConfigError, match="cannot write to the output directory"):
+    with pytest.raises(OutputError, match=f"'{blocker}' is a file, not a directory"):
         Trainer(TrainConfig(arch="test-convnet", data=f"npz:{stripes}", epochs=1, out=str(blocker / "run")))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text("{}")

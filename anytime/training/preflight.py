@@ -5,7 +5,6 @@ settings on resume) is raised here, so a bad command fails in a second with one 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from anytime.errors import ConfigError
+from anytime.fileio import check_writable
 from anytime.formats.rundir import CHECKPOINT, CONFIG_FILE, MODEL_META
 from anytime.training.base import TrainingMethod
 from anytime.training.config import TrainConfig
@@ -63,18 +63,8 @@ def check_run_dir(run_dir: Path, *, resuming: bool) -> None:
             f"'{run_dir}' already holds a run ({CONFIG_FILE} exists); continue it with "
             f"`anytime train --resume {run_dir}` or choose another --out"
         )
-    check_writable(run_dir)
-
-
-def check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to the output directory '{directory}' ({exc.strerror or exc}); choose another --out"
-        ) from exc
+    # A file that would be written there, so the one-line error names the run directory's own problem.
+    check_writable(run_dir / CONFIG_FILE)
 
 
 def resume_config(run_dir: Path, overrides: Mapping[str, Any]) -> TrainConfig:
