@@ -104,6 +104,34 @@ def test_serve_on_ray_gives_the_single_process_rows(cluster, pattern_bundle, ima
     assert len({r["exit"] for r in single if r["error"] is None}) > 1  # the budget really sends some on
 
 
+def test_ray_notices_during_a_stream_stay_off_the_rows_on_stdout(
+    cluster, pattern_bundle, image_tree, capsys, monkeypatch
+):
+    # The driver prints the cluster's error notices with this very function, from its own thread, on
+    # whatever sys.stdout is when they arrive; rows printed on stdout are a pipe's input.
+    from ray._private.worker import print_to_stdstream
+
+    root, truth, broken = image_tree
+    stream_predictions = on_ray.stream_predictions
+
+    def noisy_stream(*args, **kwargs):
+        for part in stream_predictions(*args, **kwargs):
+            print_to_stdstream(
+                {"lines": ["A worker died or was killed while executing a task."], "pid": "raylet", "is_err": False},
+                ignore_prefix=False,
+            )
+            yield part
+
+    monkeypatch.setattr(on_ray, "stream_predictions", noisy_stream)
+    code, out, err = run_cli(["serve", str(pattern_bundle), str(root), "--budget", "45%", "--ray"], capsys)
+    assert code == 1, err  # the broken files
+    lines = out.splitlines()
+    assert len(lines) == len(truth) + len(broken)
+    assert sorted(line.split("\t")[0] for line in lines) == sorted([*truth, *broken])
+    assert all(len(line.split("\t")) in (3, 4) for line in lines), out
+    assert "(raylet)" in err and "A worker died or was killed" in err
+
+
 def test_parquet_path_list_in_parquet_rows_out(cluster, pattern_bundle, image_tree, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -244,8 +244,12 @@ def serve(
         click.echo(f"{model.bundle.arch} on {', '.join(model.providers)}; {chosen.describe()}", err=True)
 
     totals = RunningTotals(model.num_exits, model.cost_convention, chosen.budget)
+    rows_out = sys.stdout
     with contextlib.ExitStack() as stack:
         if ray_address is not None:
+            # Ray's driver prints the cluster's error notices ("(raylet) A worker died ...") on sys.stdout
+            # from a thread of its own, whenever they arrive: they go to stderr, so stdout holds only rows.
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
             started, startup = on_ray.timed_connect(ray_address, quiet=True)
             if started:
                 stack.callback(on_ray.shutdown)
@@ -286,9 +290,9 @@ def serve(
             elif not quiet:
                 for p in part:
                     if p.error is not None:
-                        bar.write(f"{p.path}\tERROR\t{p.error}", file=sys.stdout)
+                        bar.write(f"{p.path}\tERROR\t{p.error}", file=rows_out)
                     else:
-                        bar.write(f"{p.path}\t{p.class_name}\t{p.confidence:.4f}\texit {p.exit}", file=sys.stdout)
+                        bar.write(f"{p.path}\t{p.class_name}\t{p.confidence:.4f}\texit {p.exit}", file=rows_out)
         totals.seconds = time.perf_counter() - t0
         if totals.images + totals.failed == 0:
             raise ConfigError(f"no image files found in {' '.join(inputs)}")
