@@ -6,10 +6,11 @@ that exit's threshold; the last exit always answers. Two fitting procedures:
 - "geometric": the MSDNet procedure. Exit shares P_k ∝ r^k; walking exits in order, exit k's threshold is
   the confidence of the ⌊N·P_k⌋-th most confident validation sample not yet exited. The published code
   sweeps r; here r is solved for the budget by bisection on log r.
-- "search": coordinate ascent on the thresholds, started from the geometric policy. For one exit at a
-  time every split of the samples reaching it is scored exactly (sorted prefix sums), keeping the best
-  validation accuracy whose average cost stays within the budget. Deterministic, and never worse than
-  its starting point on validation.
+- "search": coordinate ascent on the thresholds, started from the geometric policy and (given a
+  `search_frontier`) from the frontier's best policy that fits. For one exit at a time every split of the
+  samples reaching it is scored exactly (sorted prefix sums), keeping the best validation accuracy whose
+  average cost stays within the budget. Deterministic, never worse than its starting points on
+  validation, and so never below the frontier at a smaller budget.
 """
 
 from __future__ import annotations
