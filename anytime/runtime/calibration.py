@@ -358,11 +358,12 @@ def fit_search(
 
 
 def _better(a: ExitPolicy, b: ExitPolicy) -> bool:
+    return _improves(a.expected_accuracy, a.expected_cost, b.expected_accuracy, b.expected_cost)
+
+
+def _improves(acc: float, cost: float, than_acc: float, than_cost: float) -> bool:
     """Higher validation accuracy, or the same for less cost."""
-    return a.expected_accuracy > b.expected_accuracy + 1e-12 or (
-        abs(a.expected_accuracy - b.expected_accuracy) <= 1e-12
-        and a.expected_cost < b.expected_cost - 1e-9 * max(b.expected_cost, 1.0)
-    )
+    return acc > than_acc + 1e-12 or (abs(acc - than_acc) <= 1e-12 and cost < than_cost - 1e-9 * max(than_cost, 1.0))
 
 
 def _ascend(
@@ -381,7 +382,7 @@ def _ascend(
         improved = False
         for k in range(data.num_exits - 1):
             th, new_acc, new_cost = _best_split_for_exit(data, thresholds, k, budget)
-            if new_acc > acc + 1e-12 or (abs(new_acc - acc) <= 1e-12 and new_cost < cost - 1e-9 * max(cost, 1.0)):
+            if _improves(new_acc, new_cost, acc, cost):
                 thresholds[k] = th
                 acc, cost = new_acc, new_cost
                 improved = True
